@@ -1,0 +1,69 @@
+"""Causal multi-head attention with RoPE and a KV cache (the Transformer++ mixer, SPEC §1.6)."""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmfree_jax.config import ModelConfig
+
+F32 = jnp.float32
+
+
+def rope(x_BxTxNxH: jax.Array, pos_BxT: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding (half-split convention of Llama / HF)."""
+  h = x_BxTxNxH.shape[-1]
+  inv = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=F32) / h))
+  ang = pos_BxT.astype(F32)[..., None] * inv  # B,T,H/2
+  cos, sin = jnp.cos(ang)[:, :, None], jnp.sin(ang)[:, :, None]
+  x = x_BxTxNxH.astype(F32)
+  x1, x2 = x[..., : h // 2], x[..., h // 2:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxNxH.dtype)
+
+
+class Attention(nn.Module):
+  """Returns (output, new_kv). `kv` = None for training; a dict(k, v) [B,S,N,H] when decoding."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array, pos_BxT: jax.Array, segment_ids_BxT: jax.Array | None,
+               kv: dict | None, index: jax.Array | None):
+    cfg = self.cfg
+    dt = jnp.dtype(cfg.dtype)
+    n, h = cfg.n_heads, cfg.head_dim
+    init = nn.initializers.normal(cfg.init_std)
+    qkv = lambda name: nn.DenseGeneral(
+        (n, h), use_bias=False, dtype=dt, param_dtype=F32, name=name,
+        kernel_init=nn.with_logical_partitioning(init, ("embed", "heads", "kv")))
+    x = x_BxTxD.astype(dt)
+    q = rope(qkv("q_proj")(x), pos_BxT, cfg.rope_theta)
+    k = rope(qkv("k_proj")(x), pos_BxT, cfg.rope_theta)
+    v = qkv("v_proj")(x)
+    q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+    new_kv = None
+    if kv is None:
+      if segment_ids_BxT is None:
+        o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=cfg.attention_impl)
+      else:
+        same = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+        t = x.shape[1]
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        o = jax.nn.dot_product_attention(q, k, v, mask=(same & causal)[:, None])
+    else:
+      t, s = x.shape[1], kv["k"].shape[1]
+      ck = jax.lax.dynamic_update_slice(kv["k"], k.astype(kv["k"].dtype), (0, index, 0, 0))
+      cv = jax.lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype), (0, index, 0, 0))
+      qpos = index + jnp.arange(t)
+      mask = jnp.arange(s)[None, :] <= qpos[:, None]  # T,S
+      o = jax.nn.dot_product_attention(q, ck.astype(dt), cv.astype(dt), mask=mask[None, None])
+      new_kv = {"k": ck, "v": cv}
+    o = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=False, dtype=dt, param_dtype=F32,
+                        name="o_proj", kernel_init=nn.with_logical_partitioning(
+                            nn.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layers)),
+                            ("heads", "kv", "embed")))(o)
+    return o, new_kv

@@ -1,0 +1,167 @@
+"""Ternary BitLinear (SPEC §1.1): input RMSNorm, 8-bit activations, ternary weights, STE.
+
+`bitlinear` is the memory-lean version: a `custom_vjp` that saves only the input `x`
+(plus the parameters it already has) and recomputes the normalized, quantized
+activations in the backward pass. `bitlinear_naive` is plain autodiff through
+straight-through estimators and serves as the reference.
+
+The matmul runs on the exact integer codes (int8 activations, ternary weights) in the
+compute dtype with float32 accumulation, then applies both scales; integers up to 128
+are exact in bfloat16, so the bf16 path computes exactly the quantized product.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+F32 = jnp.float32
+
+
+def round_half_away(x: jax.Array) -> jax.Array:
+  """Round to nearest, ties away from zero (what the fused reference kernels do)."""
+  return jnp.sign(x) * jnp.floor(jnp.abs(x) + 0.5)
+
+
+def rms_normalize(x: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+  """Returns (x * rstd, rstd) in float32; no learnable weight."""
+  x = x.astype(F32)
+  rstd = jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+  return x * rstd, rstd
+
+
+def activation_codes(y: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-token absmax int8 codes: returns (q in [-128, 127] as float32, scale s)."""
+  s = 127.0 / jnp.maximum(jnp.max(jnp.abs(y), axis=-1, keepdims=True), 1e-5)
+  return jnp.clip(round_half_away(y * s), -128.0, 127.0), s
+
+
+def activation_quant(y: jax.Array) -> jax.Array:
+  """Fake-quantized activations `q / s` (float32)."""
+  q, s = activation_codes(y.astype(F32))
+  return q / s
+
+
+def weight_codes(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-tensor absmean ternary codes: returns (t in {-1, 0, 1} as float32, scale g)."""
+  w = w.astype(F32)
+  g = jnp.maximum(jnp.mean(jnp.abs(w)), 1e-5)
+  return jnp.clip(jnp.round(w * (1.0 / g)), -1.0, 1.0), g
+
+
+def weight_quant(w: jax.Array) -> jax.Array:
+  """Fake-quantized ternary weights `t * g` (float32)."""
+  t, g = weight_codes(w)
+  return t * g
+
+
+def _mm(a: jax.Array, b: jax.Array, dtype) -> jax.Array:
+  """`a[..., K] @ b[K, N]` with operands in `dtype` and float32 accumulation."""
+  return jax.lax.dot_general(
+      a.astype(dtype), b.astype(dtype), (((a.ndim - 1,), (0,)), ((), ())),
+      preferred_element_type=F32)
+
+
+def _forward(x, norm_w, w, eps, dtype):
+  xhat, _ = rms_normalize(x, eps)
+  q, s = activation_codes(xhat * norm_w.astype(F32))
+  t, g = weight_codes(w)
+  return _mm(q, t, dtype) * (g / s)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def bitlinear(x: jax.Array, norm_w: jax.Array, w: jax.Array, eps: float = 1e-8,
+              dtype=jnp.bfloat16, out_dtype=None) -> jax.Array:
+  """BitLinear forward `x[..., K] -> [..., N]` with a recomputing backward.
+
+  Args:
+    x: input activations [..., K] (any float dtype).
+    norm_w: the input RMSNorm weight [K].
+    w: latent float weights [K, N].
+    eps: RMSNorm epsilon.
+    dtype: matmul operand dtype (bfloat16 or float32).
+    out_dtype: output dtype (default: `dtype`).
+  """
+  return _forward(x, norm_w, w, eps, dtype).astype(out_dtype or dtype)
+
+
+def _bitlinear_fwd(x, norm_w, w, eps, dtype, out_dtype):
+  out = _forward(x, norm_w, w, eps, dtype).astype(out_dtype or dtype)
+  return out, (x, norm_w, w)
+
+
+def _bitlinear_bwd(eps, dtype, out_dtype, res, g_out):
+  del out_dtype
+  x, norm_w, w = res
+  xhat, rstd = rms_normalize(x, eps)
+  q, s = activation_codes(xhat * norm_w.astype(F32))
+  t, g = weight_codes(w)
+  # STE: d(out)/d(y) = W_q^T, d(out)/d(W) = y_q^T.
+  dy = jax.lax.dot_general(g_out.astype(dtype), t.astype(dtype),
+                           (((g_out.ndim - 1,), (1,)), ((), ())),
+                           preferred_element_type=F32) * g
+  yq = (q / s).reshape(-1, q.shape[-1])
+  dw = jax.lax.dot_general(yq.astype(dtype), g_out.reshape(-1, g_out.shape[-1]).astype(dtype),
+                           (((0,), (0,)), ((), ())), preferred_element_type=F32)
+  # RMSNorm backward.
+  red = tuple(range(x.ndim - 1))
+  dnorm_w = jnp.sum(dy * xhat, axis=red)
+  dxhat = dy * norm_w.astype(F32)
+  dx = rstd * (dxhat - xhat * jnp.mean(dxhat * xhat, axis=-1, keepdims=True))
+  return dx.astype(x.dtype), dnorm_w.astype(norm_w.dtype), dw.astype(w.dtype)
+
+
+bitlinear.defvjp(_bitlinear_fwd, _bitlinear_bwd)
+
+
+def bitlinear_naive(x, norm_w, w, eps: float = 1e-8, dtype=jnp.bfloat16, out_dtype=None):
+  """Reference BitLinear: autodiff through straight-through estimators (keeps y, y_q)."""
+  xhat, _ = rms_normalize(x, eps)
+  y = xhat * norm_w.astype(F32)
+  y_q = y + jax.lax.stop_gradient(activation_quant(y) - y)
+  w32 = w.astype(F32)
+  w_q = w32 + jax.lax.stop_gradient(weight_quant(w32) - w32)
+  return _mm(y_q, w_q, dtype).astype(out_dtype or dtype)
+
+
+class BitLinear(nn.Module):
+  """Ternary projection with its own input RMSNorm; kernel stored [in, out] in float32."""
+
+  features: int
+  axes: tuple[str, str] = ("embed", "mlp")
+  eps: float = 1e-8
+  dtype: jnp.dtype = jnp.bfloat16
+  out_dtype: jnp.dtype | None = None
+  kernel_init: Callable = nn.initializers.normal(0.02)
+  lean: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k = x.shape[-1]
+    norm_w = self.param("norm", nn.with_logical_partitioning(nn.initializers.ones, self.axes[:1]),
+                        (k,), F32)
+    w = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
+                   (k, self.features), F32)
+    fn = bitlinear if self.lean else bitlinear_naive
+    return fn(x, norm_w, w, self.eps, self.dtype, self.out_dtype)
+
+
+def xavier_uniform(gain: float) -> Callable:
+  """Xavier/Glorot uniform with a gain (variance_scaling(gain^2, fan_avg, uniform))."""
+  return nn.initializers.variance_scaling(gain**2, "fan_avg", "uniform")
+
+
+def ternary_stats(w: jax.Array) -> dict[str, jax.Array]:
+  """Fractions of -1/0/+1 codes and the absmean scale of a latent weight."""
+  t, g = weight_codes(w)
+  return {"neg": jnp.mean(t < 0), "zero": jnp.mean(t == 0), "pos": jnp.mean(t > 0), "scale": g}
+
+
+__all__: Sequence[str] = (
+    "BitLinear", "bitlinear", "bitlinear_naive", "activation_codes", "activation_quant",
+    "weight_codes", "weight_quant", "round_half_away", "rms_normalize", "xavier_uniform",
+    "ternary_stats")

@@ -1,0 +1,54 @@
+"""Channel mixers: the ternary GLU (SPEC §1.3) and the bf16 SwiGLU of Transformer++."""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmfree_jax.config import ModelConfig
+from mmfree_jax.layers.bitlinear import BitLinear
+
+
+def _down_init(cfg: ModelConfig):
+  return nn.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layers))
+
+
+class GLU(nn.Module):
+  """`down(silu(gate) * up)` with ONE fused ternary gate/up BitLinear d -> 2I."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, m_BxTxD: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    dt = jnp.dtype(cfg.dtype)
+    gu_BxTx2I = BitLinear(2 * cfg.ffn, ("embed", "mlp"), cfg.bitlinear_eps, dt,
+                          kernel_init=nn.initializers.normal(cfg.init_std), name="gate_proj")(m_BxTxD)
+    gu_BxTx2I = nn.with_logical_constraint(gu_BxTx2I, ("batch", "length", "mlp"))
+    gate, up = jnp.split(gu_BxTx2I.astype(jnp.float32), 2, axis=-1)
+    z_BxTxI = (nn.silu(gate) * up).astype(dt)
+    return BitLinear(cfg.d_model, ("mlp", "embed"), cfg.bitlinear_eps, dt,
+                     kernel_init=_down_init(cfg), name="down_proj")(z_BxTxI)
+
+
+class SwiGLU(nn.Module):
+  """Llama MLP: `down(silu(gate(x)) * up(x))`, plain bf16 matmuls."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, m_BxTxD: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    dt = jnp.dtype(cfg.dtype)
+    dense = lambda n, axes, init, name: nn.DenseGeneral(
+        n, use_bias=False, dtype=dt, param_dtype=jnp.float32,
+        kernel_init=nn.with_logical_partitioning(init, axes), name=name)
+    init = nn.initializers.normal(cfg.init_std)
+    m = m_BxTxD.astype(dt)
+    gate = dense(cfg.ffn, ("embed", "mlp"), init, "gate_proj")(m)
+    up = dense(cfg.ffn, ("embed", "mlp"), init, "up_proj")(m)
+    z = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
+    return dense(cfg.d_model, ("mlp", "embed"), _down_init(cfg), "down_proj")(z)

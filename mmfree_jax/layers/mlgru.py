@@ -1,0 +1,55 @@
+"""MLGRU token mixer (SPEC §1.2): ternary projections around an elementwise recurrence."""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from mmfree_jax.config import ModelConfig
+from mmfree_jax.layers.bitlinear import BitLinear, xavier_uniform
+from mmfree_jax.layers.norm import RMSNorm
+from mmfree_jax.layers.scan import linear_recurrence
+
+F32 = jnp.float32
+
+
+def lower_bounds(gamma_LxD: jax.Array) -> jax.Array:
+  """`cumsum(softmax(Gamma, 0), 0) - P[0]`: zero for layer 0, rising with depth."""
+  p = jax.nn.softmax(gamma_LxD.astype(F32), axis=0)
+  return jnp.cumsum(p, axis=0) - p[0]
+
+
+class MLGRU(nn.Module):
+  """`o(gate(g, h))` with `h_t = f_t h_{t-1} + silu(i_t) (1 - f_t)`.
+
+  Returns the block output and the float32 state after the last token, so a decode
+  step is the same call with T=1 and `h0` = the carried state.
+  """
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, a_BxTxD: jax.Array, lb_D: jax.Array | None, resets_BxT: jax.Array | None,
+               h0_BxD: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    cfg = self.cfg
+    dt = jnp.dtype(cfg.dtype)
+    d = cfg.d_model
+    proj = functools.partial(BitLinear, d, eps=cfg.bitlinear_eps, dtype=dt,
+                             kernel_init=xavier_uniform(2**-2.5))
+    f = nn.sigmoid(proj(("embed", "state"), name="f_proj")(a_BxTxD).astype(F32))
+    if lb_D is not None:
+      f = lb_D + (1.0 - lb_D) * f
+    i = nn.silu(proj(("embed", "state"), name="i_proj")(a_BxTxD).astype(F32)) * (1.0 - f)
+    h_BxTxD, h_last = linear_recurrence(f, i, h0_BxD, resets_BxT, cfg.scan_impl, cfg.scan_chunk)
+    h_BxTxD = checkpoint_name(h_BxTxD, "mlgru_h")
+    g = proj(("embed", "state"), name="g_proj")(a_BxTxD)
+    if cfg.gate == "code":
+      o = RMSNorm(cfg.norm_eps, "state", name="g_norm")(g) * nn.silu(h_BxTxD)
+    else:
+      o = nn.sigmoid(g.astype(F32)) * h_BxTxD
+    o = nn.with_logical_constraint(o.astype(dt), ("batch", "length", "state"))
+    return proj(("state", "embed"), name="o_proj")(o), h_last

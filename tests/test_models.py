@@ -1,0 +1,140 @@
+"""Both arches: decode == full forward, causality, packing, gates, counts, init, remat."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmfree_jax.config import ConfigError, from_dict, preset
+from mmfree_jax.layers.mlgru import lower_bounds
+from mmfree_jax.models import LM, init_cache, init_params, param_counts, segment_positions
+
+ARCHS = ("mmfree", "transformer")
+T = 12
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def setup(request):
+  cfg = preset("tiny", request.param, dtype="float32")
+  params = nn.unbox(init_params(cfg, jax.random.key(0)))
+  # Non-trivial lower bounds so the test covers them.
+  if cfg.arch == "mmfree":
+    params["lower_bounds"] = jax.random.normal(jax.random.key(3), params["lower_bounds"].shape)
+  fwd = jax.jit(lambda p, t, s: LM(cfg).apply({"params": p}, t, s)[0])
+  toks = jax.random.randint(jax.random.key(1), (2, T), 0, cfg.vocab_size)
+  return cfg, params, fwd, toks
+
+
+def test_decode_reproduces_full_sequence(setup):
+  cfg, params, fwd, toks = setup
+  full = fwd(params, toks, None)
+  step = jax.jit(lambda p, t, c: LM(cfg).apply({"params": p}, t, cache=c))
+  cache = init_cache(cfg, 2, T)
+  # prefill 5 tokens, then decode one at a time
+  logits, cache = step(params, toks[:, :5], cache)
+  outs = [logits]
+  for t in range(5, T):
+    logits, cache = step(params, toks[:, t:t + 1], cache)
+    outs.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(outs, 1), full, rtol=1e-4, atol=1e-5)
+
+
+def test_causality(setup):
+  cfg, params, fwd, toks = setup
+  a = fwd(params, toks, None)
+  b = fwd(params, toks.at[:, 6].set((toks[:, 6] + 1) % cfg.vocab_size), None)
+  np.testing.assert_array_equal(a[:, :6], b[:, :6])
+  assert float(jnp.abs(a[:, 6:] - b[:, 6:]).max()) > 1e-4
+
+
+def test_packed_documents_equal_separate_runs(setup):
+  cfg, params, fwd, toks = setup
+  seg = jnp.array([[1] * 5 + [2] * 7, [1] * 3 + [2] * 4 + [3] * 5])
+  packed = fwd(params, toks, seg)
+  for row, bounds in ((0, [(0, 5), (5, 12)]), (1, [(0, 3), (3, 7), (7, 12)])):
+    for s, e in bounds:
+      alone = LM(cfg).apply({"params": params}, toks[row:row + 1, s:e])[0]
+      np.testing.assert_allclose(packed[row, s:e], alone[0], rtol=1e-4, atol=1e-5)
+
+
+def test_segment_positions():
+  seg = jnp.array([[1, 1, 2, 2, 2, 3], [1, 1, 1, 1, 1, 1]])
+  np.testing.assert_array_equal(segment_positions(seg), [[0, 1, 0, 1, 2, 0], [0, 1, 2, 3, 4, 5]])
+
+
+def test_paper_gate_changes_outputs():
+  cfg = preset("tiny", "mmfree", dtype="float32")
+  params = nn.unbox(init_params(cfg, jax.random.key(0)))
+  toks = jnp.arange(8)[None]
+  code = LM(cfg).apply({"params": params}, toks)[0]
+  # the paper gate has no g_norm: drop that parameter
+  p2 = jax.tree.map(lambda x: x, params)
+  del p2["layers"]["attn"]["g_norm"]
+  paper = LM(cfg.replace(gate="paper")).apply({"params": p2}, toks)[0]
+  assert float(jnp.abs(code - paper).max()) > 1e-3
+
+
+@pytest.mark.parametrize("name,total", [("370M", 374_108_160), ("1.3B", 1_364_779_008),
+                                        ("2.7B", 2_702_357_504)])
+def test_param_counts_match_spec(name, total):
+  assert param_counts(preset(name, "mmfree"))["total"] == total
+
+
+def test_init_follows_spec():
+  cfg = preset("370M", "mmfree", n_layers=2, vocab_size=512)
+  p = nn.unbox(init_params(cfg, jax.random.key(0)))
+  d = cfg.d_model
+  bound = 2**-2.5 * math.sqrt(6 / (2 * d))
+  for name in ("i_proj", "f_proj", "g_proj", "o_proj"):
+    k = p["layers"]["attn"][name]["kernel"]
+    assert k.shape == (2, d, d)
+    assert float(jnp.abs(k).max()) <= bound
+    assert float(jnp.std(k)) == pytest.approx(bound / math.sqrt(3), rel=0.02)
+  assert float(jnp.std(p["embed"])) == pytest.approx(0.02, rel=0.02)
+  assert float(jnp.std(p["layers"]["mlp"]["gate_proj"]["kernel"])) == pytest.approx(0.02, rel=0.02)
+  assert float(jnp.std(p["layers"]["mlp"]["down_proj"]["kernel"])) == pytest.approx(
+      0.02 / math.sqrt(2 * cfg.n_layers), rel=0.02)
+  assert not np.any(p["lower_bounds"])
+  np.testing.assert_array_equal(p["layers"]["attn"]["g_norm"]["scale"], 1.0)
+
+
+def test_lower_bounds_layer0_zero_and_monotone():
+  lb = lower_bounds(jax.random.normal(jax.random.key(0), (6, 4)))
+  np.testing.assert_array_equal(lb[0], 0.0)
+  assert bool(jnp.all(jnp.diff(lb, axis=0) >= 0)) and bool(jnp.all(lb < 1))
+
+
+def test_every_param_has_logical_axes():
+  for arch in ARCHS:
+    boxed = init_params(preset("micro", arch), jax.random.key(0))
+    leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    for leaf in leaves:
+      assert isinstance(leaf, nn.LogicallyPartitioned)
+      assert len(leaf.names) == leaf.value.ndim
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_remat_policies_agree(arch):
+  toks = jax.random.randint(jax.random.key(1), (2, 8), 0, 100)
+  results = []
+  for remat in ("none", "lean", "full"):
+    cfg = preset("micro", arch, dtype="float32", remat=remat)
+    params = nn.unbox(init_params(cfg, jax.random.key(0)))
+    loss = lambda p: jnp.mean(LM(cfg).apply({"params": p}, toks)[0] ** 2)
+    results.append(jax.value_and_grad(loss)(params))
+  for other in results[1:]:
+    np.testing.assert_allclose(other[0], results[0][0], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8),
+                 other[1], results[0][1])
+
+
+def test_bad_config_is_a_clear_error():
+  with pytest.raises(ConfigError, match="arch"):
+    preset("tiny", "rwkv")
+  with pytest.raises(ConfigError, match="preset"):
+    preset("7B")
+  with pytest.raises(ConfigError, match="unknown model config key"):
+    from_dict({"d_modle": 3})
