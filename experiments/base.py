@@ -1,0 +1,69 @@
+"""Base config: every knob of `python -m mmfree_jax.train`, with its default.
+
+Other experiment files start from `base.get_config()` and override what they change.
+Override anything on the command line: `--config.model.d_model=256 --config.train.steps=100`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  # Model (mmfree_jax.config.ModelConfig). `preset` picks d_model/n_layers; every other
+  # key overrides the preset.
+  c.model = ml_collections.ConfigDict(dict(
+      preset="tiny",          # 370M | 1.3B | 2.7B | tiny | micro
+      arch="mmfree",          # mmfree | transformer
+      vocab_size=32000,       # must match the tokenizer (Mistral 32k by default)
+      gate="code",            # code: RMSNorm(g)*silu(h) (released ckpts) | paper: sigmoid(g)*h
+      dtype="bfloat16",       # compute dtype; master weights are always float32
+      scan_impl="chunked",    # sequential | associative | chunked
+      scan_chunk=64,
+      remat="none",           # none | lean | full  (memory-saving modes)
+      attention_impl="",      # "" = XLA, "cudnn" = cuDNN flash attention (transformer)
+  ))
+
+  # Data: a tokenized tfds dataset built from local files (mmfree_jax.data.builder).
+  c.data = ml_collections.ConfigDict(dict(
+      corpus="shakespeare",   # "shakespeare" (embedded, offline) or comma-separated local files/globs
+      text_field="text",      # JSONL field holding the text
+      data_dir="",            # where the prepared dataset lives ("" = ~/.cache/mmfree_jax/data)
+      tokenizer="",           # SentencePiece .model ("" = Mistral's tokenizer.model.v1)
+      seq_len=128,
+      worker_count=0,         # grain workers (0 = in-process; best on small machines)
+  ))
+
+  c.train = ml_collections.ConfigDict(dict(
+      seed=0,
+      batch_size=16,          # global sequences per step
+      grad_accum=1,           # micro-batches per step (batch_size must divide evenly)
+      steps=1000,
+      log_every=10,
+      eval_every=200,         # held-out loss every N steps (0 = only at the end)
+      eval_batches=8,
+      checkpoint_every=200,   # 0 = only at the end
+      keep_checkpoints=3,
+      on_nonfinite="abort",   # abort | skip  (a NaN/inf step is never checkpointed)
+      sample_tokens=0,        # generate a sample of N tokens at the end (0 = off)
+      profile_steps="",       # e.g. "20,25": jax.profiler trace into workdir/profile
+  ))
+
+  # AdamW (SPEC §3). schedule: mmfree (cosine, halved at the midpoint) | cosine | constant
+  c.optim = ml_collections.ConfigDict(dict(
+      peak_lr=4e-3,
+      schedule="mmfree",
+      min_lr_ratio=0.0,       # cosine floor as a fraction of peak (Transformer++: 0.1)
+      warmup_frac=0.01,
+      warmup_steps=-1,        # >= 0 overrides warmup_frac
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      weight_decay=0.1,
+      wd_off_at_midpoint=False,  # BitNet: no weight decay in the second half
+      clip=1.0,               # global-norm clip (0 = off)
+  ))
+
+  # Mesh over all devices: -1 takes the remaining devices.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  return c

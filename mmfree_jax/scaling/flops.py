@@ -1,0 +1,48 @@
+"""FLOP accounting, in one place.
+
+Convention (the paper's, SPEC §4): training compute `C = 6 * N * D` with `D` tokens
+and `N` = every parameter except the input embedding table (a lookup, not a matmul);
+ternary matmuls are counted like bf16 matmuls. The transformer adds attention's
+sequence term (PaLM appendix B): `6 * L * T * d` per token for QK^T and AV together
+(forward 2*2*L*T*d, backward twice that; no causal discount). MLGRU's recurrence and
+all elementwise work are not counted.
+"""
+
+from __future__ import annotations
+
+from mmfree_jax.config import ModelConfig
+from mmfree_jax.models import param_counts
+
+# Dense bf16 peak per chip (FLOP/s) for MFU; the first matching substring of
+# `jax.devices()[0].device_kind` wins.
+PEAK_FLOPS = (
+    ("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12),
+    ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12),
+    ("TPU v4", 275e12),
+)
+# What bf16 matmuls actually reach on an H200 with JAX 0.11 (SPEC §5).
+H200_MEASURED_PEAK = 810e12
+
+
+def flops_params(cfg: ModelConfig) -> int:
+  """N of `6ND`: all parameters but the input embedding table."""
+  return param_counts(cfg)["total"] - cfg.vocab_size * cfg.d_model
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Model FLOPs per trained token (forward + backward)."""
+  f = 6.0 * flops_params(cfg)
+  if cfg.arch == "transformer":
+    f += 6.0 * cfg.n_layers * seq_len * cfg.d_model
+  return f
+
+
+def train_flops(cfg: ModelConfig, seq_len: int, tokens: float) -> float:
+  return train_flops_per_token(cfg, seq_len) * tokens
+
+
+def device_peak_flops(device_kind: str) -> float | None:
+  for key, peak in PEAK_FLOPS:
+    if key.lower() in device_kind.lower():
+      return peak
+  return None
