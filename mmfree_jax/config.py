@@ -38,8 +38,8 @@ class ModelConfig:
     scan_impl: recurrence implementation: sequential | associative | chunked.
     scan_chunk: chunk length of the chunked recurrence.
     remat: "none" (keep what autodiff keeps; BitLinear already recomputes its quantized
-      input), "lean" (save only block inputs and matmul outputs), "full" (save only the
-      residual stream per layer).
+      input), "lean" (save only matmul outputs and the recurrence output; recompute all
+      elementwise work), "full" (save only each block's input: lowest memory).
     attention_impl: passed to `jax.nn.dot_product_attention` (None = XLA, "cudnn").
     init_std: std of the Normal init (embedding, GLU, head).
   """

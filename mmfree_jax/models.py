@@ -31,8 +31,9 @@ from mmfree_jax.layers.norm import RMSNorm
 F32 = jnp.float32
 ACT = ("batch", "length", "embed")
 
-# What "lean" remat saves: projection outputs and the recurrence output.
-_LEAN_SAVED = ("mlgru_h",)
+# What "lean" remat saves: projection (matmul) outputs, the recurrence output and the
+# attention output; every elementwise op (norms, quantizers, gates) is recomputed.
+_LEAN_SAVED = ("proj", "mlgru_h", "attn_out")
 
 
 class MMFreeBlock(nn.Module):
@@ -71,10 +72,8 @@ def _remat(block_cls, policy: str):
     return block_cls
   if policy == "full":
     return nn.remat(block_cls, prevent_cse=False)
-  saved = jax.checkpoint_policies.save_from_both_policies(
-      jax.checkpoint_policies.save_only_these_names(*_LEAN_SAVED),
-      jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-  return nn.remat(block_cls, policy=saved, prevent_cse=False)
+  return nn.remat(block_cls, policy=jax.checkpoint_policies.save_only_these_names(*_LEAN_SAVED),
+                  prevent_cse=False)
 
 
 def segment_resets(segment_ids_BxT: jax.Array) -> jax.Array:

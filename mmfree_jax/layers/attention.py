@@ -7,6 +7,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from mmfree_jax.config import ModelConfig
 
@@ -37,13 +38,16 @@ class Attention(nn.Module):
     dt = jnp.dtype(cfg.dtype)
     n, h = cfg.n_heads, cfg.head_dim
     init = nn.initializers.normal(cfg.init_std)
-    qkv = lambda name: nn.DenseGeneral(
-        (n, h), use_bias=False, dtype=dt, param_dtype=F32, name=name,
-        kernel_init=nn.with_logical_partitioning(init, ("embed", "heads", "kv")))
     x = x_BxTxD.astype(dt)
-    q = rope(qkv("q_proj")(x), pos_BxT, cfg.rope_theta)
-    k = rope(qkv("k_proj")(x), pos_BxT, cfg.rope_theta)
-    v = qkv("v_proj")(x)
+
+    def qkv(name):
+      w = self.param(name, nn.with_logical_partitioning(init, ("embed", "heads", "kv")),
+                     (cfg.d_model, n, h), F32)
+      return checkpoint_name(jnp.einsum("btd,dnh->btnh", x, w.astype(dt)), "proj")
+
+    q = rope(qkv("q_proj"), pos_BxT, cfg.rope_theta)
+    k = rope(qkv("k_proj"), pos_BxT, cfg.rope_theta)
+    v = qkv("v_proj")
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
     new_kv = None
     if kv is None:
@@ -62,8 +66,8 @@ class Attention(nn.Module):
       mask = jnp.arange(s)[None, :] <= qpos[:, None]  # T,S
       o = jax.nn.dot_product_attention(q, ck.astype(dt), cv.astype(dt), mask=mask[None, None])
       new_kv = {"k": ck, "v": cv}
-    o = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=False, dtype=dt, param_dtype=F32,
-                        name="o_proj", kernel_init=nn.with_logical_partitioning(
-                            nn.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layers)),
-                            ("heads", "kv", "embed")))(o)
-    return o, new_kv
+    o = checkpoint_name(o, "attn_out")
+    wo = self.param("o_proj", nn.with_logical_partitioning(
+        nn.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layers)), ("heads", "kv", "embed")),
+        (n, h, cfg.d_model), F32)
+    return checkpoint_name(jnp.einsum("btnh,nhd->btd", o, wo.astype(dt)), "proj"), new_kv

@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 F32 = jnp.float32
 
@@ -59,18 +60,20 @@ def weight_quant(w: jax.Array) -> jax.Array:
   return t * g
 
 
-def _mm(a: jax.Array, b: jax.Array, dtype) -> jax.Array:
-  """`a[..., K] @ b[K, N]` with operands in `dtype` and float32 accumulation."""
+def _mm(a: jax.Array, b: jax.Array, dtype, out=F32) -> jax.Array:
+  """`a[..., K] @ b[K, N]` with operands in `dtype`, float32 accumulation, `out` result."""
   return jax.lax.dot_general(
       a.astype(dtype), b.astype(dtype), (((a.ndim - 1,), (0,)), ((), ())),
-      preferred_element_type=F32)
+      preferred_element_type=out)
 
 
 def _forward(x, norm_w, w, eps, dtype):
   xhat, _ = rms_normalize(x, eps)
   q, s = activation_codes(xhat * norm_w.astype(F32))
   t, g = weight_codes(w)
-  return _mm(q, t, dtype) * (g / s)
+  # The integer product is rounded once to the compute dtype (exact in float32; in
+  # bf16 the same relative error as rounding the scaled result), then scaled in f32.
+  return _mm(q, t, dtype, out=dtype).astype(F32) * (g / s)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -103,7 +106,7 @@ def _bitlinear_bwd(eps, dtype, out_dtype, res, g_out):
   # STE: d(out)/d(y) = W_q^T, d(out)/d(W) = y_q^T.
   dy = jax.lax.dot_general(g_out.astype(dtype), t.astype(dtype),
                            (((g_out.ndim - 1,), (1,)), ((), ())),
-                           preferred_element_type=F32) * g
+                           preferred_element_type=dtype).astype(F32) * g
   yq = (q / s).reshape(-1, q.shape[-1])
   dw = jax.lax.dot_general(yq.astype(dtype), g_out.reshape(-1, g_out.shape[-1]).astype(dtype),
                            (((0,), (0,)), ((), ())), preferred_element_type=F32)
@@ -147,7 +150,7 @@ class BitLinear(nn.Module):
     w = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
                    (k, self.features), F32)
     fn = bitlinear if self.lean else bitlinear_naive
-    return fn(x, norm_w, w, self.eps, self.dtype, self.out_dtype)
+    return checkpoint_name(fn(x, norm_w, w, self.eps, self.dtype, self.out_dtype), "proj")
 
 
 def xavier_uniform(gain: float) -> Callable:

@@ -7,6 +7,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from mmfree_jax.config import ModelConfig
 from mmfree_jax.layers.bitlinear import BitLinear
@@ -48,7 +49,7 @@ class SwiGLU(nn.Module):
         kernel_init=nn.with_logical_partitioning(init, axes), name=name)
     init = nn.initializers.normal(cfg.init_std)
     m = m_BxTxD.astype(dt)
-    gate = dense(cfg.ffn, ("embed", "mlp"), init, "gate_proj")(m)
-    up = dense(cfg.ffn, ("embed", "mlp"), init, "up_proj")(m)
+    gate = checkpoint_name(dense(cfg.ffn, ("embed", "mlp"), init, "gate_proj")(m), "proj")
+    up = checkpoint_name(dense(cfg.ffn, ("embed", "mlp"), init, "up_proj")(m), "proj")
     z = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
-    return dense(cfg.d_model, ("mlp", "embed"), _down_init(cfg), "down_proj")(z)
+    return checkpoint_name(dense(cfg.d_model, ("mlp", "embed"), _down_init(cfg), "down_proj")(z), "proj")

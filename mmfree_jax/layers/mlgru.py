@@ -43,7 +43,7 @@ class MLGRU(nn.Module):
     f = nn.sigmoid(proj(("embed", "state"), name="f_proj")(a_BxTxD).astype(F32))
     if lb_D is not None:
       f = lb_D + (1.0 - lb_D) * f
-    i = nn.silu(proj(("embed", "state"), name="i_proj")(a_BxTxD).astype(F32)) * (1.0 - f)
+    i = (nn.silu(proj(("embed", "state"), name="i_proj")(a_BxTxD).astype(F32)) * (1.0 - f)).astype(dt)
     h_BxTxD, h_last = linear_recurrence(f, i, h0_BxD, resets_BxT, cfg.scan_impl, cfg.scan_chunk)
     h_BxTxD = checkpoint_name(h_BxTxD, "mlgru_h")
     g = proj(("embed", "state"), name="g_proj")(a_BxTxD)

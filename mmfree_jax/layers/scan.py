@@ -70,22 +70,33 @@ def _chunked(f_BxTxD, x_BxTxD, reverse: bool, chunk: int):
 _IMPL_FNS = {"sequential": _sequential, "associative": _associative, "chunked": _chunked}
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _scan(f, x, impl: str, chunk: int):
-  return _IMPL_FNS[impl](f, x, False, chunk)
+def _run(impl, f32, x32, h0, reverse, chunk):
+  if h0 is not None:
+    x32 = x32.at[:, 0].add(f32[:, 0] * h0)
+  return _IMPL_FNS[impl](f32, x32, reverse, chunk)
 
 
-def _scan_fwd(f, x, impl, chunk):
-  h = _IMPL_FNS[impl](f, x, False, chunk)
-  return h, (f, h)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _scan(f, x, h0, impl: str, chunk: int):
+  h = _run(impl, jnp.asarray(f, F32), jnp.asarray(x, F32), h0, False, chunk)
+  return h.astype(x.dtype), h[:, -1]
 
 
-def _scan_bwd(impl, chunk, res, dh):
-  f, h = res
-  f_next = jnp.concatenate([f[:, 1:], jnp.zeros_like(f[:, :1])], axis=1)
-  g = _IMPL_FNS[impl](f_next, dh.astype(F32), True, chunk)
-  h_prev = jnp.concatenate([jnp.zeros_like(h[:, :1]), h[:, :-1]], axis=1)
-  return g * h_prev, g
+def _scan_fwd(f, x, h0, impl, chunk):
+  h = _run(impl, jnp.asarray(f, F32), jnp.asarray(x, F32), h0, False, chunk)
+  out = h.astype(x.dtype)
+  return (out, h[:, -1]), (f, out, h0)
+
+
+def _scan_bwd(impl, chunk, res, cot):
+  f, h, h0 = res
+  dh, dlast = cot
+  dh = jnp.asarray(dh, F32).at[:, -1].add(dlast)
+  f32 = f.astype(F32)
+  f_next = jnp.concatenate([f32[:, 1:], jnp.zeros_like(f32[:, :1])], axis=1)
+  g = _IMPL_FNS[impl](f_next, dh, True, chunk)
+  h_prev = jnp.concatenate([h0[:, None], h[:, :-1].astype(F32)], axis=1)
+  return (g * h_prev).astype(f.dtype), g.astype(h.dtype), f32[:, 0] * g[:, 0]
 
 
 _scan.defvjp(_scan_fwd, _scan_bwd)
@@ -94,26 +105,23 @@ _scan.defvjp(_scan_fwd, _scan_bwd)
 def linear_recurrence(f_BxTxD: jax.Array, x_BxTxD: jax.Array, h0_BxD: jax.Array | None = None,
                       resets_BxT: jax.Array | None = None, impl: str = "chunked",
                       chunk: int = 64) -> tuple[jax.Array, jax.Array]:
-  """Runs `h_t = f_t * h_{t-1} + x_t` in float32.
+  """Runs `h_t = f_t * h_{t-1} + x_t`, accumulating in float32.
 
   Args:
-    f_BxTxD: forget gates.
-    x_BxTxD: inputs.
-    h0_BxD: initial state (zeros if None).
+    f_BxTxD: forget gates (any float dtype; keep float32 for gates close to 1).
+    x_BxTxD: inputs; `h` is returned (and saved for the backward pass) in this dtype.
+    h0_BxD: initial state (zeros if None), float32.
     resets_BxT: True at the first token of a new document: there `f_t := 0`.
     impl: "sequential" | "associative" | "chunked".
     chunk: chunk length for "chunked".
 
   Returns:
-    (h_BxTxD, h_last_BxD), both float32.
+    (h_BxTxD in x's dtype, h_last_BxD in float32 — exact state for decoding).
   """
   if impl not in _IMPL_FNS:
     raise ValueError(f"unknown recurrence impl {impl!r}; use one of {IMPLS}")
-  f = f_BxTxD.astype(F32)
-  x = x_BxTxD.astype(F32)
   if resets_BxT is not None:
-    f = jnp.where(resets_BxT[..., None], 0.0, f)
-  if h0_BxD is not None:
-    x = x.at[:, 0].add(f[:, 0] * h0_BxD.astype(F32))
-  h = _scan(f, x, impl, int(chunk))
-  return h, h[:, -1]
+    f_BxTxD = jnp.where(resets_BxT[..., None], jnp.zeros((), f_BxTxD.dtype), f_BxTxD)
+  if h0_BxD is None:
+    h0_BxD = jnp.zeros((x_BxTxD.shape[0], x_BxTxD.shape[2]), F32)
+  return _scan(f_BxTxD, x_BxTxD, h0_BxD.astype(F32), impl, int(chunk))

@@ -156,12 +156,15 @@ def evaluate(eval_fn, params, info, config, batch_sh, per_proc_batch: int) -> di
   return {"eval_loss": loss, "eval_ppl": float(np.exp(min(loss, 50.0))), "eval_tokens": n}
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains as configured; resumes from `<workdir>/checkpoints` if present."""
+def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str, Any]:
+  """Trains as configured; resumes from `<workdir>/checkpoints` if present.
+
+  `devices` (default: all) are arranged into the configured mesh.
+  """
   cfg = validate(config)
   maybe_initialize_distributed()
   t_cfg = config.train
-  mesh = sharding.make_mesh(config.mesh.to_dict())
+  mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
   sharding.check_divisible(cfg, mesh, t_cfg.batch_size)
   info = prepare_data(config, cfg)
   stats = data_builder.corpus_stats(info)
@@ -183,7 +186,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   counts = param_counts(cfg)
   flops_tok = flops_lib.train_flops_per_token(cfg, config.data.seq_len)
   peak = flops_lib.device_peak_flops(jax.devices()[0].device_kind)
-  n_dev = jax.device_count()
+  n_dev = mesh.size
   batch_sh = sharding.batch_sharding(mesh)
 
   with jax.set_mesh(mesh):

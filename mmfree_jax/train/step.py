@@ -68,7 +68,7 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, grad_acc
     denom = jnp.maximum(ntok, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     loss = loss_sum / denom
-    gnorm = optax.global_norm(grads)
+    gnorm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)

@@ -1,0 +1,107 @@
+"""`python -m mmfree_jax.bench [--suite=gpu|quick] [--only=train,scan] [--out=DIR]`
+
+Runs every benchmark case in its own process (clean peak-memory readings), prints one
+table per kind and writes `bench.json` + `bench.md` under --out. `quick` is a CPU smoke
+run of the same code on tiny shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from absl import app, flags
+
+_SUITE = flags.DEFINE_enum("suite", "gpu", ["gpu", "quick"], "Which case list to run.")
+_ONLY = flags.DEFINE_list("only", [], "Case kinds to run (bitlinear, recurrence, train).")
+_FILTER = flags.DEFINE_string("filter", "", "Run only cases whose JSON spec contains this substring.")
+_OUT = flags.DEFINE_string("out", "", "Directory for bench.json / bench.md.")
+_ONE = flags.DEFINE_string("one", "", "Internal: run one case given as JSON, print JSON.")
+_TIMEOUT = flags.DEFINE_integer("case_timeout", 300, "Seconds per case before it is abandoned.")
+
+
+def suite(name: str) -> list[dict]:
+  if name == "quick":
+    return ([{"kind": "bitlinear", "variant": v, "d": 128, "tokens": 256, "iters": 3}
+             for v in ("lean", "naive")]
+            + [{"kind": "recurrence", "impl": i, "b": 2, "t": 64, "d": 32, "iters": 3}
+               for i in ("sequential", "associative", "chunked")]
+            + [{"kind": "train", "arch": a, "size": "micro", "batch": 2, "seq_len": 32,
+                "remat": r, "iters": 2, "dtype": "float32"}
+               for a in ("mmfree", "transformer") for r in ("lean", "full")])
+  cases = [{"kind": "bitlinear", "variant": v} for v in ("lean", "naive")]
+  for shape in ((8, 2048, 1024), (16, 2048, 2048)):
+    for impl in ("associative", "chunked"):
+      cases.append({"kind": "recurrence", "impl": impl, "b": shape[0], "t": shape[1], "d": shape[2]})
+  cases.append({"kind": "recurrence", "impl": "sequential", "b": 8, "t": 2048, "d": 1024, "iters": 3})
+  for size in ("370M", "1.3B"):
+    for batch in (8, 16):
+      cases.append({"kind": "train", "arch": "mmfree", "size": size, "batch": batch})
+    cases.append({"kind": "train", "arch": "mmfree", "size": size, "batch": 16, "remat": "full"})
+    for batch in (8, 16):
+      cases.append({"kind": "train", "arch": "transformer", "size": size, "batch": batch,
+                    "attention_impl": "cudnn"})
+  cases.append({"kind": "profile", "arch": "mmfree", "size": "370M", "batch": 8})
+  return cases
+
+
+def _run_one(spec: dict) -> dict:
+  from mmfree_jax.bench import cases  # noqa: PLC0415 (imports jax)
+  spec = dict(spec)
+  return cases.CASES[spec.pop("kind")](**spec)
+
+
+def _fmt(v) -> str:
+  if isinstance(v, float):
+    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
+  return "" if v is None else str(v)
+
+
+def table(rows: list[dict]) -> str:
+  cols: list[str] = []
+  for r in rows:
+    cols += [k for k in r if k not in cols]
+  lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+  lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  if _ONE.value:
+    print("RESULT " + json.dumps(_run_one(json.loads(_ONE.value))), flush=True)
+    return
+  import jax  # noqa: PLC0415
+  header = f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()})"
+  print(header, flush=True)
+  results = []
+  for spec in suite(_SUITE.value):
+    if (_ONLY.value and spec["kind"] not in _ONLY.value) or _FILTER.value not in json.dumps(spec):
+      continue
+    cmd = [sys.executable, "-m", "mmfree_jax.bench", f"--one={json.dumps(spec)}"]
+    try:
+      out = subprocess.run(cmd, capture_output=True, text=True, timeout=_TIMEOUT.value)
+      line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+      row = json.loads(line[-1][7:]) if line else {
+          "case": json.dumps(spec), "error": (out.stderr.strip().splitlines() or ["?"])[-1][:200]}
+    except subprocess.TimeoutExpired:
+      row = {"case": json.dumps(spec), "error": f"timeout {_TIMEOUT.value}s"}
+    results.append(row)
+    print(json.dumps(row), flush=True)
+  groups: dict[str, list[dict]] = {}
+  for r in results:
+    groups.setdefault(r["case"].split("-")[0] if "error" not in r else "errors", []).append(r)
+  md = "\n\n".join(f"### {k}\n\n{table(v)}" for k, v in groups.items())
+  print("\n" + header + "\n\n" + md)
+  if _OUT.value:
+    os.makedirs(_OUT.value, exist_ok=True)
+    with open(os.path.join(_OUT.value, "bench.json"), "w") as f:
+      json.dump({"header": header, "results": results}, f, indent=1)
+    with open(os.path.join(_OUT.value, "bench.md"), "w") as f:
+      f.write(header + "\n\n" + md + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,180 @@
+"""Benchmark cases. Each returns a flat dict of numbers; run one per process for clean
+peak-memory readings (`python -m mmfree_jax.bench` does that).
+
+Timing follows the device method: warm up (compile + 2 runs), block on results,
+report the median of repeated runs. Synthetic random tokens: no data stack involved.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import statistics
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmfree_jax import sharding
+from mmfree_jax.config import preset
+from mmfree_jax.layers import bitlinear as bl
+from mmfree_jax.layers.scan import linear_recurrence
+from mmfree_jax.models import init_params, param_counts
+from mmfree_jax.scaling import flops as flops_lib
+
+# Official PyTorch/Triton code on one H200, SPEC §5: (tokens/s, peak GiB).
+OFFICIAL = {
+    ("mmfree", "370M", 8): (74_170, 25.1), ("mmfree", "370M", 16): (105_436, 45.3),
+    ("mmfree", "1.3B", 8): (43_177, 57.2), ("mmfree", "1.3B", 16): (48_464, 96.5),
+    ("transformer", "370M", 8): (89_932, 36.1), ("transformer", "1.3B", 8): (38_353, 73.1),
+}
+HBM_BW = 3.3e12  # measured elementwise copy bandwidth on the H200 (SPEC §5), bytes/s
+
+
+def median_time(fn: Callable[[], Any], iters: int = 10, warmup: int = 2) -> float:
+  """Median wall time (s) of `fn()` with results blocked on."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def peak_gib() -> float | None:
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return None if peak is None else peak / 2**30
+
+
+def bitlinear_case(variant: str, d: int = 2048, tokens: int = 16384, iters: int = 20) -> dict:
+  """Forward+backward of one BitLinear d -> d on `tokens` bf16 tokens."""
+  fn = {"lean": bl.bitlinear, "naive": bl.bitlinear_naive}[variant]
+  k = jax.random.split(jax.random.key(0), 4)
+  x = jax.random.normal(k[0], (tokens, d), jnp.bfloat16)
+  nw = jnp.ones((d,), jnp.float32)
+  w = jax.random.normal(k[1], (d, d), jnp.float32) * 0.02
+  g = jax.random.normal(k[2], (tokens, d), jnp.bfloat16)
+  f = lambda x, nw, w: fn(x, nw, w, 1e-8, jnp.bfloat16)
+  step = jax.jit(lambda x, nw, w, g: jax.vjp(f, x, nw, w)[1](g))
+  saved = jax.jit(lambda x, nw, w: jax.tree.leaves(jax.vjp(f, x, nw, w)[1]))(x, nw, w)
+  saved_b = sum(a.nbytes for a in saved if hasattr(a, "nbytes"))
+  del saved
+  mem = step.lower(x, nw, w, g).compile().memory_analysis()
+  t = median_time(lambda: step(x, nw, w, g), iters)
+  return {"case": f"bitlinear-{variant}", "ms": t * 1e3, "saved_MiB": saved_b / 2**20,
+          "temp_MiB": getattr(mem, "temp_size_in_bytes", 0) / 2**20, "peak_GiB": peak_gib()}
+
+
+def recurrence_case(impl: str, b: int, t: int, d: int, iters: int = 20) -> dict:
+  """Forward and forward+backward of the recurrence; bf16 in/out, float32 carry.
+
+  HBM floor (fewest bytes, bf16): forward reads f, x and writes h (3 tensors); the
+  backward likewise reads f, dh and writes dx (3 more); df = dx * h_prev is counted
+  as fused into the consumer.
+  """
+  k = jax.random.split(jax.random.key(1), 3)
+  f = jax.nn.sigmoid(jax.random.normal(k[0], (b, t, d))).astype(jnp.bfloat16)
+  x = jax.random.normal(k[1], (b, t, d), jnp.bfloat16)
+  dh = jax.random.normal(k[2], (b, t, d), jnp.bfloat16)
+  run = lambda f, x: linear_recurrence(f, x, impl=impl)[0].astype(jnp.bfloat16)
+  fwd = jax.jit(run)
+  fwdbwd = jax.jit(lambda f, x, dh: jax.vjp(run, f, x)[1](dh))
+  t_f = median_time(lambda: fwd(f, x), iters)
+  t_fb = median_time(lambda: fwdbwd(f, x, dh), iters)
+  n = b * t * d * 2
+  floor_f, floor_fb = 3 * n / HBM_BW, 6 * n / HBM_BW
+  return {"case": f"scan-{impl}-{b}x{t}x{d}", "fwd_ms": t_f * 1e3, "fwdbwd_ms": t_fb * 1e3,
+          "floor_fwd_ms": floor_f * 1e3, "floor_fwdbwd_ms": floor_fb * 1e3,
+          "fwd_hbm_frac": floor_f / t_f, "fwdbwd_hbm_frac": floor_fb / t_fb}
+
+
+def _train_setup(arch: str, size: str, batch: int, remat: str, seq_len: int, scan_impl: str,
+                 attention_impl: str | None, **model_kw):
+  """Compiled train step, a donated state and two random batches."""
+  from experiments import base  # noqa: PLC0415 (ml_collections only needed here)
+  from mmfree_jax.train.optim import make_optimizer  # noqa: PLC0415
+  from mmfree_jax.train.step import TrainState, make_train_step  # noqa: PLC0415
+
+  cfg = preset(size, arch, remat=remat, scan_impl=scan_impl, attention_impl=attention_impl,
+               **model_kw)
+  tx, sched = make_optimizer(base.get_config(), 1000)
+  mesh = sharding.make_mesh({"data": -1})
+  with jax.set_mesh(mesh):
+    boxed = jax.eval_shape(functools.partial(init_params, cfg), jax.random.key(0))
+    psh = sharding.logical_shardings(boxed, mesh)
+    params = jax.jit(lambda k: nn.unbox(init_params(cfg, k)), out_shardings=psh)(jax.random.key(0))
+    state = TrainState(jnp.zeros((), jnp.int32), params, jax.jit(tx.init)(params),
+                       jnp.zeros((), jnp.int32))
+    rng = np.random.default_rng(0)
+    batches = [{"inputs": jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, seq_len)), jnp.int32),
+                "targets": jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, seq_len)), jnp.int32),
+                "weights": jnp.ones((batch, seq_len), jnp.float32)} for _ in range(2)]
+    t0 = time.perf_counter()
+    step = jax.jit(make_train_step(cfg, tx, 1, sched), donate_argnums=0)
+    compiled = step.lower(state, batches[0]).compile()
+  holder, calls = [state], itertools.count()
+
+  def one():
+    holder[0], m = compiled(holder[0], batches[next(calls) % 2])
+    return m["loss"]
+  return cfg, one, time.perf_counter() - t0
+
+
+def train_case(arch: str, size: str, batch: int, remat: str = "lean", seq_len: int = 2048,
+               iters: int = 10, scan_impl: str = "chunked", attention_impl: str | None = None,
+               **model_kw) -> dict:
+  """Full train step (AdamW, clip, bf16 compute, float32 master weights) on random tokens."""
+  cfg, one, compile_s = _train_setup(arch, size, batch, remat, seq_len, scan_impl, attention_impl,
+                                     **model_kw)
+  t = median_time(one, iters)
+  tps = batch * seq_len / t
+  fl = flops_lib.train_flops_per_token(cfg, seq_len) * tps
+  official = OFFICIAL.get((arch, size, batch))
+  tag = "".join(f"-{k}={v}" for k, v in model_kw.items())
+  row = {"case": f"train-{arch}-{size}-b{batch}-{remat}{tag}", "step_ms": t * 1e3,
+         "tokens_per_s": tps, "peak_GiB": peak_gib(), "compile_s": compile_s,
+         "mfu_989": fl / 989e12, "mfu_810": fl / flops_lib.H200_MEASURED_PEAK,
+         "params": param_counts(cfg)["total"]}
+  if official:
+    row.update(official_tokens_per_s=official[0], official_peak_GiB=official[1],
+               speedup=tps / official[0])
+  return row
+
+
+def profile_case(arch: str, size: str, batch: int, remat: str = "lean", seq_len: int = 2048,
+                 out_dir: str = "/tmp/profile", top: int = 40, **model_kw) -> dict:
+  """Traces 3 train steps and aggregates device kernel time by name (perfetto JSON)."""
+  import glob  # noqa: PLC0415
+  import gzip  # noqa: PLC0415
+  _, one, _ = _train_setup(arch, size, batch, remat, seq_len, "chunked", None, **model_kw)
+  for _ in range(2):
+    jax.block_until_ready(one())
+  with jax.profiler.trace(out_dir, create_perfetto_trace=True):
+    for _ in range(3):
+      jax.block_until_ready(one())
+  path = sorted(glob.glob(f"{out_dir}/**/perfetto_trace.json.gz", recursive=True))[-1]
+  with gzip.open(path) as f:
+    trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  pids = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+          if e.get("ph") == "M" and e.get("name") == "process_name"}
+  totals: dict[str, float] = {}
+  for e in events:
+    if e.get("ph") == "X" and "GPU" in pids.get(e.get("pid"), ""):
+      totals[e["name"]] = totals.get(e["name"], 0.0) + e.get("dur", 0.0) / 3 / 1e3
+  rows = sorted(totals.items(), key=lambda kv: -kv[1])
+  return {"case": f"profile-{arch}-{size}-b{batch}-{remat}",
+          "device_ms_per_step": sum(totals.values()),
+          "top": [(k[:80], round(v, 3)) for k, v in rows[:top]]}
+
+
+CASES: dict[str, Callable[..., dict]] = {
+    "bitlinear": bitlinear_case, "recurrence": recurrence_case, "train": train_case,
+    "profile": profile_case}
