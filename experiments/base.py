@@ -19,7 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
       gate="code",            # code: RMSNorm(g)*silu(h) (released ckpts) | paper: sigmoid(g)*h
       dtype="bfloat16",       # compute dtype; master weights are always float32
       scan_impl="chunked",    # sequential | associative | chunked
-      scan_chunk=64,
+      scan_chunk=16,
       remat="none",           # none | lean | full  (memory-saving modes)
       attention_impl="",      # "" = XLA, "cudnn" = cuDNN flash attention (transformer)
   ))

@@ -57,7 +57,7 @@ class ModelConfig:
   rope_theta: float = 10000.0
   dtype: str = "bfloat16"
   scan_impl: str = "chunked"
-  scan_chunk: int = 64
+  scan_chunk: int = 16
   remat: str = "none"
   attention_impl: str | None = None
   init_std: float = 0.02

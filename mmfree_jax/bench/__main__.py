@@ -33,12 +33,17 @@ def suite(name: str) -> list[dict]:
                for a in ("mmfree", "transformer") for r in ("lean", "full")])
   cases = [{"kind": "bitlinear", "variant": v} for v in ("lean", "naive")]
   for shape in ((8, 2048, 1024), (16, 2048, 2048)):
-    for impl in ("associative", "chunked"):
-      cases.append({"kind": "recurrence", "impl": impl, "b": shape[0], "t": shape[1], "d": shape[2]})
+    cases.append({"kind": "recurrence", "impl": "associative", "b": shape[0], "t": shape[1],
+                  "d": shape[2]})
+    for chunk in (8, 16, 32):
+      cases.append({"kind": "recurrence", "impl": "chunked", "chunk": chunk, "b": shape[0],
+                    "t": shape[1], "d": shape[2]})
   cases.append({"kind": "recurrence", "impl": "sequential", "b": 8, "t": 2048, "d": 1024, "iters": 3})
   for size in ("370M", "1.3B"):
     for batch in (8, 16):
-      cases.append({"kind": "train", "arch": "mmfree", "size": size, "batch": batch})
+      for remat in ("lean", "none"):
+        cases.append({"kind": "train", "arch": "mmfree", "size": size, "batch": batch,
+                      "remat": remat})
     cases.append({"kind": "train", "arch": "mmfree", "size": size, "batch": 16, "remat": "full"})
     for batch in (8, 16):
       cases.append({"kind": "train", "arch": "transformer", "size": size, "batch": batch,

@@ -72,7 +72,7 @@ def bitlinear_case(variant: str, d: int = 2048, tokens: int = 16384, iters: int 
           "temp_MiB": getattr(mem, "temp_size_in_bytes", 0) / 2**20, "peak_GiB": peak_gib()}
 
 
-def recurrence_case(impl: str, b: int, t: int, d: int, iters: int = 20) -> dict:
+def recurrence_case(impl: str, b: int, t: int, d: int, chunk: int = 16, iters: int = 20) -> dict:
   """Forward and forward+backward of the recurrence; bf16 in/out, float32 carry.
 
   HBM floor (fewest bytes, bf16): forward reads f, x and writes h (3 tensors); the
@@ -83,14 +83,15 @@ def recurrence_case(impl: str, b: int, t: int, d: int, iters: int = 20) -> dict:
   f = jax.nn.sigmoid(jax.random.normal(k[0], (b, t, d))).astype(jnp.bfloat16)
   x = jax.random.normal(k[1], (b, t, d), jnp.bfloat16)
   dh = jax.random.normal(k[2], (b, t, d), jnp.bfloat16)
-  run = lambda f, x: linear_recurrence(f, x, impl=impl)[0].astype(jnp.bfloat16)
+  run = lambda f, x: linear_recurrence(f, x, impl=impl, chunk=chunk)[0]
   fwd = jax.jit(run)
   fwdbwd = jax.jit(lambda f, x, dh: jax.vjp(run, f, x)[1](dh))
   t_f = median_time(lambda: fwd(f, x), iters)
   t_fb = median_time(lambda: fwdbwd(f, x, dh), iters)
   n = b * t * d * 2
   floor_f, floor_fb = 3 * n / HBM_BW, 6 * n / HBM_BW
-  return {"case": f"scan-{impl}-{b}x{t}x{d}", "fwd_ms": t_f * 1e3, "fwdbwd_ms": t_fb * 1e3,
+  name = f"{impl}{chunk}" if impl == "chunked" else impl
+  return {"case": f"scan-{name}-{b}x{t}x{d}", "fwd_ms": t_f * 1e3, "fwdbwd_ms": t_fb * 1e3,
           "floor_fwd_ms": floor_f * 1e3, "floor_fwdbwd_ms": floor_fb * 1e3,
           "fwd_hbm_frac": floor_f / t_f, "fwdbwd_hbm_frac": floor_fb / t_fb}
 

