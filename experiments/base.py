@@ -18,8 +18,8 @@ def get_config() -> ml_collections.ConfigDict:
       vocab_size=32000,       # must match the tokenizer (Mistral 32k by default)
       gate="code",            # code: RMSNorm(g)*silu(h) (released ckpts) | paper: sigmoid(g)*h
       dtype="bfloat16",       # compute dtype; master weights are always float32
-      scan_impl="chunked",    # sequential | associative | chunked
-      scan_chunk=16,
+      scan_impl="associative",  # sequential | associative | chunked (see BENCHMARKS.md)
+      scan_chunk=8,
       remat="none",           # none | lean | full  (memory-saving modes)
       attention_impl="",      # "" = XLA, "cudnn" = cuDNN flash attention (transformer)
   ))

@@ -56,8 +56,8 @@ class ModelConfig:
   bitlinear_eps: float = 1e-8
   rope_theta: float = 10000.0
   dtype: str = "bfloat16"
-  scan_impl: str = "chunked"
-  scan_chunk: int = 16
+  scan_impl: str = "associative"
+  scan_chunk: int = 8
   remat: str = "none"
   attention_impl: str | None = None
   init_std: float = 0.02

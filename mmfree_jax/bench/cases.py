@@ -129,7 +129,7 @@ def _train_setup(arch: str, size: str, batch: int, remat: str, seq_len: int, sca
 
 
 def train_case(arch: str, size: str, batch: int, remat: str = "lean", seq_len: int = 2048,
-               iters: int = 10, scan_impl: str = "chunked", attention_impl: str | None = None,
+               iters: int = 10, scan_impl: str = "associative", attention_impl: str | None = None,
                **model_kw) -> dict:
   """Full train step (AdamW, clip, bf16 compute, float32 master weights) on random tokens."""
   cfg, one, compile_s = _train_setup(arch, size, batch, remat, seq_len, scan_impl, attention_impl,
@@ -154,7 +154,7 @@ def profile_case(arch: str, size: str, batch: int, remat: str = "lean", seq_len:
   """Traces 3 train steps and aggregates device kernel time by name (perfetto JSON)."""
   import glob  # noqa: PLC0415
   import gzip  # noqa: PLC0415
-  _, one, _ = _train_setup(arch, size, batch, remat, seq_len, "chunked", None, **model_kw)
+  _, one, _ = _train_setup(arch, size, batch, remat, seq_len, "associative", None, **model_kw)
   for _ in range(2):
     jax.block_until_ready(one())
   with jax.profiler.trace(out_dir, create_perfetto_trace=True):
