@@ -30,7 +30,9 @@ def suite(name: str) -> list[dict]:
                for i in ("sequential", "associative", "chunked")]
             + [{"kind": "train", "arch": a, "size": "micro", "batch": 2, "seq_len": 32,
                 "remat": r, "iters": 2, "dtype": "float32"}
-               for a in ("mmfree", "transformer") for r in ("lean", "full")])
+               for a in ("mmfree", "transformer") for r in ("lean", "full")]
+            + [{"kind": "decode", "arch": a, "size": "micro", "batch": 2, "prompt": 16, "new": 16,
+                "iters": 1} for a in ("mmfree", "transformer")])
   cases = [{"kind": "bitlinear", "variant": v} for v in ("lean", "naive")]
   for shape in ((8, 2048, 1024), (16, 2048, 2048)):
     cases.append({"kind": "recurrence", "impl": "associative", "b": shape[0], "t": shape[1],
@@ -48,6 +50,12 @@ def suite(name: str) -> list[dict]:
     for batch in (8, 16):
       cases.append({"kind": "train", "arch": "transformer", "size": size, "batch": batch,
                     "attention_impl": "cudnn"})
+  for arch in ("mmfree", "transformer"):
+    for batch, prompt in ((1, 128), (1, 2048), (16, 128)):
+      cases.append({"kind": "decode", "arch": arch, "size": "370M", "batch": batch, "prompt": prompt})
+    cases.append({"kind": "decode", "arch": arch, "size": "1.3B", "batch": 1, "prompt": 128})
+  cases.append({"kind": "decode", "arch": "mmfree", "size": "370M", "batch": 1, "prompt": 128,
+                "packed": True})
   cases.append({"kind": "profile", "arch": "mmfree", "size": "370M", "batch": 8})
   return cases
 

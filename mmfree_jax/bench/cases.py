@@ -176,6 +176,31 @@ def profile_case(arch: str, size: str, batch: int, remat: str = "lean", seq_len:
           "top": [(k[:80], round(v, 3)) for k, v in rows[:top]]}
 
 
+def decode_case(arch: str, size: str, batch: int = 1, prompt: int = 128, new: int = 256,
+                packed: bool = False, iters: int = 3) -> dict:
+  """Per-token generation latency (greedy, whole loop on device) and peak memory.
+
+  ms/token = (time(prompt + `new` tokens) - time(prompt + `new`/8 tokens)) / (7/8 `new`):
+  the prefill and launch costs cancel.
+  """
+  from mmfree_jax.infer import generate as gen  # noqa: PLC0415
+  from mmfree_jax.infer import packed as packed_lib  # noqa: PLC0415
+  cfg = preset(size, arch)
+  params = jax.jit(lambda k: nn.unbox(init_params(cfg, k)))(jax.random.key(0))
+  if packed:
+    params = packed_lib.pack_params(cfg, params)
+  rng = np.random.default_rng(0)
+  prompts = rng.integers(3, cfg.vocab_size, (batch, prompt)).tolist()
+  short = max(new // 8, 1)
+  times = {}
+  for n in (short, new):
+    times[n] = median_time(lambda: gen.generate(cfg, params, prompts, n).tokens, iters, warmup=1)
+  ms = (times[new] - times[short]) / (new - short) * 1e3
+  return {"case": f"decode-{arch}-{size}-b{batch}-p{prompt}{'-packed' if packed else ''}",
+          "ms_per_token": ms, "tokens_per_s": batch * 1e3 / ms, "peak_GiB": peak_gib(),
+          "speedup_vs_official_80ms": 80.0 / ms if batch == 1 else None}
+
+
 CASES: dict[str, Callable[..., dict]] = {
     "bitlinear": bitlinear_case, "recurrence": recurrence_case, "train": train_case,
-    "profile": profile_case}
+    "profile": profile_case, "decode": decode_case}

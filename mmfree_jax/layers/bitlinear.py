@@ -5,9 +5,11 @@
 activations in the backward pass. `bitlinear_naive` is plain autodiff through
 straight-through estimators and serves as the reference.
 
-The matmul runs on the exact integer codes (int8 activations, ternary weights) in the
-compute dtype with float32 accumulation, then applies both scales; integers up to 128
-are exact in bfloat16, so the bf16 path computes exactly the quantized product.
+The matmul runs on the exact integer codes (int8 activations, ternary weights; both exact
+in bfloat16) with float32 accumulation, then applies both scales. With float32 compute the
+result is the quantized product up to float32 rounding; with bf16 compute the integer
+product is rounded once to bf16 before scaling (relative error <= 2^-9, like any bf16
+matmul output). `mmfree_jax.infer.packed` has an exact int8 x int8 -> int32 path.
 """
 
 from __future__ import annotations
