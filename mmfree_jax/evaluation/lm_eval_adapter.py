@@ -1,5 +1,8 @@
 """lm-evaluation-harness adapter: registers model "mmfree_jax" when `lm_eval` is installed.
 
+    python -m mmfree_jax.evaluation.lm_eval_adapter --model mmfree_jax \
+        --model_args checkpoint=DIR --tasks arc_easy     # lm_eval CLI, with the model registered
+
     import mmfree_jax.evaluation.lm_eval_adapter  # registers the model
     import lm_eval
     lm_eval.simple_evaluate(model="mmfree_jax", model_args="checkpoint=DIR,batch_size=16",
@@ -93,3 +96,21 @@ except ImportError:
   pass
 else:
   register()
+
+
+def main():
+  """`python -m mmfree_jax.evaluation.lm_eval_adapter <lm_eval CLI args>`.
+
+  The harness has no plugin discovery for models, so this wrapper imports (registers) the
+  adapter and then runs lm_eval's own CLI, e.g.
+  `... --model mmfree_jax --model_args checkpoint=runs/tiny/model --tasks arc_easy`.
+  """
+  try:
+    from lm_eval.__main__ import cli_evaluate  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise SystemExit("error: lm-eval is not installed; `pip install lm-eval` first") from None
+  cli_evaluate()
+
+
+if __name__ == "__main__":
+  main()

@@ -22,7 +22,11 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-  from mmfree_jax.train import loop  # noqa: PLC0415 (after flag parsing: keeps --help fast)
+  # Imported after flag parsing: keeps --help fast.
+  from mmfree_jax.data.tokenizer import load_tokenizer  # noqa: PLC0415
+  from mmfree_jax.infer.generate import generate  # noqa: PLC0415
+  from mmfree_jax.interop import checkpoint  # noqa: PLC0415
+  from mmfree_jax.train import loop  # noqa: PLC0415
   workdir = os.path.abspath(_WORKDIR.value)
   try:
     out = loop.run(_CONFIG.value, workdir)
@@ -35,17 +39,23 @@ def main(argv):
   if out.get("preempted"):
     return
   s = out["summary"]
-  if _CONFIG.value.train.sample_tokens > 0:
-    from mmfree_jax.infer import generate  # noqa: PLC0415
-    text = generate.sample_text(out["cfg"], out["state"].params, "ROMEO:",
-                                _CONFIG.value.train.sample_tokens, _CONFIG.value.data.tokenizer or None)
-    print(f"\nsample (greedy) >>> ROMEO:{text}\n")
+  model_dir = os.path.join(workdir, "model")
+  checkpoint.save_model(model_dir, out["cfg"], out["state"].params)
+  n = _CONFIG.value.train.sample_tokens
+  if n > 0:
+    tok = load_tokenizer(_CONFIG.value.data.tokenizer or None)
+    prompt = "ROMEO:"
+    gen = generate(out["cfg"], out["state"].params, [[tok.bos_id, *tok.encode(prompt)]], n,
+                   eos_id=tok.eos_id)
+    print(f"\nsample (greedy, {n} tokens) >>> {prompt}{tok.decode(gen.row(0))}\n")
   print(f"final train loss {s['final_loss']:.4f} | held-out loss {s.get('eval_loss', float('nan')):.4f} "
         f"(ppl {s.get('eval_ppl', float('nan')):.1f}) | unigram entropy {s['unigram_entropy']:.4f} nats")
   print(f"run directory: {workdir}")
   print(f"  metrics:     {workdir}/metrics.jsonl, summary.json")
   print(f"  tensorboard: tensorboard --logdir {workdir}/tb")
   print(f"  checkpoints: {workdir}/checkpoints")
+  print(f"  model:       {model_dir}  (python -m mmfree_jax.generate --checkpoint {model_dir} "
+        "--prompt 'ROMEO:')")
 
 
 if __name__ == "__main__":
