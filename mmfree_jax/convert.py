@@ -10,11 +10,11 @@ The source format is detected (see `interop.checkpoint`). Errors print one line 
 from __future__ import annotations
 
 import argparse
-import sys
 
 import jax
 import numpy as np
 
+from mmfree_jax import cli
 from mmfree_jax.interop import checkpoint, hf
 
 
@@ -65,8 +65,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  try:
-    sys.exit(main())
-  except (ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  cli.run(main)

@@ -12,8 +12,8 @@ time). Errors print one line and exit 1.
 from __future__ import annotations
 
 import argparse
-import sys
 
+from mmfree_jax import cli
 from mmfree_jax.data.tokenizer import load_tokenizer
 from mmfree_jax.infer import generate as gen
 from mmfree_jax.infer.sampling import Sampling, SamplingError
@@ -84,8 +84,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  try:
-    sys.exit(main())
-  except (ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  cli.run(main)

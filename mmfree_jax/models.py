@@ -36,7 +36,13 @@ ACT = ("batch", "length", "embed")
 _LEAN_SAVED = ("proj", "mlgru_h", "attn_out")
 
 
-class MMFreeBlock(nn.Module):
+class Block(nn.Module):
+  """Pre-norm block: token mixer (MLGRU or attention), then channel mixer (GLU or SwiGLU).
+
+  Returns (x, per-layer output): the final recurrent state (mmfree) or the updated KV
+  cache (transformer, when decoding).
+  """
+
   cfg: ModelConfig
 
   @nn.compact
@@ -44,30 +50,21 @@ class MMFreeBlock(nn.Module):
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
     a = RMSNorm(cfg.norm_eps, dtype=dt, name="attn_norm")(x_BxTxD)
-    y, h_last = MLGRU(cfg, name="attn")(a, layer_in["lb"], ctx["resets"], layer_in["h0"])
+    if cfg.arch == "mmfree":
+      y, out = MLGRU(cfg, name="attn")(a, layer_in["lb"], ctx["resets"], layer_in["h0"])
+      mlp = GLU(cfg, name="mlp")
+    else:
+      y, out = Attention(cfg, name="attn")(a, ctx["positions"], ctx["segment_ids"],
+                                           layer_in.get("kv"), ctx["index"])
+      mlp = SwiGLU(cfg, name="mlp")
     x_BxTxD = nn.with_logical_constraint(x_BxTxD + y.astype(F32), ACT)
     m = RMSNorm(cfg.norm_eps, dtype=dt, name="mlp_norm")(x_BxTxD)
-    x_BxTxD = nn.with_logical_constraint(x_BxTxD + GLU(cfg, name="mlp")(m).astype(F32), ACT)
-    return x_BxTxD, h_last
-
-
-class TransformerBlock(nn.Module):
-  cfg: ModelConfig
-
-  @nn.compact
-  def __call__(self, x_BxTxD, layer_in: dict, ctx: dict):
-    cfg = self.cfg
-    dt = jnp.dtype(cfg.dtype)
-    a = RMSNorm(cfg.norm_eps, dtype=dt, name="attn_norm")(x_BxTxD)
-    y, kv = Attention(cfg, name="attn")(a, ctx["positions"], ctx["segment_ids"],
-                                        layer_in.get("kv"), ctx["index"])
-    x_BxTxD = nn.with_logical_constraint(x_BxTxD + y.astype(F32), ACT)
-    m = RMSNorm(cfg.norm_eps, dtype=dt, name="mlp_norm")(x_BxTxD)
-    x_BxTxD = nn.with_logical_constraint(x_BxTxD + SwiGLU(cfg, name="mlp")(m).astype(F32), ACT)
-    return x_BxTxD, kv
+    x_BxTxD = nn.with_logical_constraint(x_BxTxD + mlp(m).astype(F32), ACT)
+    return x_BxTxD, out
 
 
 def _remat(block_cls, policy: str):
+  """Wraps the block in `nn.remat` with the configured policy (see ModelConfig.remat)."""
   if policy == "none":
     return block_cls
   if policy == "full":
@@ -104,7 +101,6 @@ class LM(nn.Module):
     x = nn.with_logical_constraint(jnp.take(emb, tokens_BxT, axis=0), ACT)
 
     if cfg.arch == "mmfree":
-      block = MMFreeBlock
       if cfg.lower_bound:
         gamma = self.param("lower_bounds", nn.with_logical_partitioning(
             nn.initializers.zeros, ("layers", "embed")), (cfg.n_layers, cfg.d_model), F32)
@@ -116,7 +112,6 @@ class LM(nn.Module):
       resets = None if segment_ids_BxT is None else segment_resets(segment_ids_BxT)
       ctx = {"resets": resets}
     else:
-      block = TransformerBlock
       index = None if cache is None else cache["index"]
       if segment_ids_BxT is not None and cache is None:
         pos = segment_positions(segment_ids_BxT)
@@ -126,7 +121,7 @@ class LM(nn.Module):
       ctx = {"positions": pos, "segment_ids": None if cache is not None else segment_ids_BxT,
              "index": index}
 
-    stack = nn.scan(_remat(block, cfg.remat), variable_axes={"params": 0},
+    stack = nn.scan(_remat(Block, cfg.remat), variable_axes={"params": 0},
                     split_rngs={"params": True}, in_axes=(0, nn.broadcast), length=cfg.n_layers,
                     metadata_params={nn.PARTITION_NAME: "layers"})
     x, per_layer = stack(cfg, name="layers")(x, layer_in, ctx)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
+from mmfree_jax import cli
 from mmfree_jax.data.tokenizer import load_tokenizer
 from mmfree_jax.evaluation import perplexity, tasks
 from mmfree_jax.evaluation.scoring import EvalError, Scorer
@@ -79,8 +79,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  try:
-    sys.exit(main())
-  except (ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  cli.run(main)
