@@ -32,6 +32,9 @@ def get_config() -> ml_collections.ConfigDict:
       tokenizer="",           # SentencePiece .model ("" = Mistral's tokenizer.model.v1)
       seq_len=128,
       worker_count=0,         # grain workers (0 = in-process; best on small machines)
+      process_shard="rows",   # rows: every process packs the same global batch and keeps its
+                              # rows (same training for any process count); documents: each
+                              # process reads 1/P of the documents (huge corpora)
   ))
 
   c.train = ml_collections.ConfigDict(dict(

@@ -14,6 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from mmfree_jax.config import ConfigError, ModelConfig
@@ -79,6 +80,15 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh) -> Any:
   mesh_specs = nn.logical_to_mesh(specs, RULES)
   return jax.tree.map(lambda s: NamedSharding(mesh, s), mesh_specs,
                       is_leaf=lambda x: isinstance(x, P))
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, params: Any, param_sh: Any,
+                        mesh: Mesh) -> Any:
+  """Optimizer-state shardings: moments like their parameters, counters replicated."""
+  shapes = jax.eval_shape(tx.init, params)
+  return optax.tree_map_params(tx, lambda _, s: s, shapes, param_sh,
+                               transform_non_params=lambda _: replicated(mesh),
+                               is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -162,6 +162,17 @@ def test_checkpoint_restores_on_other_meshes_and_corrupt_falls_back(data_dir, tm
   assert int(out["state"].step) == 6
 
 
+def test_resume_with_another_model_is_refused_untouched(data_dir, tmp_path):
+  wd = str(tmp_path / "run")
+  loop.run(small_config(data_dir, steps=2, checkpoint_every=2), wd, devices=jax.devices()[:1])
+  c = small_config(data_dir, steps=4)
+  c.model.d_model = 64
+  with pytest.raises(ConfigError, match="written for a different model"):
+    loop.run(c, wd, devices=jax.devices()[:1])
+  assert os.listdir(os.path.join(wd, "checkpoints")) == ["2"]
+  assert not os.path.exists(os.path.join(wd, "checkpoints_corrupt"))
+
+
 def test_nonfinite_loss_aborts_without_checkpoint(data_dir, tmp_path):
   wd = str(tmp_path / "nan")
   c = small_config(data_dir, steps=8, checkpoint_every=1)

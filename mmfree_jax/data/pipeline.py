@@ -5,6 +5,16 @@
     -> repeat -> ConcatThenSplit packing into rows of seq_len + 1 tokens
        (long documents are split across rows) -> batch -> LM features.
 
+Two ways to split the data over processes (`process_shard`):
+- "documents": each process packs its own document shard `process_index::process_count`
+  into `batch_size` rows. Reads 1/P of the corpus per process (for huge corpora), but
+  the global batch depends on the process count.
+- "rows": every process runs the identical global pipeline (same seed, same packing)
+  into `batch_size * process_count` rows and keeps rows
+  `[process_index * batch_size, (process_index + 1) * batch_size)`. Every process reads
+  and packs the whole stream (P times the host work, cheap next to a train step at
+  these scales), and the global batch, hence training, is the same for any process count.
+
 Batch (numpy): `inputs` int32 [B, T], `targets` int32 [B, T] (next token),
 `segment_ids` int32 [B, T] (document of each input token, 1, 2, ... within a
 row, 0 = padding), `weights` float32 [B, T] (1 where the target is a real token
@@ -47,6 +57,16 @@ class _ToTokens(grain.transforms.Map):
       tok = self._tokenizer
       x = [tok.bos_id, *tok.encode(text), tok.eos_id]
     return {_KEY: np.asarray(x, np.int32)}
+
+
+class _TakeRows(grain.transforms.Map):
+  """Global batch -> this process's contiguous block of rows."""
+
+  def __init__(self, start: int, size: int):
+    self._start, self._size = start, size
+
+  def map(self, batch: Batch) -> Batch:
+    return {k: v[self._start:self._start + self._size] for k, v in batch.items()}
 
 
 class _ToBatch(grain.transforms.Map):
@@ -107,22 +127,29 @@ def make_iterator(
     tokenizer: tokenizer_lib.Tokenizer | None = None,
     worker_count: int = 0,
     prefetch: int = 2,
+    process_shard: str = "documents",
 ) -> grain.DatasetIterator:
   """Checkpointable iterator of packed LM batches (per-process batch_size).
 
   `num_epochs=None` repeats forever; with a finite value the last batch is
-  padded (zero weights) and the iterator then stops. Each process reads the
-  disjoint document shard `process_index::process_count` (so with finite
-  `num_epochs`, processes may yield different numbers of batches: train for a
-  fixed number of steps with `num_epochs=None`). `worker_count > 0`
+  padded (zero weights) and the iterator then stops. With
+  `process_shard="documents"` each process reads the disjoint document shard
+  `process_index::process_count` (so with finite `num_epochs`, processes may
+  yield different numbers of batches: train for a fixed number of steps with
+  `num_epochs=None`); with "rows" each process keeps its rows of the identical
+  global batch (see the module docstring). `worker_count > 0`
   packs in grain worker processes; `prefetch` batches are prepared in a
   background thread.
   """
   if not 0 <= process_index < process_count:
     raise ValueError(f"Bad process {process_index} of {process_count}.")
+  if process_shard not in ("documents", "rows"):
+    raise ValueError(f"process_shard={process_shard!r} is unknown; use documents or rows.")
+  rows_mode = process_shard == "rows"
   docs = documents(ds, split, data_dir=data_dir, feature=feature,
                    tokenizer=tokenizer)
-  docs = docs[process_index::process_count]
+  if not rows_mode:
+    docs = docs[process_index::process_count]
   if len(docs) == 0:  # pylint: disable=g-explicit-length-test
     raise ValueError(f"No documents for process {process_index} in {split!r}.")
   if shuffle:
@@ -132,7 +159,10 @@ def make_iterator(
       docs.to_iter_dataset(grain.ReadOptions(num_threads=2)),
       length_struct={_KEY: seq_len + 1},
   )
-  batches = rows.batch(batch_size, drop_remainder=False).map(_ToBatch(batch_size))
+  global_rows = batch_size * process_count if rows_mode else batch_size
+  batches = rows.batch(global_rows, drop_remainder=False).map(_ToBatch(global_rows))
+  if rows_mode and process_count > 1:
+    batches = batches.map(_TakeRows(process_index * batch_size, batch_size))
   if worker_count > 0:
     if not flags.FLAGS.is_parsed():  # grain workers read absl flags.
       flags.FLAGS.mark_as_parsed()

@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from mmfree_jax import multihost
 from mmfree_jax import sharding
 from mmfree_jax.config import ConfigError, ModelConfig, from_dict
 from mmfree_jax.data import builder as data_builder
@@ -83,8 +84,9 @@ def prepare_data(config: ml_collections.ConfigDict, cfg: ModelConfig):
   """Builds (once) the tokenized dataset; returns its tfds DatasetInfo."""
   data_dir = config.data.data_dir or os.path.expanduser("~/.cache/mmfree_jax/data")
   try:
-    info = data_builder.prepare(_sources(config.data.corpus), data_dir,
-                                config.data.tokenizer or None, text_field=config.data.text_field)
+    info = multihost.process0_first(lambda: data_builder.prepare(
+        _sources(config.data.corpus), data_dir, config.data.tokenizer or None,
+        text_field=config.data.text_field))
   except (FileNotFoundError, OSError) as e:
     raise ConfigError(f"data: {e}") from None
   vocab = int((info.metadata or {}).get("vocab_size", 0))
@@ -99,36 +101,46 @@ def _global_batch(batch: dict[str, np.ndarray], sh) -> dict[str, jax.Array]:
 
 
 def _fingerprint(batch: dict[str, np.ndarray]) -> int:
-  return zlib.crc32(np.ascontiguousarray(batch["inputs"]).tobytes())
+  """crc32 of the global batch's inputs (rows of all processes, in process order)."""
+  x = batch["inputs"]
+  if jax.process_count() > 1:  # a collective: every process calls it at the same steps
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return zlib.crc32(np.ascontiguousarray(x).tobytes())
+
+
+def _process_shard(config: ml_collections.ConfigDict) -> str:
+  return config.data.get("process_shard", "rows")
 
 
 class _Preemption:
-  """SIGTERM -> save a checkpoint and exit 0 at the next step boundary."""
+  """SIGTERM -> save a checkpoint and exit 0 at the next step boundary.
+
+  Several processes: jax.distributed's preemption notifier owns SIGTERM (no Python
+  handler, which would hide the signal from it) and all processes agree on the step.
+  """
 
   def __init__(self):
     self.requested = False
-    self._prev = signal.signal(signal.SIGTERM, self._handle)
+    self._multi = jax.process_count() > 1
+    self._prev = None if self._multi else signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
     self.requested = True
 
   def should_stop(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      return self.requested or multihost_utils.reached_preemption_sync_point(step)
+    if self._multi:
+      return multihost_utils.reached_preemption_sync_point(step)
     return self.requested
 
   def restore(self):
-    signal.signal(signal.SIGTERM, self._prev)
+    if not self._multi:
+      signal.signal(signal.SIGTERM, self._prev)
 
 
 def maybe_initialize_distributed():
   """`jax.distributed.initialize()` when launched as one of several processes."""
-  env = os.environ
-  multi = ("JAX_COORDINATOR_ADDRESS" in env or int(env.get("SLURM_NTASKS", "1")) > 1
-           or "MEGASCALE_COORDINATOR_ADDRESS" in env or env.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0)
-  if multi and not jax.distributed.is_initialized():
-    jax.distributed.initialize()
+  multihost.initialize()
 
 
 def init_state(cfg: ModelConfig, tx, mesh, seed: int) -> TrainState:
@@ -137,7 +149,8 @@ def init_state(cfg: ModelConfig, tx, mesh, seed: int) -> TrainState:
   boxed = jax.eval_shape(functools.partial(init_params, cfg), key)
   param_sh = sharding.logical_shardings(boxed, mesh)
   params = jax.jit(lambda k: nn.unbox(init_params(cfg, k)), out_shardings=param_sh)(key)
-  opt_state = jax.jit(tx.init)(params)
+  opt_sh = sharding.opt_state_shardings(tx, params, param_sh, mesh)
+  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
   rep = sharding.replicated(mesh)
   zero = lambda: jax.device_put(jnp.zeros((), jnp.int32), rep)
   return TrainState(step=zero(), params=params, opt_state=opt_state, skipped=zero())
@@ -146,7 +159,7 @@ def init_state(cfg: ModelConfig, tx, mesh, seed: int) -> TrainState:
 def evaluate(eval_fn, params, info, config, batch_sh, per_proc_batch: int) -> dict[str, float]:
   it = pipeline.make_eval_iterator(
       info, "validation", per_proc_batch, config.data.seq_len, config.train.eval_batches,
-      jax.process_index(), jax.process_count())
+      jax.process_index(), jax.process_count(), process_shard=_process_shard(config))
   tot, n = 0.0, 0.0
   for batch in it:
     ls, nt = eval_fn(params, _global_batch(batch, batch_sh))
@@ -164,7 +177,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[s
   cfg = validate(config)
   maybe_initialize_distributed()
   t_cfg = config.train
-  mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
+  mesh = multihost.make_mesh(config.mesh.to_dict(), devices)
   sharding.check_divisible(cfg, mesh, t_cfg.batch_size)
   info = prepare_data(config, cfg)
   stats = data_builder.corpus_stats(info)
@@ -172,7 +185,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[s
   per_proc_batch = t_cfg.batch_size // pcount
   train_it = pipeline.make_iterator(
       info, "train", per_proc_batch, config.data.seq_len, seed=t_cfg.seed,
-      process_index=pindex, process_count=pcount, worker_count=config.data.worker_count)
+      process_index=pindex, process_count=pcount, worker_count=config.data.worker_count,
+      process_shard=_process_shard(config))
 
   os.makedirs(workdir, exist_ok=True)
   if pindex == 0:
@@ -250,7 +264,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[s
         if prof and step == prof[0] and pindex == 0:
           jax.profiler.start_trace(os.path.join(workdir, "profile"))
         batch = next(train_it)
-        fp = _fingerprint(batch)
+        fp = _fingerprint(batch) if step % t_cfg.log_every == 0 or step == total else None
         state, metrics = step_fn(state, _global_batch(batch, batch_sh))
         if pending is not None:
           flush(pending)

@@ -1,0 +1,1 @@
+"""Launchers: one host (`local`), Cloud TPU VM slices (`tpu_vm`), SLURM GPU clusters (`slurm`)."""

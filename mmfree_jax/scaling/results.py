@@ -1,0 +1,108 @@
+"""Reading sweep outputs: the results table, per-run metrics, trained params; the paper's
+published points (SPEC §4).
+
+    rows = load_results("runs/micro")            # results.csv -> list of dicts
+    curve = read_metrics("runs/micro/mmfree-d32-L2")
+    cfg, params = load_point_params("runs/micro/mmfree-d32-L2")
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from typing import Any
+
+INT_COLS = ("d_model", "n_layers", "d_ff", "seq_len", "batch_size", "steps", "params",
+            "non_embedding_params", "flops_params", "runs")
+STR_COLS = ("name", "arch", "schedule")
+
+# Final losses read off the paper's Fig. 3 / text (SPEC §4). The 1.3B points are left out:
+# SPEC gives no number for them and we do not guess values off the figure.
+PAPER_LOSS = {("transformer", "370M"): 2.61, ("mmfree", "370M"): 2.90,
+              ("transformer", "2.7B"): 2.09, ("mmfree", "2.7B"): 2.23}
+PAPER_TOKENS = {"370M": 15e9, "1.3B": 100e9, "2.7B": 100e9}
+# The paper's fitted lines as read off Fig. 3 (SPEC §4): loss per decade, crossover.
+PAPER_SLOPE = {"mmfree": -0.35, "transformer": -0.27}
+PAPER_CROSSOVER_C = 6e22
+PAPER_CROSSOVER_LOSS = 1.7
+PAPER_LABEL = "paper (read off Fig. 3)"
+
+
+class ResultsError(ValueError):
+  """Missing or unreadable sweep results; the message says what to run."""
+
+
+def _num(v: str) -> Any:
+  if v == "":
+    return None
+  try:
+    return float(v)
+  except ValueError:
+    return v
+
+
+def load_results(path: str) -> list[dict[str, Any]]:
+  """Rows of `<dir>/results.csv` (or a .csv / .jsonl path) with numeric columns parsed."""
+  if os.path.isdir(path):
+    path = os.path.join(path, "results.csv")
+  if not os.path.isfile(path):
+    raise ResultsError(f"no results table at {path}; run `python -m mmfree_jax.sweep "
+                       "--sweep=experiments/sweeps.py:micro --workdir=DIR` first")
+  if path.endswith(".jsonl"):
+    with open(path) as f:
+      return [json.loads(line) for line in f if line.strip()]
+  with open(path, newline="") as f:
+    rows = []
+    for raw in csv.DictReader(f):
+      r = {k: (v if k in STR_COLS else _num(v)) for k, v in raw.items()}
+      for k in INT_COLS:
+        if r.get(k) is not None:
+          r[k] = int(r[k])
+      rows.append(r)
+  return rows
+
+
+def read_metrics(point_dir: str) -> list[dict[str, Any]]:
+  """`metrics.jsonl` rows of one run; a resumed run's repeated steps keep the last row."""
+  path = os.path.join(point_dir, "metrics.jsonl")
+  if not os.path.isfile(path):
+    raise ResultsError(f"no metrics.jsonl in {point_dir}")
+  by_key: dict[tuple, dict] = {}
+  with open(path) as f:
+    for line in f:
+      if line.strip():
+        r = json.loads(line)
+        by_key[(r["step"], "loss" in r)] = r
+  return [by_key[k] for k in sorted(by_key)]
+
+
+def load_point_params(point_dir: str, step: int | None = None):
+  """(ModelConfig, params) from a run directory's newest (or given) trainer checkpoint."""
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+  from mmfree_jax.config import from_dict  # noqa: PLC0415
+  with open(os.path.join(point_dir, "model_config.json")) as f:
+    cfg = from_dict(json.load(f))
+  mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(point_dir, "checkpoints")),
+                               item_names=("state", "data"))
+  steps = mngr.all_steps()
+  if not steps:
+    raise ResultsError(f"no checkpoint in {point_dir}/checkpoints")
+  step = max(steps) if step is None else step
+  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  mngr.close()
+  return cfg, state["params"]
+
+
+def paper_points() -> list[dict[str, Any]]:
+  """The paper's published final losses with C = 6 N D (N: all params but the input
+  embedding, our `flops.flops_params`; D: 15B / 100B tokens)."""
+  from mmfree_jax.config import preset  # noqa: PLC0415
+  from mmfree_jax.scaling.flops import flops_params  # noqa: PLC0415
+  out = []
+  for (arch, size), loss in PAPER_LOSS.items():
+    n = flops_params(preset(size, arch))
+    out.append({"name": f"paper {arch} {size}", "arch": arch, "size": size, "flops_params": n,
+                "tokens": PAPER_TOKENS[size], "flops": 6.0 * n * PAPER_TOKENS[size],
+                "final_loss": loss})
+  return out

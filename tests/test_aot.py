@@ -1,0 +1,128 @@
+"""AOT fit check: TPU topologies from this CPU host (libtpu), GPU targets on CPU devices."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from experiments import tiny
+from mmfree_jax import aot
+from mmfree_jax.config import ConfigError
+from mmfree_jax.train import loop
+from mmfree_jax.train.optim import make_optimizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu absent: pip install 'jax[tpu]==0.10.2'")
+TINY = ["--config=experiments/tiny.py", "--config.model.preset=micro", "--config.model.d_model=32",
+        "--config.data.seq_len=32", "--config.train.batch_size=8"]
+# 15B params on one device: does not fit any single chip.
+HUGE = ["--config=experiments/tiny.py", "--config.model.d_model=32768", "--config.model.n_layers=1",
+        "--config.data.seq_len=32", "--config.train.batch_size=8"]
+
+
+def small(**model):
+  c = tiny.get_config()
+  c.model.update({"preset": "micro", "d_model": 32, "n_layers": 2, **model})
+  c.data.seq_len, c.train.batch_size = 32, 8
+  return c
+
+
+def cli(*args):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run([sys.executable, "-m", "mmfree_jax.aot", *args], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+  return out.returncode, out.stdout, out.stderr
+
+
+@pytest.mark.parametrize("name,topo,chips", [
+    ("v5p-32", "v5p:2x2x4", 16), ("v5p-8", "v5p:2x2x1", 4), ("v4-64", "v4:2x4x4", 32),
+    ("v4-128", "v4:4x4x4", 64), ("v5e-16", "v5e:4x4", 16), ("v5litepod-8", "v5e:2x4", 8),
+    ("v5e-1", "v5e:1x1", 1), ("v6e-256", "v6e:16x16", 256), ("v5e:4x8", "v5e:4x8", 32),
+    ("v5p:2x2x2", "v5p:2x2x2", 8),
+])
+def test_topology_names(name, topo, chips):
+  t = aot.parse_topology(name)
+  assert (t.name, t.chips) == (topo, chips)
+
+
+@pytest.mark.parametrize("name", ["v5p-33", "h100-8", "v5e:4x4x4", "v5p:4x4", "v4-2"])
+def test_bad_topology_names(name):
+  with pytest.raises(ConfigError):
+    aot.parse_topology(name)
+
+
+def test_optimizer_moments_are_sharded_like_params():
+  c = small()
+  c.mesh.data, c.mesh.fsdp = 2, 4
+  mesh = aot.multihost.make_mesh(c.mesh.to_dict(), jax.devices())
+  tx, _ = make_optimizer(c, 10)
+  state, _ = aot.abstract_train_inputs(c, loop.model_config(c), tx, mesh)
+  k = state.params["layers"]["mlp"]["gate_proj"]["kernel"].sharding
+  mu = state.opt_state[1].mu["layers"]["mlp"]["gate_proj"]["kernel"].sharding
+  assert k.spec == mu.spec and "fsdp" in str(k.spec)
+  assert state.opt_state[1].count.sharding.spec == jax.sharding.PartitionSpec()
+
+
+def test_gpu_target_absurd_config_does_not_fit():
+  big = small(d_model=16384, n_layers=1)  # 4.3B params on one card
+  r = aot.check(big, jax.devices()[:1], aot.GPUS["l4"].hbm_gib * aot.GIB)
+  assert not r.fits and r.total > 22 * aot.GIB  # 3 x 4 bytes x 8.4B params alone
+  text = aot.format_report(big, "l4 x 1", aot.GPUS["l4"], 1, r, 0.4)
+  assert text.splitlines()[-1].startswith("DOES NOT FIT: ") and "of 22.00 GiB" in text
+
+
+def test_cli_gpu_target():
+  rc, out, err = cli(*TINY, "--target=h200", "--devices=4")
+  assert rc == 0, err
+  assert "h200 x 4 (estimated on CPU)" in out and "(0.9 of 139.8 GiB)" in out
+  assert "mesh data=4 fsdp=1 tensor=1" in out and out.splitlines()[-1].startswith("FITS: ")
+  mem = out.split("per-device memory (GiB): ")[1].splitlines()[0]
+  assert float(mem.split("total ")[1]) > 0
+
+
+def test_cli_bad_input_is_one_line_exit_2():
+  rc, out, err = cli(*TINY, "--topology=v9-8")
+  assert rc == 2 and not out and err.startswith("error: ") and "not a TPU topology" in err, err
+  assert err.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"topology": "v5e-4", "target": "h200"}, "exactly one of"),
+    ({}, "exactly one of"),
+    ({"target": "h200"}, "--devices=N"),
+    ({"target": "k80", "devices": 1}, "unknown"),
+    ({"target": "h200", "devices": 1, "mem_fraction": 1.5}, "mem_fraction"),
+    ({"topology": "v5e-4", "num_slices": 0}, "num_slices"),
+    ({"target": "h200", "devices": 64}, "only 8 CPU devices"),
+])
+def test_target_errors(kw, match):
+  with pytest.raises(ConfigError, match=match):
+    aot.resolve_target(**kw)
+
+
+@needs_libtpu
+def test_tpu_fit_and_multislice_data_axis():
+  topo = aot.parse_topology("v5e-4")
+  r = aot.check(small(), aot.tpu_devices(topo), topo.chip.hbm_gib * aot.GIB)
+  assert r.fits and r.mesh == {"data": 4, "fsdp": 1, "tensor": 1} and r.memory["peak"] > 0
+  c = small()
+  c.mesh.data, c.mesh.fsdp = -1, 2
+  devices = aot.tpu_devices(topo, num_slices=2)
+  mesh = aot.multihost.make_mesh(c.mesh.to_dict(), devices)
+  assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+  slices = [{d.slice_index for d in row.flat} for row in mesh.devices]
+  assert slices == [{0}, {0}, {1}, {1}]  # data spans the slices; fsdp stays inside one
+  assert aot.check(c, devices, topo.chip.hbm_gib * aot.GIB).fits
+
+
+@needs_libtpu
+def test_tpu_cli_does_not_fit_is_one_clear_line():
+  rc, out, err = cli(*HUGE, "--topology=v5e-1")
+  assert rc == 1, err
+  last = out.splitlines()[-1]
+  assert last.startswith("DOES NOT FIT: the step needs ") and "15.75 GiB of HBM" in last, out
+  assert "RESOURCE_EXHAUSTED" in last and "Traceback" not in err
