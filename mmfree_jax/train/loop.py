@@ -305,6 +305,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[s
       writer.close()
       preempt.restore()
 
+    if not last_eval:  # nothing left to train (e.g. rerun of a finished run): still evaluate
+      last_eval = evaluate(eval_fn, state.params, info, config, batch_sh, per_proc_batch)
     summary = {
         "steps": total, "final_loss": None, **last_eval,
         "unigram_entropy": stats.get("unigram_entropy"),
