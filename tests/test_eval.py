@@ -229,3 +229,7 @@ def test_register_with_lm_eval_api(monkeypatch):
   assert lm._rank == 0 and lm.scorer.max_length == 64
   (ll, _), = lm.loglikelihood([SimpleNamespace(args=("ab ", "c"))])
   assert ll == pytest.approx(_brute_ll([1] + TOK.encode("ab"), TOK.encode(" c")), rel=1e-5)
+  # The harness passes --batch_size/--device again next to model_args: model_args win.
+  lm2 = cls.create_from_arg_obj({"cfg": CFG, "params": PARAMS, "tokenizer": TOK, "batch_size": 4},
+                                {"batch_size": 1, "max_batch_size": None, "device": "cpu"})
+  assert lm2.scorer.batch_size == 4

@@ -87,6 +87,17 @@ def register():
       LM.__init__(self)
       MMFreeJaxLM.__init__(self, **kw)
 
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict, additional_config=None):
+      # The harness passes --batch_size/--device again in additional_config; model_args win.
+      extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+      return cls(**{**extra, **arg_dict})
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string, additional_config=None):
+      from lm_eval.utils import simple_parse_args_string  # pylint: disable=import-outside-toplevel
+      return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
   return LmEvalMMFreeJax
 
 
