@@ -31,6 +31,7 @@ import ml_collections
 from ml_collections import config_flags
 import optax
 
+from mmfree_jax import cli
 from mmfree_jax import multihost
 from mmfree_jax import sharding
 from mmfree_jax.config import ConfigError, ModelConfig
@@ -328,19 +329,20 @@ def main(argv):
     sys.exit(2)
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+  config = cli.load_config(_CONFIG)
   if _TARGET.value != "local":
     jax.config.update("jax_platforms", "cpu")  # TPU / GPU targets compile from this host
   try:
     name, chip, devices, hbm, frac = resolve_target(
         _TOPOLOGY.value, _NUM_SLICES.value, _TARGET.value, _DEVICES.value, _HBM.value,
         _MEM_FRACTION.value)
-    report = check(_CONFIG.value, devices, hbm)
+    report = check(config, devices, hbm)
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  print(format_report(_CONFIG.value, name, chip, len(devices), report, _MFU.value, frac))
+  print(format_report(config, name, chip, len(devices), report, _MFU.value, frac))
   sys.exit(0 if report.fits else 1)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -13,3 +13,35 @@ def run(main: Callable[[], int | None]):
   except (ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
+
+
+def one_line(e: BaseException) -> str:
+  """An exception's message on one line (unescaping the repr-in-str that some libraries raise)."""
+  msg = str(e)
+  if len(msg) > 1 and msg[0] == msg[-1] and msg[0] in "'\"":
+    msg = msg[1:-1].encode("latin-1", "backslashreplace").decode("unicode_escape")
+  return " ".join(msg.split())
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl `flags_parser` for `app.run`: a bad flag or config override -> one line, exit 2."""
+  from absl import flags  # noqa: PLC0415
+
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # noqa: BLE001 - flags, config files and overrides all raise here
+    print(f"error: {one_line(e)}", file=sys.stderr)
+    sys.exit(2)
+
+
+def load_config(holder):
+  """The value of an ml_collections config flag; a config file that fails to load (they load
+  lazily, after flag parsing) -> one line, exit 2."""
+  try:
+    config = holder.value
+    config.get("model")
+  except OSError as e:
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    print(f"error: cannot load --config: {lines[-1] if lines else e}", file=sys.stderr)
+    sys.exit(2)
+  return config

@@ -251,13 +251,20 @@ def test_bad_config_errors(data_dir, tmp_path, override, match):
     loop.run(c, str(tmp_path / "bad"))
 
 
-def test_cli_bad_config_is_one_line_and_nonzero(data_dir, tmp_path):
-  args, env = _cli(str(tmp_path / "bad"), data_dir, 5, ["--config.model.arch=rwkv"])
+@pytest.mark.parametrize("flag,match", [
+    ("--config.model.arch=rwkv", "model.arch='rwkv' is unknown"),
+    ("--config.model.d_modle=3", 'Did you mean "d_model"'),
+    ("--config=experiments/nope.py", "No such file or directory: 'experiments/nope.py'"),
+    ("--config.train.steps=abc", "--config.train.steps=abc"),
+])
+def test_cli_bad_input_is_one_line_and_nonzero(data_dir, tmp_path, flag, match):
+  args, env = _cli(str(tmp_path / "bad"), data_dir, 5, [flag])
   out = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True)
   assert out.returncode == 2
   err = [l for l in out.stderr.splitlines() if l.startswith("error:")]
-  assert len(err) == 1 and "model.arch='rwkv' is unknown" in err[0]
+  assert len(err) == 1 and match in err[0], out.stderr[-2000:]
   assert "Traceback" not in out.stderr
+  assert not os.path.exists(tmp_path / "bad" / "checkpoints")
 
 
 def test_tiny_model_learns_below_unigram_entropy(data_dir, tmp_path):

@@ -12,6 +12,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mmfree_jax import cli
 from mmfree_jax.config import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/tiny.py", "Experiment config file.")
@@ -28,8 +29,9 @@ def main(argv):
   from mmfree_jax.interop import checkpoint  # noqa: PLC0415
   from mmfree_jax.train import loop  # noqa: PLC0415
   workdir = os.path.abspath(_WORKDIR.value)
+  config = cli.load_config(_CONFIG)
   try:
-    out = loop.run(_CONFIG.value, workdir)
+    out = loop.run(config, workdir)
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -41,9 +43,9 @@ def main(argv):
   s = out["summary"]
   model_dir = os.path.join(workdir, "model")
   checkpoint.save_model(model_dir, out["cfg"], out["state"].params)
-  n = _CONFIG.value.train.sample_tokens
+  n = config.train.sample_tokens
   if n > 0:
-    tok = load_tokenizer(_CONFIG.value.data.tokenizer or None)
+    tok = load_tokenizer(config.data.tokenizer or None)
     prompt = "ROMEO:"
     gen = generate(out["cfg"], out["state"].params, [[tok.bos_id, *tok.encode(prompt)]], n,
                    eos_id=tok.eos_id)
@@ -59,4 +61,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)
