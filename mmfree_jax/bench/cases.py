@@ -7,7 +7,6 @@ report the median of repeated runs. Synthetic random tokens: no data stack invol
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import statistics
@@ -101,18 +100,14 @@ def _train_setup(arch: str, size: str, batch: int, remat: str, seq_len: int, sca
   """Compiled train step, a donated state and two random batches."""
   from experiments import base  # noqa: PLC0415 (ml_collections only needed here)
   from mmfree_jax.train.optim import make_optimizer  # noqa: PLC0415
-  from mmfree_jax.train.step import TrainState, make_train_step  # noqa: PLC0415
+  from mmfree_jax.train.step import init_state, make_train_step  # noqa: PLC0415
 
   cfg = preset(size, arch, remat=remat, scan_impl=scan_impl, attention_impl=attention_impl,
                **model_kw)
   tx, sched = make_optimizer(base.get_config(), 1000)
   mesh = sharding.make_mesh({"data": -1})
   with jax.set_mesh(mesh):
-    boxed = jax.eval_shape(functools.partial(init_params, cfg), jax.random.key(0))
-    psh = sharding.logical_shardings(boxed, mesh)
-    params = jax.jit(lambda k: nn.unbox(init_params(cfg, k)), out_shardings=psh)(jax.random.key(0))
-    state = TrainState(jnp.zeros((), jnp.int32), params, jax.jit(tx.init)(params),
-                       jnp.zeros((), jnp.int32))
+    state = init_state(cfg, tx, mesh, 0)
     rng = np.random.default_rng(0)
     batches = [{"inputs": jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, seq_len)), jnp.int32),
                 "targets": jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, seq_len)), jnp.int32),

@@ -81,10 +81,10 @@ def load_point_params(point_dir: str, step: int | None = None):
   """(ModelConfig, params) from a run directory's newest (or given) trainer checkpoint."""
   import orbax.checkpoint as ocp  # noqa: PLC0415
   from mmfree_jax.config import from_dict  # noqa: PLC0415
+  from mmfree_jax.train import checkpoint as ckpt  # noqa: PLC0415
   with open(os.path.join(point_dir, "model_config.json")) as f:
     cfg = from_dict(json.load(f))
-  mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(point_dir, "checkpoints")),
-                               item_names=("state", "data"))
+  mngr = ckpt.make_manager(point_dir, keep=None)
   steps = mngr.all_steps()
   if not steps:
     raise ResultsError(f"no checkpoint in {point_dir}/checkpoints")

@@ -22,7 +22,8 @@ import orbax.checkpoint as ocp
 from mmfree_jax.config import ConfigError
 
 
-def make_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+def make_manager(workdir: str, keep: int | None) -> ocp.CheckpointManager:
+  """The run's checkpoint manager; `keep` = how many to keep (None: all)."""
   path = os.path.abspath(os.path.join(workdir, "checkpoints"))
   opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                       enable_async_checkpointing=True)

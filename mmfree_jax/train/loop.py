@@ -5,7 +5,6 @@ Everything is importable: `run(config, workdir)` trains and returns a summary di
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import signal
@@ -14,9 +13,7 @@ import zlib
 from typing import Any
 
 from absl import logging
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
@@ -32,7 +29,7 @@ from mmfree_jax.scaling import flops as flops_lib
 from mmfree_jax.train import checkpoint as ckpt
 from mmfree_jax.train.metrics import MetricWriter, fmt_duration, read_jsonl
 from mmfree_jax.train.optim import SCHEDULES, make_optimizer
-from mmfree_jax.train.step import TrainState, make_eval_step, make_train_step
+from mmfree_jax.train.step import init_state, make_eval_step, make_train_step
 
 
 class TrainingAborted(RuntimeError):
@@ -138,24 +135,6 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._prev)
 
 
-def maybe_initialize_distributed():
-  """`jax.distributed.initialize()` when launched as one of several processes."""
-  multihost.initialize()
-
-
-def init_state(cfg: ModelConfig, tx, mesh, seed: int) -> TrainState:
-  """Parameters and optimizer state created directly with their shardings."""
-  key = jax.random.key(seed)
-  boxed = jax.eval_shape(functools.partial(init_params, cfg), key)
-  param_sh = sharding.logical_shardings(boxed, mesh)
-  params = jax.jit(lambda k: nn.unbox(init_params(cfg, k)), out_shardings=param_sh)(key)
-  opt_sh = sharding.opt_state_shardings(tx, params, param_sh, mesh)
-  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
-  rep = sharding.replicated(mesh)
-  zero = lambda: jax.device_put(jnp.zeros((), jnp.int32), rep)
-  return TrainState(step=zero(), params=params, opt_state=opt_state, skipped=zero())
-
-
 def evaluate(eval_fn, params, info, config, batch_sh, per_proc_batch: int) -> dict[str, float]:
   it = pipeline.make_eval_iterator(
       info, "validation", per_proc_batch, config.data.seq_len, config.train.eval_batches,
@@ -175,7 +154,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[s
   `devices` (default: all) are arranged into the configured mesh.
   """
   cfg = validate(config)
-  maybe_initialize_distributed()
+  multihost.initialize()  # jax.distributed when launched as one of several processes
   t_cfg = config.train
   mesh = multihost.make_mesh(config.mesh.to_dict(), devices)
   sharding.check_divisible(cfg, mesh, t_cfg.batch_size)
@@ -201,6 +180,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[s
   flops_tok = flops_lib.train_flops_per_token(cfg, config.data.seq_len)
   peak = flops_lib.device_peak_flops(jax.devices()[0].device_kind)
   n_dev = mesh.size
+  tok_step = float(t_cfg.batch_size * config.data.seq_len)
   batch_sh = sharding.batch_sharding(mesh)
 
   with jax.set_mesh(mesh):
@@ -227,7 +207,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[s
 
     pending = None  # (step, metrics, fingerprint) of the previous step, fetched lazily
     interval_t, interval_tok = time.time(), 0.0
-    tokens_seen = float(start * t_cfg.batch_size * config.data.seq_len)
+    tokens_seen = start * tok_step
     bar = tqdm.tqdm(total=total, initial=start, disable=pindex != 0, unit="step",
                     dynamic_ncols=True, mininterval=5.0)
     last_eval: dict[str, float] = {}
@@ -243,8 +223,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[s
           raise TrainingAborted(msg + "; no checkpoint was written after it. Lower "
                                 "optim.peak_lr or set train.on_nonfinite=skip")
         logging.warning("%s (train.on_nonfinite=skip)", msg)
-      tokens_seen += float(t_cfg.batch_size * config.data.seq_len)
-      interval_tok += float(t_cfg.batch_size * config.data.seq_len)
+      tokens_seen += tok_step
+      interval_tok += tok_step
       if step % t_cfg.log_every == 0 or step == total:
         now = time.time()
         tps = interval_tok / max(now - interval_t, 1e-9)
@@ -255,9 +235,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[s
         if peak:
           row["mfu"] = flops_tok * tps / (peak * n_dev)
         writer.write(step, row)
-        eta = (total - step) * t_cfg.batch_size * config.data.seq_len / max(tps, 1e-9)
+        eta = (total - step) * tok_step / max(tps, 1e-9)
         bar.set_postfix_str(f"loss {row['loss']:.3f} | {tps:,.0f} tok/s | eta {fmt_duration(eta)}",
                             refresh=False)
+
+    def drain():
+      """Checks (and logs) the step still in flight before eval / checkpoint / exit."""
+      nonlocal pending
+      if pending is not None:
+        flush(pending)
+        pending = None
 
     try:
       for step in range(start + 1, total + 1):
@@ -266,8 +253,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[s
         batch = next(train_it)
         fp = _fingerprint(batch) if step % t_cfg.log_every == 0 or step == total else None
         state, metrics = step_fn(state, _global_batch(batch, batch_sh))
-        if pending is not None:
-          flush(pending)
+        drain()  # the previous step: its metrics are ready by now
         pending = (step, metrics, fp)
         bar.update(1)
         if prof and step == prof[-1] and pindex == 0:
@@ -275,30 +261,24 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[s
           jax.profiler.stop_trace()
         last = step == total
         if (t_cfg.eval_every and step % t_cfg.eval_every == 0) or last:
-          flush(pending)
-          pending = None
+          drain()
           last_eval = evaluate(eval_fn, state.params, info, config, batch_sh, per_proc_batch)
           writer.write(step, last_eval)
           bar.write(f"step {step}: held-out loss {last_eval['eval_loss']:.4f} "
                     f"(ppl {last_eval['eval_ppl']:.1f}; unigram entropy "
                     f"{stats.get('unigram_entropy', float('nan')):.3f})")
         if (t_cfg.checkpoint_every and step % t_cfg.checkpoint_every == 0) or last:
-          if pending is not None:
-            flush(pending)  # never checkpoint a state whose last step is unchecked
-            pending = None
+          drain()  # never checkpoint a state whose last step is unchecked
           ckpt.save(mngr, step, state, train_it)
         if preempt.should_stop(step) and not last:
-          if pending is not None:
-            flush(pending)
-            pending = None
+          drain()
           ckpt.save(mngr, step, state, train_it, force=True)
           mngr.wait_until_finished()
           bar.close()
           print(f"preempted (SIGTERM): checkpoint saved at step {step}; rerun the same "
                 "command to resume", flush=True)
           return {"preempted": True, "step": step}
-      if pending is not None:
-        flush(pending)
+      drain()
     finally:
       bar.close()
       mngr.wait_until_finished()

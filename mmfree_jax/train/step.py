@@ -6,6 +6,7 @@ constraints bind to the mesh.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax
@@ -14,8 +15,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mmfree_jax import sharding
 from mmfree_jax.config import ModelConfig
-from mmfree_jax.models import LM
+from mmfree_jax.models import LM, init_params
 from mmfree_jax.sharding import RULES
 
 Batch = dict[str, jax.Array]
@@ -84,6 +86,19 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, grad_acc
     return new_state, metrics
 
   return step
+
+
+def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, seed: int) -> TrainState:
+  """Parameters and optimizer state created directly with their shardings."""
+  key = jax.random.key(seed)
+  boxed = jax.eval_shape(functools.partial(init_params, cfg), key)
+  param_sh = sharding.logical_shardings(boxed, mesh)
+  params = jax.jit(lambda k: nn.unbox(init_params(cfg, k)), out_shardings=param_sh)(key)
+  opt_sh = sharding.opt_state_shardings(tx, params, param_sh, mesh)
+  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+  rep = sharding.replicated(mesh)
+  zero = lambda: jax.device_put(jnp.zeros((), jnp.int32), rep)
+  return TrainState(step=zero(), params=params, opt_state=opt_state, skipped=zero())
 
 
 def make_eval_step(cfg: ModelConfig):
