@@ -18,8 +18,9 @@ def get_config() -> ml_collections.ConfigDict:
       vocab_size=32000,       # must match the tokenizer (Mistral 32k by default)
       gate="code",            # code: RMSNorm(g)*silu(h) (released ckpts) | paper: sigmoid(g)*h
       dtype="bfloat16",       # compute dtype; master weights are always float32
-      scan_impl="associative",  # sequential | associative | chunked (see BENCHMARKS.md)
+      scan_impl="pallas",     # pallas (GPU kernel; associative elsewhere) | associative | chunked | sequential
       scan_chunk=8,
+      bitlinear_impl="pallas",  # pallas (fused norm+int8 kernel on GPU; XLA elsewhere) | xla
       remat="none",           # none | lean | full  (memory-saving modes)
       attention_impl="",      # "" = XLA, "cudnn" = cuDNN flash attention (transformer)
   ))

@@ -8,7 +8,8 @@ from typing import Any, Mapping
 
 ARCHS = ("mmfree", "transformer")
 GATES = ("code", "paper")
-SCAN_IMPLS = ("sequential", "associative", "chunked")
+SCAN_IMPLS = ("sequential", "associative", "chunked", "pallas")
+BITLINEAR_IMPLS = ("xla", "pallas")
 REMAT_POLICIES = ("none", "lean", "full")
 
 
@@ -35,8 +36,11 @@ class ModelConfig:
     bitlinear_eps: eps of each BitLinear's input RMSNorm (the official code uses 1e-8).
     rope_theta: RoPE base (transformer only).
     dtype: compute dtype ("bfloat16" on accelerators, "float32" for exactness tests).
-    scan_impl: recurrence implementation: sequential | associative | chunked.
+    scan_impl: recurrence implementation: sequential | associative | chunked | pallas
+      (Pallas kernels on CUDA GPUs, associative elsewhere).
     scan_chunk: chunk length of the chunked recurrence.
+    bitlinear_impl: "pallas" fuses each BitLinear's input norm + int8 quantization into
+      one kernel on CUDA GPUs (XLA elsewhere); "xla" uses XLA fusions everywhere.
     remat: "none" (keep what autodiff keeps; BitLinear already recomputes its quantized
       input), "lean" (save only matmul outputs and the recurrence output; recompute all
       elementwise work), "full" (save only each block's input: lowest memory).
@@ -56,8 +60,9 @@ class ModelConfig:
   bitlinear_eps: float = 1e-8
   rope_theta: float = 10000.0
   dtype: str = "bfloat16"
-  scan_impl: str = "associative"
+  scan_impl: str = "pallas"
   scan_chunk: int = 8
+  bitlinear_impl: str = "pallas"
   remat: str = "none"
   attention_impl: str | None = None
   init_std: float = 0.02
@@ -67,6 +72,8 @@ class ModelConfig:
     _check(self.gate in GATES, f"model.gate={self.gate!r} is unknown; use one of {GATES}")
     _check(self.scan_impl in SCAN_IMPLS,
            f"model.scan_impl={self.scan_impl!r} is unknown; use one of {SCAN_IMPLS}")
+    _check(self.bitlinear_impl in BITLINEAR_IMPLS,
+           f"model.bitlinear_impl={self.bitlinear_impl!r} is unknown; use one of {BITLINEAR_IMPLS}")
     _check(self.remat in REMAT_POLICIES,
            f"model.remat={self.remat!r} is unknown; use one of {REMAT_POLICIES}")
     _check(self.dtype in ("bfloat16", "float32", "float16"),

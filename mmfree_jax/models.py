@@ -129,7 +129,7 @@ class LM(nn.Module):
     x = RMSNorm(cfg.norm_eps, name="norm")(x)
     if cfg.arch == "mmfree":
       logits = BitLinear(cfg.vocab_size, ("embed", "vocab"), cfg.bitlinear_eps, jnp.dtype(cfg.dtype),
-                         out_dtype=F32, name="lm_head")(x)
+                         out_dtype=F32, impl=cfg.bitlinear_impl, name="lm_head")(x)
     else:
       logits = nn.DenseGeneral(cfg.vocab_size, use_bias=False, dtype=jnp.dtype(cfg.dtype),
                                param_dtype=F32, name="lm_head", kernel_init=nn.with_logical_partitioning(

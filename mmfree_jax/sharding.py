@@ -97,3 +97,29 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def per_batch_shard(fn, batch: int, replicated_args: tuple[int, ...] = ()):
+  """`fn` run on each device's own batch rows, for custom kernels XLA cannot partition.
+
+  Every argument (except those in `replicated_args`) and every result must have the
+  batch as its leading dimension. With no mesh in context, or a one-device mesh, `fn`
+  itself; under a (data, fsdp) mesh, `fn` inside `jax.shard_map` over those axes.
+  None when that is not possible (a tensor axis > 1, or a batch the mesh does not
+  divide): the caller then uses its XLA formulation.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return fn
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  if set(sizes) - set(MESH_AXES) or sizes.get("tensor", 1) != 1:
+    return None
+  axes = tuple(a for a in ("data", "fsdp") if sizes.get(a, 1) > 1)
+  if batch % int(np.prod([sizes[a] for a in axes])):
+    return None
+
+  def run(*args):
+    in_specs = tuple(P() if i in replicated_args else P(axes) for i in range(len(args)))
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=P(axes),
+                         check_vma=False)(*args)
+  return run

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from mmfree_jax.layers import bitlinear as bl
+from mmfree_jax.layers import bitlinear_pallas
 
 
 def test_activation_quant_ties_away_from_zero_and_zero_rows():
@@ -91,3 +92,45 @@ def test_lean_saves_only_the_input():
   lean, naive = saved_bytes(bl.bitlinear), saved_bytes(bl.bitlinear_naive)
   assert lean <= x.nbytes + norm_w.nbytes + w.nbytes
   assert naive > lean
+
+
+@pytest.mark.parametrize("fn", [bl.bitlinear, bl.bitlinear_naive])
+def test_split_outputs_equal_slices_with_the_same_gradients(fn):
+  """splits=2: the two halves of the one-matmul output; gradients as for the whole."""
+  x, norm_w, w, c = _inputs()
+  whole = lambda x, nw, w: fn(x, nw, w, 1e-8, jnp.float32, jnp.float32)
+  halves = lambda x, nw, w: fn(x, nw, w, 1e-8, jnp.float32, jnp.float32, "xla", 2)
+  out, vjp_whole = jax.vjp(whole, x, norm_w, w)
+  (a, b), vjp_halves = jax.vjp(halves, x, norm_w, w)
+  np.testing.assert_array_equal(jnp.concatenate([a, b], -1), out)
+  for g1, g2 in zip(vjp_whole(c), vjp_halves(tuple(jnp.split(c, 2, axis=-1)))):
+    np.testing.assert_allclose(g1, g2, rtol=1e-6, atol=1e-7 * np.abs(g1).max())
+
+
+@pytest.mark.parametrize("k", [64, 96])
+def test_pallas_prologue_matches_xla(k):
+  """The fused norm + int8 kernel (interpret mode on CPU) gives the XLA codes and scales."""
+  x, norm_w, _, _ = _inputs(k=k, shape=(7,))
+  x = x.astype(jnp.bfloat16)
+  q, s, rstd = bitlinear_pallas.activation_codes(x, norm_w, 1e-8, jnp.bfloat16, interpret=True)
+  q_ref, s_ref, rstd_ref = bl._xla_codes(x, norm_w, 1e-8, jnp.bfloat16)
+  assert q.dtype == jnp.bfloat16 and q.shape == x.shape
+  np.testing.assert_array_equal(q, q_ref)
+  np.testing.assert_allclose(s, s_ref, rtol=1e-6)
+  np.testing.assert_allclose(rstd, rstd_ref, rtol=1e-6)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="Pallas GPU kernel needs a GPU")
+def test_pallas_bitlinear_on_gpu_matches_xla():
+  """On the GPU: same outputs and gradients as the XLA path (codes may differ by one step
+  where float32 summation order moves an activation across a rounding boundary)."""
+  x, norm_w, w, c = _inputs(k=2816, n=256, shape=(4, 64))
+  runs = {}
+  for impl in ("xla", "pallas"):
+    f = jax.jit(lambda x, nw, w: bl.bitlinear(x, nw, w, 1e-8, jnp.float32, jnp.float32, impl))
+    if impl == "pallas":
+      assert "bitlinear_act_codes" in f.lower(x, norm_w, w).as_text()
+    out, vjp = jax.vjp(f, x, norm_w, w)
+    runs[impl] = (out,) + vjp(c)
+  for a, b in zip(runs["pallas"], runs["xla"]):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * np.abs(b).max())

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mmfree_jax.layers import scan_pallas
 from mmfree_jax.layers.scan import IMPLS, linear_recurrence
 
 
@@ -69,3 +70,63 @@ def test_recurrence_matches_numpy(impl, with_h0, with_resets):
 def test_unknown_impl_is_a_clear_error():
   with pytest.raises(ValueError, match="unknown recurrence impl"):
     linear_recurrence(jnp.ones((1, 2, 1)), jnp.ones((1, 2, 1)), impl="fast")
+
+
+@pytest.mark.parametrize("block_d,tile_t", [(32, 8), (64, 64)])
+def test_pallas_kernels_match_numpy(block_d, tile_t):
+  """The Pallas kernels (interpret mode on CPU): h, last state, df, dx, dh0 incl. dlast."""
+  b, t, d = 2, 37, 64
+  rng = np.random.default_rng(1)
+  f = rng.uniform(0.5, 1.0, (b, t, d)).astype(np.float32)
+  x = rng.normal(size=(b, t, d)).astype(np.float32)
+  h0 = rng.normal(size=(b, d)).astype(np.float32)
+  dh = rng.normal(size=(b, t, d)).astype(np.float32)
+  dlast = rng.normal(size=(b, d)).astype(np.float32)
+  kw = {"block_d": block_d, "tile_t": tile_t, "interpret": True}
+  h, last = scan_pallas.forward(f, x, h0, **kw)
+  want = np_recurrence(f.astype(np.float64), x.astype(np.float64), h0.astype(np.float64), None)
+  np.testing.assert_allclose(h, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(last, want[:, -1], rtol=1e-5, atol=1e-5)
+  df, dx, dh0 = scan_pallas.backward(f, h, dh, h0, dlast, **kw)
+  dh_total = dh.astype(np.float64)
+  dh_total[:, -1] += dlast
+  wdf, wdx, wdh0 = np_recurrence_grads(f.astype(np.float64), x.astype(np.float64),
+                                       h0.astype(np.float64), None, dh_total)
+  for got, exp in ((df, wdf), (dx, wdx), (dh0, wdh0)):
+    np.testing.assert_allclose(got, exp, rtol=1e-4, atol=1e-4)
+
+
+def test_pallas_block_choice():
+  assert scan_pallas.block_d_for(8, 1024) == 32 and scan_pallas.block_d_for(16, 2048) == 64
+  assert scan_pallas.block_d_for(64, 96) == 32 and scan_pallas.block_d_for(1, 48) == 16
+  assert scan_pallas.block_d_for(2, 5) is None  # falls back to the associative scan
+
+
+def test_pallas_impl_falls_back_off_gpu():
+  if jax.default_backend() == "gpu":
+    pytest.skip("the fallback is what runs off GPU")
+  rng = np.random.default_rng(2)
+  f = jnp.asarray(rng.uniform(0.5, 1.0, (2, 19, 64)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(2, 19, 64)), jnp.float32)
+  run = lambda impl: jax.value_and_grad(
+      lambda f, x: jnp.sum(linear_recurrence(f, x, impl=impl)[0] ** 2), (0, 1))(f, x)
+  for a, b in zip(jax.tree.leaves(run("pallas")), jax.tree.leaves(run("associative"))):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="Pallas GPU kernels need a GPU")
+def test_pallas_on_gpu_matches_numpy():
+  b, t, d = 3, 301, 128
+  rng = np.random.default_rng(3)
+  f = rng.uniform(0.5, 1.0, (b, t, d)).astype(np.float32)
+  x = rng.normal(size=(b, t, d)).astype(np.float32)
+  h0 = rng.normal(size=(b, d)).astype(np.float32)
+  resets = rng.uniform(size=(b, t)) < 0.05
+  resets[:, 0] = False
+  dh = rng.normal(size=(b, t, d)).astype(np.float32)
+  fn = jax.jit(lambda f, x, h0: linear_recurrence(f, x, h0, jnp.asarray(resets), "pallas")[0])
+  assert "mlgru_scan_fwd" in fn.lower(f, x, h0).as_text()
+  h, vjp = jax.vjp(fn, f, x, h0)
+  np.testing.assert_allclose(h, np_recurrence(f, x, h0, resets), rtol=1e-5, atol=1e-5)
+  for got, exp in zip(vjp(jnp.asarray(dh)), np_recurrence_grads(f, x, h0, resets, dh)):
+    np.testing.assert_allclose(got, exp, rtol=1e-4, atol=1e-4)

@@ -15,7 +15,8 @@ import sys
 from absl import app, flags
 
 _SUITE = flags.DEFINE_enum("suite", "gpu", ["gpu", "quick"], "Which case list to run.")
-_ONLY = flags.DEFINE_list("only", [], "Case kinds to run (bitlinear, recurrence, train).")
+_ONLY = flags.DEFINE_list("only", [], "Case kinds to run (bitlinear, recurrence, train, decode, "
+                                      "profile).")
 _FILTER = flags.DEFINE_string("filter", "", "Run only cases whose JSON spec contains this substring.")
 _OUT = flags.DEFINE_string("out", "", "Directory for bench.json / bench.md.")
 _ONE = flags.DEFINE_string("one", "", "Internal: run one case given as JSON, print JSON.")
@@ -27,26 +28,30 @@ def suite(name: str) -> list[dict]:
     return ([{"kind": "bitlinear", "variant": v, "d": 128, "tokens": 256, "iters": 3}
              for v in ("lean", "naive")]
             + [{"kind": "recurrence", "impl": i, "b": 2, "t": 64, "d": 32, "iters": 3}
-               for i in ("sequential", "associative", "chunked")]
+               for i in ("sequential", "associative", "chunked", "pallas")]
             + [{"kind": "train", "arch": a, "size": "micro", "batch": 2, "seq_len": 32,
                 "remat": r, "iters": 2, "dtype": "float32"}
                for a in ("mmfree", "transformer") for r in ("lean", "full")]
             + [{"kind": "decode", "arch": a, "size": "micro", "batch": 2, "prompt": 16, "new": 16,
                 "iters": 1} for a in ("mmfree", "transformer")])
-  cases = [{"kind": "bitlinear", "variant": v} for v in ("lean", "naive")]
+  cases = [{"kind": "bitlinear", "variant": v, "d": d, "impl": i}
+           for d in (1024, 2048) for v, i in (("lean", "pallas"), ("lean", "xla"), ("naive", "xla"))]
   for shape in ((8, 2048, 1024), (16, 2048, 2048)):
-    cases.append({"kind": "recurrence", "impl": "associative", "b": shape[0], "t": shape[1],
-                  "d": shape[2]})
-    for chunk in (8, 16, 32):
+    for impl in ("pallas", "associative"):
+      cases.append({"kind": "recurrence", "impl": impl, "b": shape[0], "t": shape[1],
+                    "d": shape[2]})
+    for chunk in (8, 16):
       cases.append({"kind": "recurrence", "impl": "chunked", "chunk": chunk, "b": shape[0],
                     "t": shape[1], "d": shape[2]})
   cases.append({"kind": "recurrence", "impl": "sequential", "b": 8, "t": 2048, "d": 1024, "iters": 3})
+  xla = {"scan_impl": "associative", "bitlinear_impl": "xla"}  # the pure-XLA model, for reference
+  cases.append({"kind": "train", "arch": "mmfree", "size": "370M", "batch": 8, "remat": "lean", **xla})
   for size in ("370M", "1.3B"):
     for batch in (8, 16):
-      for remat in ("lean", "none"):
-        cases.append({"kind": "train", "arch": "mmfree", "size": size, "batch": batch,
-                      "remat": remat})
+      cases.append({"kind": "train", "arch": "mmfree", "size": size, "batch": batch, "remat": "lean"})
     cases.append({"kind": "train", "arch": "mmfree", "size": size, "batch": 16, "remat": "full"})
+    if size == "370M":  # at 1.3B, keeping everything does not fit
+      cases.append({"kind": "train", "arch": "mmfree", "size": size, "batch": 16, "remat": "none"})
     for batch in (8, 16):
       cases.append({"kind": "train", "arch": "transformer", "size": size, "batch": batch,
                     "attention_impl": "cudnn"})

@@ -7,8 +7,11 @@ report the median of repeated runs. Synthetic random tokens: no data stack invol
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
+import os
+import re
 import statistics
 import time
 from typing import Any, Callable
@@ -52,7 +55,8 @@ def peak_gib() -> float | None:
   return None if peak is None else peak / 2**30
 
 
-def bitlinear_case(variant: str, d: int = 2048, tokens: int = 16384, iters: int = 20) -> dict:
+def bitlinear_case(variant: str, d: int = 2048, tokens: int = 16384, iters: int = 20,
+                   impl: str = "xla") -> dict:
   """Forward+backward of one BitLinear d -> d on `tokens` bf16 tokens."""
   fn = {"lean": bl.bitlinear, "naive": bl.bitlinear_naive}[variant]
   k = jax.random.split(jax.random.key(0), 4)
@@ -60,50 +64,69 @@ def bitlinear_case(variant: str, d: int = 2048, tokens: int = 16384, iters: int 
   nw = jnp.ones((d,), jnp.float32)
   w = jax.random.normal(k[1], (d, d), jnp.float32) * 0.02
   g = jax.random.normal(k[2], (tokens, d), jnp.bfloat16)
-  f = lambda x, nw, w: fn(x, nw, w, 1e-8, jnp.bfloat16)
+  f = lambda x, nw, w: fn(x, nw, w, 1e-8, jnp.bfloat16, None, impl)
   step = jax.jit(lambda x, nw, w, g: jax.vjp(f, x, nw, w)[1](g))
   saved = jax.jit(lambda x, nw, w: jax.tree.leaves(jax.vjp(f, x, nw, w)[1]))(x, nw, w)
   saved_b = sum(a.nbytes for a in saved if hasattr(a, "nbytes"))
   del saved
   mem = step.lower(x, nw, w, g).compile().memory_analysis()
   t = median_time(lambda: step(x, nw, w, g), iters)
-  return {"case": f"bitlinear-{variant}", "ms": t * 1e3, "saved_MiB": saved_b / 2**20,
+  return {"case": f"bitlinear-{variant}-{impl}", "ms": t * 1e3, "saved_MiB": saved_b / 2**20,
           "temp_MiB": getattr(mem, "temp_size_in_bytes", 0) / 2**20, "peak_GiB": peak_gib()}
 
 
-def recurrence_case(impl: str, b: int, t: int, d: int, chunk: int = 16, iters: int = 20) -> dict:
+def recurrence_case(impl: str, b: int, t: int, d: int, chunk: int = 16, iters: int = 20,
+                    kernel: dict | None = None) -> dict:
   """Forward and forward+backward of the recurrence; bf16 in/out, float32 carry.
 
   HBM floor (fewest bytes, bf16): forward reads f, x and writes h (3 tensors); the
   backward likewise reads f, dh and writes dx (3 more); df = dx * h_prev is counted
-  as fused into the consumer.
+  as fused into the consumer. `kernel` (impl "pallas" only) passes block_d / tile_t /
+  num_warps to the raw kernels. `max_err` compares h and both gradients with the
+  float32 sequential reference (relative to their largest magnitude).
   """
   k = jax.random.split(jax.random.key(1), 3)
   f = jax.nn.sigmoid(jax.random.normal(k[0], (b, t, d))).astype(jnp.bfloat16)
   x = jax.random.normal(k[1], (b, t, d), jnp.bfloat16)
   dh = jax.random.normal(k[2], (b, t, d), jnp.bfloat16)
-  run = lambda f, x: linear_recurrence(f, x, impl=impl, chunk=chunk)[0]
+  if kernel:
+    from mmfree_jax.layers import scan_pallas  # noqa: PLC0415
+    h0 = jnp.zeros((b, d), jnp.float32)
+    run = lambda f, x: scan_pallas.forward(f, x, h0, **kernel)[0]
+
+    def vjp(f, x, dh):
+      h = scan_pallas.forward(f, x, h0, **kernel)[0]
+      return scan_pallas.backward(f, h, dh, h0, jnp.zeros_like(h0), **kernel)[:2]
+  else:
+    run = lambda f, x: linear_recurrence(f, x, impl=impl, chunk=chunk)[0]
+    vjp = lambda f, x, dh: jax.vjp(run, f, x)[1](dh)
   fwd = jax.jit(run)
-  fwdbwd = jax.jit(lambda f, x, dh: jax.vjp(run, f, x)[1](dh))
+  fwdbwd = jax.jit(vjp)
   t_f = median_time(lambda: fwd(f, x), iters)
   t_fb = median_time(lambda: fwdbwd(f, x, dh), iters)
+  ref = lambda f, x: linear_recurrence(f.astype(jnp.float32), x.astype(jnp.float32),
+                                       impl="sequential")[0]
+  got = (fwd(f, x),) + tuple(fwdbwd(f, x, dh))
+  want = (ref(f, x),) + tuple(jax.vjp(ref, f, x)[1](dh.astype(jnp.float32)))
+  err = max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - w)) / jnp.max(jnp.abs(w)))
+            for g, w in zip(got, want))
   n = b * t * d * 2
   floor_f, floor_fb = 3 * n / HBM_BW, 6 * n / HBM_BW
   name = f"{impl}{chunk}" if impl == "chunked" else impl
+  name += "".join(f"-{key}{v}" for key, v in (kernel or {}).items())
   return {"case": f"scan-{name}-{b}x{t}x{d}", "fwd_ms": t_f * 1e3, "fwdbwd_ms": t_fb * 1e3,
           "floor_fwd_ms": floor_f * 1e3, "floor_fwdbwd_ms": floor_fb * 1e3,
-          "fwd_hbm_frac": floor_f / t_f, "fwdbwd_hbm_frac": floor_fb / t_fb}
+          "fwd_hbm_frac": floor_f / t_f, "fwdbwd_hbm_frac": floor_fb / t_fb, "max_err": err}
 
 
-def _train_setup(arch: str, size: str, batch: int, remat: str, seq_len: int, scan_impl: str,
+def _train_setup(arch: str, size: str, batch: int, remat: str, seq_len: int,
                  attention_impl: str | None, **model_kw):
   """Compiled train step, a donated state and two random batches."""
   from experiments import base  # noqa: PLC0415 (ml_collections only needed here)
   from mmfree_jax.train.optim import make_optimizer  # noqa: PLC0415
   from mmfree_jax.train.step import init_state, make_train_step  # noqa: PLC0415
 
-  cfg = preset(size, arch, remat=remat, scan_impl=scan_impl, attention_impl=attention_impl,
-               **model_kw)
+  cfg = preset(size, arch, remat=remat, attention_impl=attention_impl, **model_kw)
   tx, sched = make_optimizer(base.get_config(), 1000)
   mesh = sharding.make_mesh({"data": -1})
   with jax.set_mesh(mesh):
@@ -120,15 +143,14 @@ def _train_setup(arch: str, size: str, batch: int, remat: str, seq_len: int, sca
   def one():
     holder[0], m = compiled(holder[0], batches[next(calls) % 2])
     return m["loss"]
-  return cfg, one, time.perf_counter() - t0
+  return cfg, one, time.perf_counter() - t0, compiled
 
 
 def train_case(arch: str, size: str, batch: int, remat: str = "lean", seq_len: int = 2048,
-               iters: int = 10, scan_impl: str = "associative", attention_impl: str | None = None,
-               **model_kw) -> dict:
+               iters: int = 10, attention_impl: str | None = None, **model_kw) -> dict:
   """Full train step (AdamW, clip, bf16 compute, float32 master weights) on random tokens."""
-  cfg, one, compile_s = _train_setup(arch, size, batch, remat, seq_len, scan_impl, attention_impl,
-                                     **model_kw)
+  cfg, one, compile_s, _ = _train_setup(arch, size, batch, remat, seq_len, attention_impl,
+                                        **model_kw)
   t = median_time(one, iters)
   tps = batch * seq_len / t
   fl = flops_lib.train_flops_per_token(cfg, seq_len) * tps
@@ -144,12 +166,67 @@ def train_case(arch: str, size: str, batch: int, remat: str = "lean", seq_len: i
   return row
 
 
+def _short_op_name(name: str) -> str:
+  """`jit(step)/transpose(jvp(LM))/while/body/closed_call/layers/attn/f_proj/mul` ->
+  `bwd:layers/attn/f_proj/mul`."""
+  bwd = "transpose(" in name
+  parts = [p for p in name.split("/") if not (p.startswith(("jit(", "jvp(", "transpose(", "checkpoint",
+                                                           "remat", "rematted_computation"))
+                                              or p in ("while", "body", "closed_call", "cond"))]
+  return ("bwd:" if bwd else "fwd:") + "/".join(parts)
+
+
+def hlo_sources(hlo_text: str) -> dict[str, dict]:
+  """Per HLO instruction (name normalised to `[A-Za-z0-9_]`): its opcode, shape and the
+  JAX op names (module path + primitive, by count) of everything it runs — a fusion's
+  names are those of the instructions inside its fused computation. `transpose(...)`
+  in a name marks backward-pass work."""
+  norm = lambda n: re.sub(r"[^A-Za-z0-9_]", "_", n)
+  comp_lines: dict[str, collections.Counter] = {}
+  insts: dict[str, dict] = {}
+  comp = None
+  for line in hlo_text.splitlines():
+    head = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+    if head and not line.startswith(" "):
+      comp = head.group(1)
+      comp_lines[comp] = collections.Counter()
+      continue
+    m = re.match(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([\w\-]+)\(", line)
+    if not m or comp is None:
+      continue
+    name, shape, op = m.groups()
+    src = re.search(r'op_name="([^"]*)"', line)
+    where = _short_op_name(src.group(1)) if src else None
+    if where and not where.endswith(":"):
+      comp_lines[comp][where] += 1
+    calls = re.search(r"calls=%?([\w.\-]+)", line)
+    insts[norm(name)] = {"op": op, "shape": shape[:40], "where": where,
+                         "calls": calls.group(1) if calls else None}
+  for inst in insts.values():
+    lines = comp_lines.get(inst.pop("calls") or "", collections.Counter())
+    if inst["where"]:
+      lines[inst["where"]] += 0
+    inst["lines"] = [w for w, _ in lines.most_common(4)] or ([inst["where"]] if inst["where"] else [])
+  return insts
+
+
 def profile_case(arch: str, size: str, batch: int, remat: str = "lean", seq_len: int = 2048,
                  out_dir: str = "/tmp/profile", top: int = 40, **model_kw) -> dict:
-  """Traces 3 train steps and aggregates device kernel time by name (perfetto JSON)."""
+  """Traces 3 train steps; device kernel time per step, by kernel and by model module.
+
+  Kernels are matched to HLO instructions of the compiled step, and each instruction to
+  the JAX op names it was traced from (`hlo_sources`), so the table says which model
+  code (forward or backward) the time goes to. Writes the optimised HLO and
+  `kernels.json` next to the trace.
+  """
   import glob  # noqa: PLC0415
   import gzip  # noqa: PLC0415
-  _, one, _ = _train_setup(arch, size, batch, remat, seq_len, "associative", None, **model_kw)
+  _, one, _, compiled = _train_setup(arch, size, batch, remat, seq_len, None, **model_kw)
+  hlo = compiled.as_text()
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "step.hlo.txt"), "w") as f:
+    f.write(hlo)
+  sources = hlo_sources(hlo)
   for _ in range(2):
     jax.block_until_ready(one())
   with jax.profiler.trace(out_dir, create_perfetto_trace=True):
@@ -161,14 +238,34 @@ def profile_case(arch: str, size: str, batch: int, remat: str = "lean", seq_len:
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
   pids = {e["pid"]: e.get("args", {}).get("name", "") for e in events
           if e.get("ph") == "M" and e.get("name") == "process_name"}
-  totals: dict[str, float] = {}
+  kernels: dict[str, dict] = {}
+  by_module: dict[str, float] = collections.defaultdict(float)
   for e in events:
-    if e.get("ph") == "X" and "GPU" in pids.get(e.get("pid"), ""):
-      totals[e["name"]] = totals.get(e["name"], 0.0) + e.get("dur", 0.0) / 3 / 1e3
-  rows = sorted(totals.items(), key=lambda kv: -kv[1])
-  return {"case": f"profile-{arch}-{size}-b{batch}-{remat}",
-          "device_ms_per_step": sum(totals.values()),
-          "top": [(k[:80], round(v, 3)) for k, v in rows[:top]]}
+    if e.get("ph") != "X" or "GPU" not in pids.get(e.get("pid"), ""):
+      continue
+    args = e.get("args", {})
+    op = re.sub(r"[^A-Za-z0-9_]", "_", str(args.get("hlo_op") or e["name"]))
+    info = sources.get(op, {})
+    ms = e.get("dur", 0.0) / 3 / 1e3
+    row = kernels.setdefault(e["name"][:60], {"ms": 0.0, "calls": 0, "op": info.get("op"),
+                                              "shape": info.get("shape"),
+                                              "lines": info.get("lines", [])})
+    row["ms"] += ms
+    row["calls"] += 1
+    where = info.get("where") or "?"
+    by_module[where.rsplit("/", 1)[0] if "/" in where else where] += ms
+  ranked = sorted(kernels.items(), key=lambda kv: -kv[1]["ms"])
+  with open(os.path.join(out_dir, "kernels.json"), "w") as f:
+    json.dump({"kernels": ranked, "by_module": sorted(by_module.items(), key=lambda kv: -kv[1]),
+               "sample_args": [e.get("args") for e in events[:2000] if e.get("ph") == "X"][:20]},
+              f, indent=1)
+  tag = "".join(f"-{k}={v}" for k, v in model_kw.items())
+  return {"case": f"profile-{arch}-{size}-b{batch}-{remat}{tag}",
+          "device_ms_per_step": sum(v["ms"] for v in kernels.values()),
+          "top_kernels": [(k, round(v["ms"], 2), v["calls"] // 3, v["op"], v["shape"],
+                           v["lines"]) for k, v in ranked[:top]],
+          "by_module": [(k, round(v, 2)) for k, v in sorted(by_module.items(),
+                                                            key=lambda kv: -kv[1])[:top]]}
 
 
 def decode_case(arch: str, size: str, batch: int = 1, prompt: int = 128, new: int = 256,

@@ -22,7 +22,11 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from mmfree_jax import sharding
+from mmfree_jax.layers import bitlinear_pallas
+
 F32 = jnp.float32
+IMPLS = ("xla", "pallas")
 
 
 def round_half_away(x: jax.Array) -> jax.Array:
@@ -69,18 +73,45 @@ def _mm(a: jax.Array, b: jax.Array, dtype, out=F32) -> jax.Array:
       preferred_element_type=out)
 
 
-def _forward(x, norm_w, w, eps, dtype):
-  xhat, _ = rms_normalize(x, eps)
+def _xla_codes(x, norm_w, eps, dtype):
+  xhat, rstd = rms_normalize(x, eps)
   q, s = activation_codes(xhat * norm_w.astype(F32))
+  return q.astype(dtype), s, rstd
+
+
+def _codes(x, norm_w, eps, dtype, impl):
+  """(int8 codes as `dtype`, per-token scale s, rstd) of the normalized input. impl
+  "pallas": one fused kernel on CUDA GPUs (`bitlinear_pallas`; per device under a
+  data/fsdp mesh), the XLA expression on other platforms or tensor-parallel meshes;
+  "xla": the XLA expression everywhere."""
+  xla = lambda x, norm_w: _xla_codes(x, norm_w, eps, dtype)
+  k = x.shape[-1]
+
+  def kernel(x, norm_w):
+    q, s, rstd = bitlinear_pallas.activation_codes(x.reshape(-1, k), norm_w, eps, dtype)
+    lead = x.shape[:-1]
+    return q.reshape(*lead, k), s.reshape(*lead, 1), rstd.reshape(*lead, 1)
+  run = impl == "pallas" and sharding.per_batch_shard(
+      lambda x, norm_w: jax.lax.platform_dependent(x, norm_w, cuda=kernel, default=xla),
+      x.shape[0], replicated_args=(1,))
+  return run(x, norm_w) if run else xla(x, norm_w)
+
+
+def _forward(x, norm_w, w, eps, dtype, impl):
+  q, s, _ = _codes(x, norm_w, eps, dtype, impl)
   t, g = weight_codes(w)
   # The integer product is rounded once to the compute dtype (exact in float32; in
   # bf16 the same relative error as rounding the scaled result), then scaled in f32.
   return _mm(q, t, dtype, out=dtype).astype(F32) * (g / s)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _split(out, splits):
+  return out if splits == 1 else tuple(jnp.split(out, splits, axis=-1))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
 def bitlinear(x: jax.Array, norm_w: jax.Array, w: jax.Array, eps: float = 1e-8,
-              dtype=jnp.bfloat16, out_dtype=None) -> jax.Array:
+              dtype=jnp.bfloat16, out_dtype=None, impl: str = "xla", splits: int = 1):
   """BitLinear forward `x[..., K] -> [..., N]` with a recomputing backward.
 
   Args:
@@ -90,28 +121,38 @@ def bitlinear(x: jax.Array, norm_w: jax.Array, w: jax.Array, eps: float = 1e-8,
     eps: RMSNorm epsilon.
     dtype: matmul operand dtype (bfloat16 or float32).
     out_dtype: output dtype (default: `dtype`).
+    impl: "xla" or "pallas" (fused input prologue on CUDA GPUs; see `_codes`).
+    splits: > 1 returns the output as that many equal slices of N (one matmul, one
+      weight scale); their cotangents never get concatenated in the backward pass.
+
+  Returns:
+    [..., N] in out_dtype, or a tuple of `splits` arrays [..., N / splits].
   """
-  return _forward(x, norm_w, w, eps, dtype).astype(out_dtype or dtype)
+  return _split(_forward(x, norm_w, w, eps, dtype, impl).astype(out_dtype or dtype), splits)
 
 
-def _bitlinear_fwd(x, norm_w, w, eps, dtype, out_dtype):
-  out = _forward(x, norm_w, w, eps, dtype).astype(out_dtype or dtype)
-  return out, (x, norm_w, w)
+def _bitlinear_fwd(x, norm_w, w, eps, dtype, out_dtype, impl, splits):
+  out = _forward(x, norm_w, w, eps, dtype, impl).astype(out_dtype or dtype)
+  return _split(out, splits), (x, norm_w, w)
 
 
-def _bitlinear_bwd(eps, dtype, out_dtype, res, g_out):
+def _bitlinear_bwd(eps, dtype, out_dtype, impl, splits, res, g_out):
   del out_dtype
   x, norm_w, w = res
-  xhat, rstd = rms_normalize(x, eps)
-  q, s = activation_codes(xhat * norm_w.astype(F32))
+  q, s, rstd = _codes(x, norm_w, eps, dtype, impl)
+  xhat = x.astype(F32) * rstd
   t, g = weight_codes(w)
-  # STE: d(out)/d(y) = W_q^T, d(out)/d(W) = y_q^T.
-  dy = jax.lax.dot_general(g_out.astype(dtype), t.astype(dtype),
-                           (((g_out.ndim - 1,), (1,)), ((), ())),
-                           preferred_element_type=dtype).astype(F32) * g
-  yq = (q / s).reshape(-1, q.shape[-1])
-  dw = jax.lax.dot_general(yq.astype(dtype), g_out.reshape(-1, g_out.shape[-1]).astype(dtype),
-                           (((0,), (0,)), ((), ())), preferred_element_type=F32)
+  g_outs = g_out if splits > 1 else (g_out,)
+  t_parts = jnp.split(t.astype(dtype), splits, axis=1)
+  # STE: d(out)/d(y) = W_q^T, d(out)/d(W) = y_q^T (per output slice).
+  dy = sum(jax.lax.dot_general(go.astype(dtype), tp, (((go.ndim - 1,), (1,)), ((), ())),
+                               preferred_element_type=dtype).astype(F32)
+           for go, tp in zip(g_outs, t_parts)) * g
+  yq = (q.astype(F32) / s).reshape(-1, q.shape[-1]).astype(dtype)
+  dw = jnp.concatenate([
+      jax.lax.dot_general(yq, go.reshape(-1, go.shape[-1]).astype(dtype),
+                          (((0,), (0,)), ((), ())), preferred_element_type=F32)
+      for go in g_outs], axis=1)
   # RMSNorm backward.
   red = tuple(range(x.ndim - 1))
   dnorm_w = jnp.sum(dy * xhat, axis=red)
@@ -123,14 +164,16 @@ def _bitlinear_bwd(eps, dtype, out_dtype, res, g_out):
 bitlinear.defvjp(_bitlinear_fwd, _bitlinear_bwd)
 
 
-def bitlinear_naive(x, norm_w, w, eps: float = 1e-8, dtype=jnp.bfloat16, out_dtype=None):
+def bitlinear_naive(x, norm_w, w, eps: float = 1e-8, dtype=jnp.bfloat16, out_dtype=None,
+                    impl: str = "xla", splits: int = 1):
   """Reference BitLinear: autodiff through straight-through estimators (keeps y, y_q)."""
+  del impl
   xhat, _ = rms_normalize(x, eps)
   y = xhat * norm_w.astype(F32)
   y_q = y + jax.lax.stop_gradient(activation_quant(y) - y)
   w32 = w.astype(F32)
   w_q = w32 + jax.lax.stop_gradient(weight_quant(w32) - w32)
-  return _mm(y_q, w_q, dtype).astype(out_dtype or dtype)
+  return _split(_mm(y_q, w_q, dtype).astype(out_dtype or dtype), splits)
 
 
 class BitLinear(nn.Module):
@@ -143,6 +186,8 @@ class BitLinear(nn.Module):
   out_dtype: jnp.dtype | None = None
   kernel_init: Callable = nn.initializers.normal(0.02)
   lean: bool = True
+  impl: str = "xla"
+  splits: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -152,7 +197,8 @@ class BitLinear(nn.Module):
     w = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
                    (k, self.features), F32)
     fn = bitlinear if self.lean else bitlinear_naive
-    return checkpoint_name(fn(x, norm_w, w, self.eps, self.dtype, self.out_dtype), "proj")
+    out = fn(x, norm_w, w, self.eps, self.dtype, self.out_dtype, self.impl, self.splits)
+    return jax.tree.map(lambda o: checkpoint_name(o, "proj"), out)
 
 
 def xavier_uniform(gain: float) -> Callable:

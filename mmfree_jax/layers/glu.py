@@ -18,7 +18,9 @@ def _down_init(cfg: ModelConfig):
 
 
 class GLU(nn.Module):
-  """`down(silu(gate) * up)` with ONE fused ternary gate/up BitLinear d -> 2I."""
+  """`down(silu(gate) * up)` with ONE fused ternary gate/up BitLinear d -> 2I (one
+  matmul and one weight scale, as in the released checkpoints; its two output halves
+  are separate arrays so the backward pass never concatenates their gradients)."""
 
   cfg: ModelConfig
 
@@ -26,13 +28,14 @@ class GLU(nn.Module):
   def __call__(self, m_BxTxD: jax.Array) -> jax.Array:
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
-    gu_BxTx2I = BitLinear(2 * cfg.ffn, ("embed", "mlp"), cfg.bitlinear_eps, dt,
-                          kernel_init=nn.initializers.normal(cfg.init_std), name="gate_proj")(m_BxTxD)
-    gu_BxTx2I = nn.with_logical_constraint(gu_BxTx2I, ("batch", "length", "mlp"))
-    gate, up = jnp.split(gu_BxTx2I.astype(jnp.float32), 2, axis=-1)
-    z_BxTxI = (nn.silu(gate) * up).astype(dt)
+    gate, up = BitLinear(2 * cfg.ffn, ("embed", "mlp"), cfg.bitlinear_eps, dt,
+                         kernel_init=nn.initializers.normal(cfg.init_std), impl=cfg.bitlinear_impl,
+                         splits=2, name="gate_proj")(m_BxTxD)
+    gate, up = (nn.with_logical_constraint(a, ("batch", "length", "mlp")) for a in (gate, up))
+    z_BxTxI = (nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(dt)
     return BitLinear(cfg.d_model, ("mlp", "embed"), cfg.bitlinear_eps, dt,
-                     kernel_init=_down_init(cfg), name="down_proj")(z_BxTxI)
+                     kernel_init=_down_init(cfg), impl=cfg.bitlinear_impl,
+                     name="down_proj")(z_BxTxI)
 
 
 class SwiGLU(nn.Module):

@@ -39,7 +39,7 @@ class MLGRU(nn.Module):
     dt = jnp.dtype(cfg.dtype)
     d = cfg.d_model
     proj = functools.partial(BitLinear, d, eps=cfg.bitlinear_eps, dtype=dt,
-                             kernel_init=xavier_uniform(2**-2.5))
+                             kernel_init=xavier_uniform(2**-2.5), impl=cfg.bitlinear_impl)
     f = nn.sigmoid(proj(("embed", "state"), name="f_proj")(a_BxTxD).astype(F32))
     if lb_D is not None:
       f = lb_D + (1.0 - lb_D) * f

@@ -10,6 +10,10 @@ equally fast backward. All accumulation is float32.
 - `chunked`: the plain recurrence unrolled inside chunks of `chunk` steps (all chunks
   in parallel, one fusion), a short associative scan over the chunk carries, and one
   elementwise fix-up: a few passes over memory instead of 2*log2(T).
+- `pallas`: one-pass Pallas kernels for the forward and the reverse pass
+  (`mmfree_jax.layers.scan_pallas`) on CUDA GPUs, per device under a data/fsdp mesh
+  (`sharding.per_batch_shard`); `associative` on other platforms, when D has no
+  power-of-two block of >= 16 channels, or under a tensor-parallel mesh.
 """
 
 from __future__ import annotations
@@ -19,8 +23,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from mmfree_jax import sharding
+from mmfree_jax.layers import scan_pallas
+
 F32 = jnp.float32
-IMPLS = ("sequential", "associative", "chunked")
+IMPLS = ("sequential", "associative", "chunked", "pallas")
 
 
 def _combine(a, b):
@@ -89,27 +96,57 @@ def _run(impl, f32, x32, h0, reverse, chunk):
   return _IMPL_FNS[impl](f32, x32, reverse, chunk)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _scan(f, x, h0, impl: str, chunk: int):
+def _xla_forward(impl, f, x, h0, chunk):
   h = _run(impl, jnp.asarray(f, F32), jnp.asarray(x, F32), h0, False, chunk)
   return h.astype(x.dtype), h[:, -1]
 
 
-def _scan_fwd(f, x, h0, impl, chunk):
-  h = _run(impl, jnp.asarray(f, F32), jnp.asarray(x, F32), h0, False, chunk)
-  out = h.astype(x.dtype)
-  return (out, h[:, -1]), (f, out, h0)
-
-
-def _scan_bwd(impl, chunk, res, cot):
-  f, h, h0 = res
-  dh, dlast = cot
+def _xla_backward(impl, chunk, f, h, h0, dh, dlast):
   dh = jnp.asarray(dh, F32).at[:, -1].add(dlast)
   f32 = f.astype(F32)
   f_next = jnp.concatenate([f32[:, 1:], jnp.zeros_like(f32[:, :1])], axis=1)
   g = _IMPL_FNS[impl](f_next, dh, True, chunk)
   h_prev = jnp.concatenate([h0[:, None], h[:, :-1].astype(F32)], axis=1)
   return (g * h_prev).astype(f.dtype), g.astype(h.dtype), f32[:, 0] * g[:, 0]
+
+
+def _kernel_block(impl, shape):
+  """Channel block of the Pallas kernels, or None to use the XLA associative scan."""
+  return scan_pallas.block_d_for(shape[0], shape[-1]) if impl == "pallas" else None
+
+
+def _forward(impl, f, x, h0, chunk):
+  xla = functools.partial(_xla_forward, "associative" if impl == "pallas" else impl, chunk=chunk)
+  bd = _kernel_block(impl, x.shape)
+  run = bd and sharding.per_batch_shard(lambda f, x, h0: jax.lax.platform_dependent(
+      f, x, h0, cuda=functools.partial(scan_pallas.forward, block_d=bd), default=xla),
+                                        x.shape[0])
+  return run(f, x, h0) if run else xla(f, x, h0)
+
+
+def _backward(impl, chunk, f, h, h0, dh, dlast):
+  xla = functools.partial(_xla_backward, "associative" if impl == "pallas" else impl, chunk)
+  bd = _kernel_block(impl, h.shape)
+  run = bd and sharding.per_batch_shard(lambda f, h, dh, h0, dlast: jax.lax.platform_dependent(
+      f, h, dh, h0, dlast, cuda=functools.partial(scan_pallas.backward, block_d=bd),
+      default=lambda f, h, dh, h0, dlast: xla(f, h, h0, dh, dlast)), h.shape[0])
+  return run(f, h, jnp.asarray(dh, h.dtype), h0, dlast) if run else xla(f, h, h0, dh, dlast)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _scan(f, x, h0, impl: str, chunk: int):
+  return _forward(impl, f, x, h0, chunk)
+
+
+def _scan_fwd(f, x, h0, impl, chunk):
+  out, last = _forward(impl, f, x, h0, chunk)
+  return (out, last), (f, out, h0)
+
+
+def _scan_bwd(impl, chunk, res, cot):
+  f, h, h0 = res
+  dh, dlast = cot
+  return _backward(impl, chunk, f, h, h0, dh, dlast)
 
 
 _scan.defvjp(_scan_fwd, _scan_bwd)
@@ -125,13 +162,13 @@ def linear_recurrence(f_BxTxD: jax.Array, x_BxTxD: jax.Array, h0_BxD: jax.Array 
     x_BxTxD: inputs; `h` is returned (and saved for the backward pass) in this dtype.
     h0_BxD: initial state (zeros if None), float32.
     resets_BxT: True at the first token of a new document: there `f_t := 0`.
-    impl: "sequential" | "associative" | "chunked".
+    impl: "sequential" | "associative" | "chunked" | "pallas".
     chunk: chunk length for "chunked".
 
   Returns:
     (h_BxTxD in x's dtype, h_last_BxD in float32 — exact state for decoding).
   """
-  if impl not in _IMPL_FNS:
+  if impl not in IMPLS:
     raise ValueError(f"unknown recurrence impl {impl!r}; use one of {IMPLS}")
   if resets_BxT is not None:
     f_BxTxD = jnp.where(resets_BxT[..., None], jnp.zeros((), f_BxTxD.dtype), f_BxTxD)
