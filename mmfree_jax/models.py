@@ -33,7 +33,7 @@ ACT = ("batch", "length", "embed")
 
 # What "lean" remat saves: projection (matmul) outputs, the recurrence output and the
 # attention output; every elementwise op (norms, quantizers, gates) is recomputed.
-_LEAN_SAVED = ("proj", "mlgru_h", "attn_out")
+_LEAN_SAVED = ("proj", "recurrence_h", "attn_out")
 
 
 class Block(nn.Module):

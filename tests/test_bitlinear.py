@@ -107,14 +107,14 @@ def test_split_outputs_equal_slices_with_the_same_gradients(fn):
     np.testing.assert_allclose(g1, g2, rtol=1e-6, atol=1e-7 * np.abs(g1).max())
 
 
-@pytest.mark.parametrize("k", [64, 96])
-def test_pallas_prologue_matches_xla(k):
+@pytest.mark.parametrize("k,dtype", [(64, jnp.int8), (96, jnp.int8), (96, jnp.bfloat16)])
+def test_pallas_prologue_matches_xla(k, dtype):
   """The fused norm + int8 kernel (interpret mode on CPU) gives the XLA codes and scales."""
   x, norm_w, _, _ = _inputs(k=k, shape=(7,))
   x = x.astype(jnp.bfloat16)
-  q, s, rstd = bitlinear_pallas.activation_codes(x, norm_w, 1e-8, jnp.bfloat16, interpret=True)
-  q_ref, s_ref, rstd_ref = bl._xla_codes(x, norm_w, 1e-8, jnp.bfloat16)
-  assert q.dtype == jnp.bfloat16 and q.shape == x.shape
+  q, s, rstd = bitlinear_pallas.activation_codes(x, norm_w, 1e-8, dtype, interpret=True)
+  q_ref, s_ref, rstd_ref = bl._xla_codes(x, norm_w, 1e-8, dtype)
+  assert q.dtype == dtype and q.shape == x.shape
   np.testing.assert_array_equal(q, q_ref)
   np.testing.assert_allclose(s, s_ref, rtol=1e-6)
   np.testing.assert_allclose(rstd, rstd_ref, rtol=1e-6)

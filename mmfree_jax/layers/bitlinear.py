@@ -10,6 +10,8 @@ in bfloat16) with float32 accumulation, then applies both scales. With float32 c
 result is the quantized product up to float32 rounding; with bf16 compute the integer
 product is rounded once to bf16 before scaling (relative error <= 2^-9, like any bf16
 matmul output). `mmfree_jax.infer.packed` has an exact int8 x int8 -> int32 path.
+impl "pallas" computes the codes with one fused Pallas kernel on CUDA GPUs
+(`bitlinear_pallas`).
 """
 
 from __future__ import annotations
@@ -73,25 +75,29 @@ def _mm(a: jax.Array, b: jax.Array, dtype, out=F32) -> jax.Array:
       preferred_element_type=out)
 
 
-def _xla_codes(x, norm_w, eps, dtype):
+def _xla_codes(x, norm_w, eps, out_dtype=F32):
   xhat, rstd = rms_normalize(x, eps)
   q, s = activation_codes(xhat * norm_w.astype(F32))
-  return q.astype(dtype), s, rstd
+  return q.astype(out_dtype), s, rstd
 
 
 def _codes(x, norm_w, eps, dtype, impl):
-  """(int8 codes as `dtype`, per-token scale s, rstd) of the normalized input. impl
-  "pallas": one fused kernel on CUDA GPUs (`bitlinear_pallas`; per device under a
+  """(activation codes as `dtype`, per-token scale s, rstd) of the normalized input.
+
+  impl "pallas": one fused kernel on CUDA GPUs (`bitlinear_pallas`; per device under a
   data/fsdp mesh), the XLA expression on other platforms or tensor-parallel meshes;
-  "xla": the XLA expression everywhere."""
+  "xla": the XLA expression everywhere.
+  """
   xla = lambda x, norm_w: _xla_codes(x, norm_w, eps, dtype)
+  if impl != "pallas":
+    return xla(x, norm_w)
   k = x.shape[-1]
 
   def kernel(x, norm_w):
     q, s, rstd = bitlinear_pallas.activation_codes(x.reshape(-1, k), norm_w, eps, dtype)
     lead = x.shape[:-1]
     return q.reshape(*lead, k), s.reshape(*lead, 1), rstd.reshape(*lead, 1)
-  run = impl == "pallas" and sharding.per_batch_shard(
+  run = sharding.per_batch_shard(
       lambda x, norm_w: jax.lax.platform_dependent(x, norm_w, cuda=kernel, default=xla),
       x.shape[0], replicated_args=(1,))
   return run(x, norm_w) if run else xla(x, norm_w)

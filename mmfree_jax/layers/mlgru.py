@@ -7,7 +7,6 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 
 from mmfree_jax.config import ModelConfig
 from mmfree_jax.layers.bitlinear import BitLinear, xavier_uniform
@@ -45,7 +44,6 @@ class MLGRU(nn.Module):
       f = lb_D + (1.0 - lb_D) * f
     i = (nn.silu(proj(("embed", "state"), name="i_proj")(a_BxTxD).astype(F32)) * (1.0 - f)).astype(dt)
     h_BxTxD, h_last = linear_recurrence(f, i, h0_BxD, resets_BxT, cfg.scan_impl, cfg.scan_chunk)
-    h_BxTxD = checkpoint_name(h_BxTxD, "mlgru_h")
     g = proj(("embed", "state"), name="g_proj")(a_BxTxD)
     if cfg.gate == "code":
       o = RMSNorm(cfg.norm_eps, "state", name="g_norm")(g) * nn.silu(h_BxTxD)

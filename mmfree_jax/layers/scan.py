@@ -22,6 +22,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from mmfree_jax import sharding
 from mmfree_jax.layers import scan_pallas
@@ -140,6 +141,9 @@ def _scan(f, x, h0, impl: str, chunk: int):
 
 def _scan_fwd(f, x, h0, impl, chunk):
   out, last = _forward(impl, f, x, h0, chunk)
+  # Named where it is also the residual: a remat policy that saves "recurrence_h" then
+  # never re-runs the forward recurrence for the backward pass.
+  out = checkpoint_name(out, "recurrence_h")
   return (out, last), (f, out, h0)
 
 
