@@ -134,3 +134,13 @@ def test_pallas_bitlinear_on_gpu_matches_xla():
     runs[impl] = (out,) + vjp(c)
   for a, b in zip(runs["pallas"], runs["xla"]):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * np.abs(b).max())
+
+
+def test_pallas_kernel_is_used_for_training_shapes_not_decode_steps():
+  """impl="pallas" puts the kernel in the program (its CUDA branch) for >= KERNEL_MIN_ROWS
+  tokens; a decode step's few rows keep the XLA expression."""
+  _, norm_w, w, _ = _inputs(k=64, n=32)
+  for rows, expect in ((bl.KERNEL_MIN_ROWS, True), (4, False)):
+    x = jnp.ones((rows, 1, 64))
+    jaxpr = jax.make_jaxpr(lambda x: bl.bitlinear(x, norm_w, w, 1e-8, jnp.float32, None, "pallas"))(x)
+    assert ("bitlinear_act_codes" in str(jaxpr)) == expect

@@ -130,3 +130,10 @@ def test_pallas_on_gpu_matches_numpy():
   np.testing.assert_allclose(h, np_recurrence(f, x, h0, resets), rtol=1e-5, atol=1e-5)
   for got, exp in zip(vjp(jnp.asarray(dh)), np_recurrence_grads(f, x, h0, resets, dh)):
     np.testing.assert_allclose(got, exp, rtol=1e-4, atol=1e-4)
+
+
+def test_pallas_kernel_is_used_for_sequences_not_decode_steps():
+  for t, expect in ((16, True), (1, False)):
+    f = x = jnp.ones((2, t, 64))
+    jaxpr = jax.make_jaxpr(lambda f, x: linear_recurrence(f, x, impl="pallas"))(f, x)
+    assert ("mlgru_scan_fwd" in str(jaxpr)) == expect

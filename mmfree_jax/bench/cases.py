@@ -168,11 +168,17 @@ def train_case(arch: str, size: str, batch: int, remat: str = "lean", seq_len: i
 
 def _short_op_name(name: str) -> str:
   """`jit(step)/transpose(jvp(LM))/while/body/closed_call/layers/attn/f_proj/mul` ->
-  `bwd:layers/attn/f_proj/mul`."""
+  `bwd:LM/layers/attn/f_proj/mul` (`eval_jaxpr` in a path = remat recomputation)."""
   bwd = "transpose(" in name
-  parts = [p for p in name.split("/") if not (p.startswith(("jit(", "jvp(", "transpose(", "checkpoint",
-                                                           "remat", "rematted_computation"))
-                                              or p in ("while", "body", "closed_call", "cond"))]
+  parts = []
+  for p in name.split("/"):
+    if p.startswith("jit("):
+      continue
+    while p.startswith(("transpose(", "jvp(", "vmap(")) and p.endswith(")"):
+      p = p[p.index("(") + 1:-1]
+    if p not in ("while", "body", "closed_call", "cond", "checkpoint", "remat",
+                 "rematted_computation"):
+      parts.append(p)
   return ("bwd:" if bwd else "fwd:") + "/".join(parts)
 
 

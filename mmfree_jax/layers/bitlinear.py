@@ -17,6 +17,7 @@ impl "pallas" computes the codes with one fused Pallas kernel on CUDA GPUs
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable, Sequence
 
 import flax.linen as nn
@@ -28,7 +29,7 @@ from mmfree_jax import sharding
 from mmfree_jax.layers import bitlinear_pallas
 
 F32 = jnp.float32
-IMPLS = ("xla", "pallas")
+KERNEL_MIN_ROWS = 256
 
 
 def round_half_away(x: jax.Array) -> jax.Array:
@@ -85,11 +86,12 @@ def _codes(x, norm_w, eps, dtype, impl):
   """(activation codes as `dtype`, per-token scale s, rstd) of the normalized input.
 
   impl "pallas": one fused kernel on CUDA GPUs (`bitlinear_pallas`; per device under a
-  data/fsdp mesh), the XLA expression on other platforms or tensor-parallel meshes;
-  "xla": the XLA expression everywhere.
+  data/fsdp mesh), the XLA expression on other platforms, on tensor-parallel meshes and
+  for fewer than `KERNEL_MIN_ROWS` tokens (decode steps: XLA fuses those few rows into
+  neighbouring ops); "xla": the XLA expression everywhere.
   """
   xla = lambda x, norm_w: _xla_codes(x, norm_w, eps, dtype)
-  if impl != "pallas":
+  if impl != "pallas" or math.prod(x.shape[:-1]) < KERNEL_MIN_ROWS:
     return xla(x, norm_w)
   k = x.shape[-1]
 

@@ -12,8 +12,9 @@ equally fast backward. All accumulation is float32.
   elementwise fix-up: a few passes over memory instead of 2*log2(T).
 - `pallas`: one-pass Pallas kernels for the forward and the reverse pass
   (`mmfree_jax.layers.scan_pallas`) on CUDA GPUs, per device under a data/fsdp mesh
-  (`sharding.per_batch_shard`); `associative` on other platforms, when D has no
-  power-of-two block of >= 16 channels, or under a tensor-parallel mesh.
+  (`sharding.per_batch_shard`); `associative` on other platforms, for T = 1 (decode
+  steps), when D has no power-of-two block of >= 16 channels, or under a tensor-parallel
+  mesh.
 """
 
 from __future__ import annotations
@@ -112,8 +113,11 @@ def _xla_backward(impl, chunk, f, h, h0, dh, dlast):
 
 
 def _kernel_block(impl, shape):
-  """Channel block of the Pallas kernels, or None to use the XLA associative scan."""
-  return scan_pallas.block_d_for(shape[0], shape[-1]) if impl == "pallas" else None
+  """Channel block of the Pallas kernels, or None to use the XLA associative scan (also
+  for single-token decode steps, where the recurrence is one fused multiply-add)."""
+  if impl != "pallas" or shape[1] == 1:
+    return None
+  return scan_pallas.block_d_for(shape[0], shape[-1])
 
 
 def _forward(impl, f, x, h0, chunk):
