@@ -99,27 +99,28 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def per_batch_shard(fn, batch: int, replicated_args: tuple[int, ...] = ()):
-  """`fn` run on each device's own batch rows, for custom kernels XLA cannot partition.
+def cuda_kernel(kernel, fallback, *args, replicated_args: tuple[int, ...] = ()):
+  """`kernel(*args)` on CUDA GPUs, `fallback(*args)` (same math in XLA) elsewhere.
 
-  Every argument (except those in `replicated_args`) and every result must have the
-  batch as its leading dimension. With no mesh in context, or a one-device mesh, `fn`
-  itself; under a (data, fsdp) mesh, `fn` inside `jax.shard_map` over those axes.
-  None when that is not possible (a tensor axis > 1, or a batch the mesh does not
-  divide): the caller then uses its XLA formulation.
+  The platform is picked at lowering (`lax.platform_dependent`). XLA cannot partition a
+  custom kernel, so every argument (except those in `replicated_args`) and every result
+  must have the batch as its leading dimension: with no mesh in context, or a one-device
+  mesh, the dispatch runs as is; under a (data, fsdp) mesh it runs inside `jax.shard_map`
+  on each device's own rows; with a tensor axis > 1, or a batch the mesh does not divide,
+  `fallback` runs and XLA partitions it.
   """
+  def run(*a):
+    return jax.lax.platform_dependent(*a, cuda=kernel, default=fallback)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
-    return fn
+    return run(*args)
   sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
   if set(sizes) - set(MESH_AXES) or sizes.get("tensor", 1) != 1:
-    return None
+    return fallback(*args)
   axes = tuple(a for a in ("data", "fsdp") if sizes.get(a, 1) > 1)
+  batch = next(x for i, x in enumerate(args) if i not in replicated_args).shape[0]
   if batch % int(np.prod([sizes[a] for a in axes])):
-    return None
-
-  def run(*args):
-    in_specs = tuple(P() if i in replicated_args else P(axes) for i in range(len(args)))
-    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=P(axes),
-                         check_vma=False)(*args)
-  return run
+    return fallback(*args)
+  in_specs = tuple(P() if i in replicated_args else P(axes) for i in range(len(args)))
+  return jax.shard_map(run, mesh=mesh, in_specs=in_specs, out_specs=P(axes),
+                       check_vma=False)(*args)

@@ -210,8 +210,6 @@ def hlo_sources(hlo_text: str) -> dict[str, dict]:
                          "calls": calls.group(1) if calls else None}
   for inst in insts.values():
     lines = comp_lines.get(inst.pop("calls") or "", collections.Counter())
-    if inst["where"]:
-      lines[inst["where"]] += 0
     inst["lines"] = [w for w, _ in lines.most_common(4)] or ([inst["where"]] if inst["where"] else [])
   return insts
 
@@ -249,9 +247,7 @@ def profile_case(arch: str, size: str, batch: int, remat: str = "lean", seq_len:
   for e in events:
     if e.get("ph") != "X" or "GPU" not in pids.get(e.get("pid"), ""):
       continue
-    args = e.get("args", {})
-    op = re.sub(r"[^A-Za-z0-9_]", "_", str(args.get("hlo_op") or e["name"]))
-    info = sources.get(op, {})
+    info = sources.get(re.sub(r"[^A-Za-z0-9_]", "_", e["name"]), {})
     ms = e.get("dur", 0.0) / 3 / 1e3
     row = kernels.setdefault(e["name"][:60], {"ms": 0.0, "calls": 0, "op": info.get("op"),
                                               "shape": info.get("shape"),
@@ -261,17 +257,15 @@ def profile_case(arch: str, size: str, batch: int, remat: str = "lean", seq_len:
     where = info.get("where") or "?"
     by_module[where.rsplit("/", 1)[0] if "/" in where else where] += ms
   ranked = sorted(kernels.items(), key=lambda kv: -kv[1]["ms"])
+  modules = sorted(by_module.items(), key=lambda kv: -kv[1])
   with open(os.path.join(out_dir, "kernels.json"), "w") as f:
-    json.dump({"kernels": ranked, "by_module": sorted(by_module.items(), key=lambda kv: -kv[1]),
-               "sample_args": [e.get("args") for e in events[:2000] if e.get("ph") == "X"][:20]},
-              f, indent=1)
+    json.dump({"kernels": ranked, "by_module": modules}, f, indent=1)
   tag = "".join(f"-{k}={v}" for k, v in model_kw.items())
   return {"case": f"profile-{arch}-{size}-b{batch}-{remat}{tag}",
           "device_ms_per_step": sum(v["ms"] for v in kernels.values()),
           "top_kernels": [(k, round(v["ms"], 2), v["calls"] // 3, v["op"], v["shape"],
                            v["lines"]) for k, v in ranked[:top]],
-          "by_module": [(k, round(v, 2)) for k, v in sorted(by_module.items(),
-                                                            key=lambda kv: -kv[1])[:top]]}
+          "by_module": [(k, round(v, 2)) for k, v in modules[:top]]}
 
 
 def decode_case(arch: str, size: str, batch: int = 1, prompt: int = 128, new: int = 256,

@@ -99,10 +99,7 @@ def _codes(x, norm_w, eps, dtype, impl):
     q, s, rstd = bitlinear_pallas.activation_codes(x.reshape(-1, k), norm_w, eps, dtype)
     lead = x.shape[:-1]
     return q.reshape(*lead, k), s.reshape(*lead, 1), rstd.reshape(*lead, 1)
-  run = sharding.per_batch_shard(
-      lambda x, norm_w: jax.lax.platform_dependent(x, norm_w, cuda=kernel, default=xla),
-      x.shape[0], replicated_args=(1,))
-  return run(x, norm_w) if run else xla(x, norm_w)
+  return sharding.cuda_kernel(kernel, xla, x, norm_w, replicated_args=(1,))
 
 
 def _forward(x, norm_w, w, eps, dtype, impl):

@@ -12,7 +12,7 @@ equally fast backward. All accumulation is float32.
   elementwise fix-up: a few passes over memory instead of 2*log2(T).
 - `pallas`: one-pass Pallas kernels for the forward and the reverse pass
   (`mmfree_jax.layers.scan_pallas`) on CUDA GPUs, per device under a data/fsdp mesh
-  (`sharding.per_batch_shard`); `associative` on other platforms, for T = 1 (decode
+  (`sharding.cuda_kernel`); `associative` on other platforms, for T = 1 (decode
   steps), when D has no power-of-two block of >= 16 channels, or under a tensor-parallel
   mesh.
 """
@@ -103,7 +103,7 @@ def _xla_forward(impl, f, x, h0, chunk):
   return h.astype(x.dtype), h[:, -1]
 
 
-def _xla_backward(impl, chunk, f, h, h0, dh, dlast):
+def _xla_backward(impl, chunk, f, h, dh, h0, dlast):
   dh = jnp.asarray(dh, F32).at[:, -1].add(dlast)
   f32 = f.astype(F32)
   f_next = jnp.concatenate([f32[:, 1:], jnp.zeros_like(f32[:, :1])], axis=1)
@@ -123,19 +123,18 @@ def _kernel_block(impl, shape):
 def _forward(impl, f, x, h0, chunk):
   xla = functools.partial(_xla_forward, "associative" if impl == "pallas" else impl, chunk=chunk)
   bd = _kernel_block(impl, x.shape)
-  run = bd and sharding.per_batch_shard(lambda f, x, h0: jax.lax.platform_dependent(
-      f, x, h0, cuda=functools.partial(scan_pallas.forward, block_d=bd), default=xla),
-                                        x.shape[0])
-  return run(f, x, h0) if run else xla(f, x, h0)
+  if bd is None:
+    return xla(f, x, h0)
+  return sharding.cuda_kernel(functools.partial(scan_pallas.forward, block_d=bd), xla, f, x, h0)
 
 
 def _backward(impl, chunk, f, h, h0, dh, dlast):
   xla = functools.partial(_xla_backward, "associative" if impl == "pallas" else impl, chunk)
   bd = _kernel_block(impl, h.shape)
-  run = bd and sharding.per_batch_shard(lambda f, h, dh, h0, dlast: jax.lax.platform_dependent(
-      f, h, dh, h0, dlast, cuda=functools.partial(scan_pallas.backward, block_d=bd),
-      default=lambda f, h, dh, h0, dlast: xla(f, h, h0, dh, dlast)), h.shape[0])
-  return run(f, h, jnp.asarray(dh, h.dtype), h0, dlast) if run else xla(f, h, h0, dh, dlast)
+  if bd is None:
+    return xla(f, h, dh, h0, dlast)
+  return sharding.cuda_kernel(functools.partial(scan_pallas.backward, block_d=bd), xla,
+                              f, h, jnp.asarray(dh, h.dtype), h0, dlast)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
