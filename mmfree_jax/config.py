@@ -39,11 +39,18 @@ class ModelConfig:
     scan_impl: recurrence implementation: sequential | associative | chunked | pallas
       (Pallas kernels on CUDA GPUs, associative elsewhere).
     scan_chunk: chunk length of the chunked recurrence.
-    bitlinear_impl: "pallas" fuses each BitLinear's input norm + int8 quantization into
-      one kernel on CUDA GPUs (XLA elsewhere); "xla" uses XLA fusions everywhere.
+    bitlinear_impl: "pallas" runs the elementwise work around each BitLinear matmul (input
+      norm + int8 quantization; its backward) as fused kernels on CUDA GPUs (XLA
+      elsewhere); "xla" uses XLA fusions everywhere.
     remat: "none" (keep what autodiff keeps; BitLinear already recomputes its quantized
       input), "lean" (save only matmul outputs and the recurrence output; recompute all
       elementwise work), "full" (save only each block's input: lowest memory).
+    unroll_layers: run the L blocks as straight-line code instead of a loop (`nn.scan`
+      fully unrolled; parameters keep their stacked [L, ...] layout): no per-layer copies
+      of saved activations into stacked buffers, a faster step at a longer compile. The
+      remat policy is applied without CSE barriers, so outside the loop XLA may keep what
+      "lean" would recompute (more memory than "lean" in the loop); "full" (the
+      memory-saving mode) therefore needs the loop.
     attention_impl: passed to `jax.nn.dot_product_attention` (None = XLA, "cudnn").
     init_std: std of the Normal init (embedding, GLU, head).
   """
@@ -64,6 +71,7 @@ class ModelConfig:
   scan_chunk: int = 8
   bitlinear_impl: str = "pallas"
   remat: str = "none"
+  unroll_layers: bool = False
   attention_impl: str | None = None
   init_std: float = 0.02
 
@@ -76,6 +84,8 @@ class ModelConfig:
            f"model.bitlinear_impl={self.bitlinear_impl!r} is unknown; use one of {BITLINEAR_IMPLS}")
     _check(self.remat in REMAT_POLICIES,
            f"model.remat={self.remat!r} is unknown; use one of {REMAT_POLICIES}")
+    _check(not (self.unroll_layers and self.remat == "full"),
+           "model.remat='full' needs the layer loop: set model.unroll_layers=False")
     _check(self.dtype in ("bfloat16", "float32", "float16"),
            f"model.dtype={self.dtype!r} is unsupported; use bfloat16 or float32")
     for name in ("vocab_size", "d_model", "n_layers", "scan_chunk"):

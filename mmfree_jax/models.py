@@ -1,7 +1,7 @@
 """The MatMul-free LM (SPEC §1) and the Transformer++ baseline (SPEC §1.6).
 
 `LM(cfg)` is one Flax module for both arches; layers are stacked with `nn.scan` (one
-compiled block whatever the depth). Call it as
+compiled block whatever the depth, or straight-line code with `unroll_layers`). Call it as
 
     logits_BxTxV, cache = LM(cfg).apply({"params": p}, tokens_BxT, segment_ids_BxT, cache)
 
@@ -123,7 +123,7 @@ class LM(nn.Module):
 
     stack = nn.scan(_remat(Block, cfg.remat), variable_axes={"params": 0},
                     split_rngs={"params": True}, in_axes=(0, nn.broadcast), length=cfg.n_layers,
-                    metadata_params={nn.PARTITION_NAME: "layers"})
+                    unroll=cfg.n_layers if cfg.unroll_layers else 1, metadata_params={nn.PARTITION_NAME: "layers"})
     x, per_layer = stack(cfg, name="layers")(x, layer_in, ctx)
 
     x = RMSNorm(cfg.norm_eps, name="norm")(x)

@@ -36,3 +36,9 @@ def test_recurrence_case_reports_error_against_the_reference():
   row = cases.recurrence_case("pallas", 2, 16, 32, iters=1)
   assert row["case"] == "scan-pallas-2x16x32"
   assert row["max_err"] < 1e-2 and row["fwd_ms"] > 0 and 0 < row["fwd_hbm_frac"]
+
+
+def test_bitlinear_bwd_case_runs_the_kernel_and_checks_it():
+  row = cases.bitlinear_bwd_case(64, n=2, rows=2, tokens=32, iters=1)
+  assert row["case"] == "bitlinear_bwd-k64-n2-rows2-warpsauto"
+  assert row["max_err"] < 2e-2 and row["ms"] > 0 and row["GB_per_s"] > 0

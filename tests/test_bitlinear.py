@@ -107,40 +107,127 @@ def test_split_outputs_equal_slices_with_the_same_gradients(fn):
     np.testing.assert_allclose(g1, g2, rtol=1e-6, atol=1e-7 * np.abs(g1).max())
 
 
-@pytest.mark.parametrize("k,dtype", [(64, jnp.int8), (96, jnp.int8), (96, jnp.bfloat16)])
-def test_pallas_prologue_matches_xla(k, dtype):
-  """The fused norm + int8 kernel (interpret mode on CPU) gives the XLA codes and scales."""
-  x, norm_w, _, _ = _inputs(k=k, shape=(7,))
-  x = x.astype(jnp.bfloat16)
-  q, s, rstd = bitlinear_pallas.activation_codes(x, norm_w, 1e-8, dtype, interpret=True)
-  q_ref, s_ref, rstd_ref = bl._xla_codes(x, norm_w, 1e-8, dtype)
-  assert q.dtype == dtype and q.shape == x.shape
-  np.testing.assert_array_equal(q, q_ref)
-  np.testing.assert_allclose(s, s_ref, rtol=1e-6)
-  np.testing.assert_allclose(rstd, rstd_ref, rtol=1e-6)
+def _group_inputs(k, rows, n, glu, dtype=jnp.bfloat16):
+  keys = jax.random.split(jax.random.key(1), 4)
+  xs = tuple((jax.random.normal(kk, (rows, k)) * 2).astype(dtype) for kk in keys[:1 + glu])
+  norm_w = 1 + 0.1 * jax.random.normal(keys[2], (n, k))
+  dys = tuple(jax.random.normal(jax.random.fold_in(keys[3], j), (rows, k)).astype(dtype)
+              for j in range(n))
+  return xs, norm_w, dys
+
+
+@pytest.mark.parametrize("k,n,glu,dtype", [(64, 1, False, jnp.int8), (96, 3, False, jnp.int8),
+                                           (96, 1, False, jnp.bfloat16), (80, 1, True, jnp.bfloat16)])
+def test_pallas_prologue_matches_xla(k, n, glu, dtype):
+  """The fused norm + int8 kernel (interpret mode on CPU) gives the XLA codes and scales,
+  for groups of projections and for the GLU pair input."""
+  xs, norm_w, _ = _group_inputs(k, 7, n, glu)
+  qs, ss = bitlinear_pallas.activation_codes(xs, norm_w, 1e-8, dtype, glu, interpret=True)
+  ref, _ = bl._xla_codes(*xs, norm_w, eps=1e-8, out_dtype=dtype, glu=glu)
+  assert len(qs) == len(ss) == n
+  for q, q_ref in zip(qs, ref[:n]):
+    assert q.dtype == dtype and q.shape == xs[0].shape
+    if glu:  # exp in the kernel vs XLA's logistic can move the bf16 product by an ulp
+      diff = np.abs(np.float32(q) - np.float32(q_ref))
+      assert diff.max() <= 1 and np.mean(diff > 0) < 0.03
+    else:
+      np.testing.assert_array_equal(q, q_ref)
+  for s, s_ref in zip(ss, ref[n:]):  # GLU off CPU: the product's max can move by a bf16 ulp
+    np.testing.assert_allclose(s, s_ref, rtol=1e-6 if not glu or jax.default_backend() == "cpu" else 1e-2)
+
+
+@pytest.mark.parametrize("k,rows,n,glu", [(64, 64, 1, False), (96, 48, 3, False), (80, 64, 1, True)])
+def test_pallas_backward_matches_xla(k, rows, n, glu):
+  """The backward kernel (interpret mode) gives the XLA expression's input gradients,
+  fake-quantized activations and per-block norm-weight partial sums, whatever the tile."""
+  xs, norm_w, dys = _group_inputs(k, rows, n, glu)
+  wg = norm_w * jnp.linspace(0.5, 1.5, n)[:, None]
+  ref_rows, ref_parts = bl._xla_backward(*xs, *dys, norm_w, wg, nx=len(xs), n=n, eps=1e-8, glu=glu)
+  # On CPU the kernel's silu and the product's rounding match XLA's; elsewhere (GPU) the
+  # GLU product can move by a bf16 ulp.
+  tol = 1e-2 if not glu or jax.default_backend() == "cpu" else 3e-2
+  for tile in (1, 4):
+    dxs, yqs, parts = bitlinear_pallas.backward(xs, dys, norm_w, wg, 1e-8, glu, rows=tile,
+                                                interpret=True)
+    assert len(dxs) == len(xs) and len(yqs) == len(parts) == n
+    assert parts[0].shape == (rows // bitlinear_pallas.block_rows(rows), k)
+    for a, b in zip([*dxs, *yqs], ref_rows):
+      assert a.dtype == b.dtype == jnp.bfloat16
+      np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tol,
+                                 atol=tol * np.abs(np.float32(b)).max())
+    for a, b in zip(parts, ref_parts):
+      np.testing.assert_allclose(a, b, rtol=tol / 1000, atol=tol / 1000 * np.abs(b).max())
+
+
+def _grads(f, args, cot):
+  out, vjp = jax.vjp(f, *args)
+  return out, vjp(cot)
+
+
+def test_shared_input_group_equals_separate_bitlinears():
+  """bitlinear_shared == one bitlinear per projection: outputs and all gradients."""
+  x, _, _, c = _inputs()
+  keys = jax.random.split(jax.random.key(2), 6)
+  nws = tuple(1 + 0.1 * jax.random.normal(kk, (48,)) for kk in keys[:3])
+  ws = tuple(0.02 * jax.random.normal(kk, (48, 40)) for kk in keys[3:])
+  cots = tuple(c * (j + 1) for j in range(3))
+  group = lambda x, nws, ws: bl.bitlinear_shared(x, nws, ws, 1e-8, jnp.float32, jnp.float32)
+  apart = lambda x, nws, ws: tuple(bl.bitlinear(x, nw, w, 1e-8, jnp.float32, jnp.float32)
+                                   for nw, w in zip(nws, ws))
+  out_g, grads_g = _grads(group, (x, nws, ws), cots)
+  out_a, grads_a = _grads(apart, (x, nws, ws), cots)
+  for a, b in zip(jax.tree.leaves((out_g, grads_g)), jax.tree.leaves((out_a, grads_a))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_glu_bitlinear_equals_bitlinear_of_the_product(dtype):
+  """bitlinear_glu(gate, up) == bitlinear(glu_input(gate, up)): outputs and gradients
+  (to gate, up, the norm weight and the kernel)."""
+  x, norm_w, w, c = _inputs()
+  gate, up = x.astype(dtype), (0.5 * x + 1).astype(dtype)
+  fused = lambda g, u, nw, w: bl.bitlinear_glu(g, u, nw, w, 1e-8, dtype, jnp.float32)
+  plain = lambda g, u, nw, w: bl.bitlinear(bl.glu_input(g, u, dtype), nw, w, 1e-8, dtype, jnp.float32)
+  out_f, grads_f = _grads(fused, (gate, up, norm_w, w), c)
+  out_p, grads_p = _grads(plain, (gate, up, norm_w, w), c)
+  tol = 1e-5 if dtype == jnp.float32 else 1e-2
+  for a, b in zip((out_f, *grads_f), (out_p, *grads_p)):
+    a, b = np.float32(a), np.float32(b)
+    np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max())
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="Pallas GPU kernel needs a GPU")
-def test_pallas_bitlinear_on_gpu_matches_xla():
+@pytest.mark.parametrize("group", ["one", "shared", "glu"])
+def test_pallas_bitlinear_on_gpu_matches_xla(group):
   """On the GPU: same outputs and gradients as the XLA path (codes may differ by one step
   where float32 summation order moves an activation across a rounding boundary)."""
   x, norm_w, w, c = _inputs(k=2816, n=256, shape=(4, 64))
+  fns = {
+      "one": lambda x, nw, w, impl: bl.bitlinear(x, nw, w, 1e-8, jnp.float32, jnp.float32, impl),
+      "shared": lambda x, nw, w, impl: bl.bitlinear_shared(
+          x, (nw, 1.1 * nw), (w, -w), 1e-8, jnp.float32, jnp.float32, impl),
+      "glu": lambda x, nw, w, impl: bl.bitlinear_glu(
+          x, x * 0.5 + 1, nw, w, 1e-8, jnp.float32, jnp.float32, impl)}
+  cot = (c, 2 * c) if group == "shared" else c
   runs = {}
   for impl in ("xla", "pallas"):
-    f = jax.jit(lambda x, nw, w: bl.bitlinear(x, nw, w, 1e-8, jnp.float32, jnp.float32, impl))
+    f = jax.jit(lambda x, nw, w: fns[group](x, nw, w, impl))
     if impl == "pallas":
       assert "bitlinear_act_codes" in f.lower(x, norm_w, w).as_text()
-    out, vjp = jax.vjp(f, x, norm_w, w)
-    runs[impl] = (out,) + vjp(c)
-  for a, b in zip(runs["pallas"], runs["xla"]):
+      grad = jax.jit(jax.grad(lambda *a: jnp.sum(jnp.stack(jax.tree.leaves(f(*a))))))
+      assert "bitlinear_bwd" in grad.lower(x, norm_w, w).as_text()
+    runs[impl] = _grads(f, (x, norm_w, w), cot)
+  for a, b in zip(jax.tree.leaves(runs["pallas"]), jax.tree.leaves(runs["xla"])):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * np.abs(b).max())
 
 
 def test_pallas_kernel_is_used_for_training_shapes_not_decode_steps():
-  """impl="pallas" puts the kernel in the program (its CUDA branch) for >= KERNEL_MIN_ROWS
+  """impl="pallas" puts the kernels in the program (their CUDA branch) for >= KERNEL_MIN_ROWS
   tokens; a decode step's few rows keep the XLA expression."""
   _, norm_w, w, _ = _inputs(k=64, n=32)
   for rows, expect in ((bl.KERNEL_MIN_ROWS, True), (4, False)):
     x = jnp.ones((rows, 1, 64))
-    jaxpr = jax.make_jaxpr(lambda x: bl.bitlinear(x, norm_w, w, 1e-8, jnp.float32, None, "pallas"))(x)
-    assert ("bitlinear_act_codes" in str(jaxpr)) == expect
+    f = lambda x: jnp.sum(bl.bitlinear(x, norm_w, w, 1e-8, jnp.float32, None, "pallas"))
+    jaxpr = str(jax.make_jaxpr(jax.grad(f))(x))
+    assert ("bitlinear_act_codes" in jaxpr) == expect
+    assert ("bitlinear_bwd" in jaxpr) == expect

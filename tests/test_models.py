@@ -117,11 +117,13 @@ def test_every_param_has_logical_axes():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_remat_policies_agree(arch):
+def test_remat_policies_and_unrolled_layers_agree(arch):
+  """Same loss and gradients (same parameter tree) for every remat policy, with the
+  layer loop or unrolled."""
   toks = jax.random.randint(jax.random.key(1), (2, 8), 0, 100)
   results = []
-  for remat in ("none", "lean", "full"):
-    cfg = preset("micro", arch, dtype="float32", remat=remat)
+  for remat, unroll in (("none", False), ("lean", False), ("full", False), ("lean", True)):
+    cfg = preset("micro", arch, dtype="float32", remat=remat, unroll_layers=unroll)
     params = nn.unbox(init_params(cfg, jax.random.key(0)))
     loss = lambda p: jnp.mean(LM(cfg).apply({"params": p}, toks)[0] ** 2)
     results.append(jax.value_and_grad(loss)(params))
@@ -136,5 +138,7 @@ def test_bad_config_is_a_clear_error():
     preset("tiny", "rwkv")
   with pytest.raises(ConfigError, match="preset"):
     preset("7B")
+  with pytest.raises(ConfigError, match="unroll_layers=False"):
+    preset("tiny", remat="full", unroll_layers=True)
   with pytest.raises(ConfigError, match="unknown model config key"):
     from_dict({"d_modle": 3})

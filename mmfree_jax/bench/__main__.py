@@ -15,11 +15,11 @@ import sys
 from absl import app, flags
 
 _SUITE = flags.DEFINE_enum("suite", "gpu", ["gpu", "quick"], "Which case list to run.")
-_ONLY = flags.DEFINE_list("only", [], "Case kinds to run (bitlinear, recurrence, train, decode, "
-                                      "profile).")
+_ONLY = flags.DEFINE_list("only", [], "Case kinds to run (bitlinear, bitlinear_bwd, recurrence, "
+                                      "train, decode, profile).")
 _FILTER = flags.DEFINE_string("filter", "", "Run only cases whose JSON spec contains this substring.")
 _OUT = flags.DEFINE_string("out", "", "Directory for bench.json / bench.md.")
-_ONE = flags.DEFINE_string("one", "", "Internal: run one case given as JSON, print JSON.")
+_ONE = flags.DEFINE_string("one", "", "Run one case given as JSON (e.g. a kernel tile), print JSON.")
 _TIMEOUT = flags.DEFINE_integer("case_timeout", 300, "Seconds per case before it is abandoned.")
 
 
@@ -27,6 +27,8 @@ def suite(name: str) -> list[dict]:
   if name == "quick":
     return ([{"kind": "bitlinear", "variant": v, "d": 128, "tokens": 256, "iters": 3}
              for v in ("lean", "naive")]
+            + [{"kind": "bitlinear_bwd", "k": 96, "n": n, "glu": g, "tokens": 64, "iters": 2}
+               for n, g in ((3, False), (1, True))]
             + [{"kind": "recurrence", "impl": i, "b": 2, "t": 64, "d": 32, "iters": 3}
                for i in ("sequential", "associative", "chunked", "pallas")]
             + [{"kind": "train", "arch": a, "size": "micro", "batch": 2, "seq_len": 32,
@@ -36,6 +38,10 @@ def suite(name: str) -> list[dict]:
                 "iters": 1} for a in ("mmfree", "transformer")])
   cases = [{"kind": "bitlinear", "variant": v, "d": d, "impl": i}
            for d in (1024, 2048) for v, i in (("lean", "pallas"), ("lean", "xla"), ("naive", "xla"))]
+  # The backward kernel per group shape of the 1.3B model (f/i/g, one projection, GLU down);
+  # add "rows"/"warps" to a spec (--one) to sweep the tile.
+  cases += [{"kind": "bitlinear_bwd", "k": k, "n": n, "glu": g}
+            for k, n, g in ((2048, 3, False), (2048, 1, False), (5632, 1, True))]
   for shape in ((8, 2048, 1024), (16, 2048, 2048)):
     for impl in ("pallas", "associative"):
       cases.append({"kind": "recurrence", "impl": impl, "b": shape[0], "t": shape[1],
@@ -48,7 +54,9 @@ def suite(name: str) -> list[dict]:
   cases.append({"kind": "train", "arch": "mmfree", "size": "370M", "batch": 8, "remat": "lean", **xla})
   for size in ("370M", "1.3B"):
     for batch in (8, 16):
-      cases.append({"kind": "train", "arch": "mmfree", "size": size, "batch": batch, "remat": "lean"})
+      for unroll in (False, True):  # the layer loop, and straight-line blocks (fastest)
+        cases.append({"kind": "train", "arch": "mmfree", "size": size, "batch": batch,
+                      "remat": "lean", **({"unroll_layers": True} if unroll else {})})
     cases.append({"kind": "train", "arch": "mmfree", "size": size, "batch": 16, "remat": "full"})
     if size == "370M":  # at 1.3B, keeping everything does not fit
       cases.append({"kind": "train", "arch": "mmfree", "size": size, "batch": 16, "remat": "none"})

@@ -119,6 +119,36 @@ def recurrence_case(impl: str, b: int, t: int, d: int, chunk: int = 16, iters: i
           "fwd_hbm_frac": floor_f / t_f, "fwdbwd_hbm_frac": floor_fb / t_fb, "max_err": err}
 
 
+def bitlinear_bwd_case(k: int, n: int = 1, glu: bool = False, rows: int = 1, warps: int = 0,
+                       tokens: int = 16384, iters: int = 20) -> dict:
+  """The BitLinear backward kernel alone (`bitlinear_pallas.backward`) for one tile choice.
+
+  HBM floor: read the input(s) and the n cotangents, write the input gradient(s) and the n
+  weight-gradient operands, once each (bf16). Off GPU the kernel runs in interpret mode.
+  `max_err`: largest difference from the XLA expression relative to its magnitude.
+  """
+  from mmfree_jax.layers import bitlinear as bl  # noqa: PLC0415
+  from mmfree_jax.layers import bitlinear_pallas  # noqa: PLC0415
+  keys = jax.random.split(jax.random.key(2), 2 + glu + n)
+  xs = tuple(jax.random.normal(kk, (tokens, k), jnp.bfloat16) for kk in keys[:1 + glu])
+  dys = tuple(jax.random.normal(kk, (tokens, k), jnp.bfloat16) for kk in keys[1 + glu:-1])
+  norm_w = 1 + 0.1 * jax.random.normal(keys[-1], (n, k))
+  interpret = jax.default_backend() != "gpu"
+  run = jax.jit(lambda xs, dys, w: bitlinear_pallas.backward(
+      xs, dys, w, 0.5 * w, 1e-8, glu, rows=rows, num_warps=warps, interpret=interpret))
+  t = median_time(lambda: run(xs, dys, norm_w), iters)
+  rows_out, parts = bl._xla_backward(*xs, *dys, norm_w, 0.5 * norm_w, nx=len(xs), n=n, eps=1e-8,
+                                     glu=glu)
+  got = run(xs, dys, norm_w)
+  err = max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - w.astype(jnp.float32)))
+                  / jnp.max(jnp.abs(w.astype(jnp.float32))))
+            for g, w in zip([*got[0], *got[1], *got[2]], [*rows_out, *parts]))
+  floor = 2 * (len(xs) + n) * tokens * k * 2 / HBM_BW
+  return {"case": f"bitlinear_bwd-k{k}-n{n}{'-glu' if glu else ''}-rows{rows}-warps{warps or 'auto'}",
+          "ms": t * 1e3, "GB_per_s": 2 * (len(xs) + n) * tokens * k * 2 / t / 1e9,
+          "hbm_frac": floor / t, "max_err": err}
+
+
 def _train_setup(arch: str, size: str, batch: int, remat: str, seq_len: int,
                  attention_impl: str | None, **model_kw):
   """Compiled train step, a donated state and two random batches."""
@@ -294,5 +324,6 @@ def decode_case(arch: str, size: str, batch: int = 1, prompt: int = 128, new: in
 
 
 CASES: dict[str, Callable[..., dict]] = {
-    "bitlinear": bitlinear_case, "recurrence": recurrence_case, "train": train_case,
+    "bitlinear": bitlinear_case, "bitlinear_bwd": bitlinear_bwd_case, "recurrence": recurrence_case,
+    "train": train_case,
     "profile": profile_case, "decode": decode_case}

@@ -10,8 +10,12 @@ in bfloat16) with float32 accumulation, then applies both scales. With float32 c
 result is the quantized product up to float32 rounding; with bf16 compute the integer
 product is rounded once to bf16 before scaling (relative error <= 2^-9, like any bf16
 matmul output). `mmfree_jax.infer.packed` has an exact int8 x int8 -> int32 path.
-impl "pallas" computes the codes with one fused Pallas kernel on CUDA GPUs
-(`bitlinear_pallas`).
+impl "pallas" runs the elementwise work around the matmuls as fused Pallas kernels on
+CUDA GPUs (`bitlinear_pallas`): the input norm + int8 codes, and in the backward pass the
+norm backward, the fake-quantized activations for the weight gradient and the norm-weight
+gradient's partial sums. `bitlinear_shared` runs several projections of one input as a
+group (one read of the input, one input gradient); `bitlinear_glu` takes the GLU's
+(gate, up) pair as input without materializing `silu(gate) * up`.
 """
 
 from __future__ import annotations
@@ -76,45 +80,144 @@ def _mm(a: jax.Array, b: jax.Array, dtype, out=F32) -> jax.Array:
       preferred_element_type=out)
 
 
-def _xla_codes(x, norm_w, eps, out_dtype=F32):
+def glu_input(gate: jax.Array, up: jax.Array, dtype) -> jax.Array:
+  """`silu(gate) * up` in float32, rounded to `dtype` (the GLU's down-projection input)."""
+  return (jax.nn.silu(gate.astype(F32)) * up.astype(F32)).astype(dtype)
+
+
+def _input(xs, glu: bool, dtype):
+  return glu_input(*xs, dtype) if glu else xs[0]
+
+
+def _rows(fn, nx: int, n: int):
+  """Runs `fn` (written for [M, K] rows) on [..., K] inputs: flattens the leading dims of
+  the first nx + n arguments and restores them on the results in fn's first list (the
+  second holds per-block results, left as they are)."""
+  def run(*args):
+    lead = args[0].shape[:-1]
+    flat = [a.reshape(-1, a.shape[-1]) for a in args[:nx + n]]
+    rows, blocks = fn(*flat, *args[nx + n:])
+    return [r.reshape(*lead, r.shape[-1]) for r in rows], blocks
+  return run
+
+
+def _xla_codes(*args, eps, out_dtype, glu):
+  *xs, norm_w_NxK = args
+  xhat, _ = rms_normalize(_input(xs, glu, out_dtype), eps)
+  qs, ss = zip(*(activation_codes(xhat * w) for w in norm_w_NxK.astype(F32)))
+  return [*(q.astype(out_dtype) for q in qs), *ss], []
+
+
+def _pallas_codes(*args, eps, out_dtype, glu):
+  *xs, norm_w_NxK = args
+  qs, ss = bitlinear_pallas.activation_codes(tuple(xs), norm_w_NxK, eps, out_dtype, glu,
+                                             out_dtype)
+  return [*qs, *ss], []
+
+
+def _dispatch(kernel, xla, args, nx: int, n: int, impl: str, replicated: int):
+  """XLA for impl "xla" and for fewer than `KERNEL_MIN_ROWS` tokens (decode steps: XLA
+  fuses those few rows into neighbouring ops); otherwise the kernel on CUDA GPUs (per
+  device under a data/fsdp mesh) and XLA elsewhere (`sharding.cuda_kernel`)."""
+  kernel, xla = _rows(kernel, nx, n), _rows(xla, nx, n)
+  if impl != "pallas" or math.prod(args[0].shape[:-1]) < KERNEL_MIN_ROWS:
+    return xla(*args)
+  first = len(args) - replicated
+  return sharding.cuda_kernel(kernel, xla, *args, replicated_args=tuple(range(first, len(args))))
+
+
+def _codes(xs, norm_w_NxK, eps, dtype, impl, glu):
+  """(activation codes as `dtype`, per-token scales s [..., 1]) for each norm weight."""
+  kw = dict(eps=eps, out_dtype=dtype, glu=glu)
+  out, _ = _dispatch(functools.partial(_pallas_codes, **kw), functools.partial(_xla_codes, **kw),
+                     (*xs, norm_w_NxK), len(xs), 0, impl, 1)
+  n = norm_w_NxK.shape[0]
+  return out[:n], out[n:]
+
+
+def _xla_backward(*args, nx, n, eps, glu):
+  xs, dys, (norm_w_NxK, wg_NxK) = args[:nx], args[nx:nx + n], args[nx + n:]
+  x, glu_vjp = jax.vjp(lambda *xs: _input(xs, glu, dys[0].dtype), *xs)
   xhat, rstd = rms_normalize(x, eps)
-  q, s = activation_codes(xhat * norm_w.astype(F32))
-  return q.astype(out_dtype), s, rstd
+  dys32 = [dy.astype(F32) for dy in dys]
+  dxhat = sum(dy * wg for dy, wg in zip(dys32, wg_NxK))
+  dx = rstd * (dxhat - xhat * jnp.mean(dxhat * xhat, axis=-1, keepdims=True))
+  yqs = []
+  for w in norm_w_NxK:
+    q, s = activation_codes(xhat * w)
+    yqs.append((q / s).astype(dys[0].dtype))
+  bm = bitlinear_pallas.block_rows(x.shape[0])
+  parts = [(dy * xhat).reshape(-1, bm, x.shape[-1]).sum(1) for dy in dys32]
+  dxs = glu_vjp(dx.astype(x.dtype)) if glu else (dx.astype(x.dtype),)
+  return [*dxs, *yqs], parts
 
 
-def _codes(x, norm_w, eps, dtype, impl):
-  """(activation codes as `dtype`, per-token scale s, rstd) of the normalized input.
-
-  impl "pallas": one fused kernel on CUDA GPUs (`bitlinear_pallas`; per device under a
-  data/fsdp mesh), the XLA expression on other platforms, on tensor-parallel meshes and
-  for fewer than `KERNEL_MIN_ROWS` tokens (decode steps: XLA fuses those few rows into
-  neighbouring ops); "xla": the XLA expression everywhere.
-  """
-  xla = lambda x, norm_w: _xla_codes(x, norm_w, eps, dtype)
-  if impl != "pallas" or math.prod(x.shape[:-1]) < KERNEL_MIN_ROWS:
-    return xla(x, norm_w)
-  k = x.shape[-1]
-
-  def kernel(x, norm_w):
-    q, s, rstd = bitlinear_pallas.activation_codes(x.reshape(-1, k), norm_w, eps, dtype)
-    lead = x.shape[:-1]
-    return q.reshape(*lead, k), s.reshape(*lead, 1), rstd.reshape(*lead, 1)
-  return sharding.cuda_kernel(kernel, xla, x, norm_w, replicated_args=(1,))
+def _pallas_backward(*args, nx, n, eps, glu):
+  xs, dys, (norm_w_NxK, wg_NxK) = args[:nx], args[nx:nx + n], args[nx + n:]
+  dxs, yqs, parts = bitlinear_pallas.backward(tuple(xs), tuple(dys), norm_w_NxK, wg_NxK, eps,
+                                              glu, dys[0].dtype)
+  return [*dxs, *yqs], parts
 
 
-def _forward(x, norm_w, w, eps, dtype, impl):
-  q, s, _ = _codes(x, norm_w, eps, dtype, impl)
-  t, g = weight_codes(w)
-  # The integer product is rounded once to the compute dtype (exact in float32; in
-  # bf16 the same relative error as rounding the scaled result), then scaled in f32.
-  return _mm(q, t, dtype, out=dtype).astype(F32) * (g / s)
+def _weights(ws):
+  tg = [weight_codes(w) for w in ws]
+  return [t for t, _ in tg], [g for _, g in tg]
 
 
 def _split(out, splits):
   return out if splits == 1 else tuple(jnp.split(out, splits, axis=-1))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _forward(xs, norm_ws, ws, eps, dtype, out_dtype, impl, splits, glu):
+  qs, ss = _codes(xs, jnp.stack(norm_ws), eps, dtype, impl, glu)
+  ts, gs = _weights(ws)
+  # The integer product is rounded once to the compute dtype (exact in float32; in
+  # bf16 the same relative error as rounding the scaled result), then scaled in f32.
+  outs = [(_mm(q, t, dtype, out=dtype).astype(F32) * (g / s)).astype(out_dtype or dtype)
+          for q, s, t, g in zip(qs, ss, ts, gs)]
+  return tuple(_split(o, splits) for o in outs)
+
+
+_group = jax.custom_vjp(_forward, nondiff_argnums=(3, 4, 5, 6, 7, 8))
+
+
+def _group_fwd(xs, norm_ws, ws, eps, dtype, out_dtype, impl, splits, glu):
+  return _forward(xs, norm_ws, ws, eps, dtype, out_dtype, impl, splits, glu), (xs, norm_ws, ws)
+
+
+def _group_bwd(eps, dtype, out_dtype, impl, splits, glu, res, g_outs):
+  del out_dtype
+  xs, norm_ws, ws = res
+  ts, gs = _weights(ws)
+  g_outs = [go if splits > 1 else (go,) for go in g_outs]
+  # STE: d(out)/d(y) = W_q^T, d(out)/d(W) = y_q^T (per output slice).
+  dys = []
+  for gos, t in zip(g_outs, ts):
+    parts = jnp.split(t.astype(dtype), splits, axis=1)
+    dys.append(sum(jax.lax.dot_general(go.astype(dtype), tp, (((go.ndim - 1,), (1,)), ((), ())),
+                                       preferred_element_type=dtype) for go, tp in zip(gos, parts)))
+  norm_w_NxK = jnp.stack(norm_ws).astype(F32)
+  wg_NxK = norm_w_NxK * jnp.stack(gs)[:, None]
+  nx, n = len(xs), len(ws)
+  kw = dict(nx=nx, n=n, eps=eps, glu=glu)
+  rows, parts = _dispatch(functools.partial(_pallas_backward, **kw),
+                          functools.partial(_xla_backward, **kw),
+                          (*xs, *dys, norm_w_NxK, wg_NxK), nx, n, impl, 2)
+  dxs, yqs = rows[:nx], rows[nx:]
+  dnorms = [(g * p.sum(0)).astype(nw.dtype) for g, p, nw in zip(gs, parts, norm_ws)]
+  dws = []
+  for yq, gos, w in zip(yqs, g_outs, ws):
+    yq = yq.reshape(-1, yq.shape[-1])
+    dws.append(jnp.concatenate([
+        jax.lax.dot_general(yq, go.reshape(-1, go.shape[-1]).astype(dtype),
+                            (((0,), (0,)), ((), ())), preferred_element_type=F32)
+        for go in gos], axis=1).astype(w.dtype))
+  return tuple(dx.astype(x.dtype) for dx, x in zip(dxs, xs)), tuple(dnorms), tuple(dws)
+
+
+_group.defvjp(_group_fwd, _group_bwd)
+
+
 def bitlinear(x: jax.Array, norm_w: jax.Array, w: jax.Array, eps: float = 1e-8,
               dtype=jnp.bfloat16, out_dtype=None, impl: str = "xla", splits: int = 1):
   """BitLinear forward `x[..., K] -> [..., N]` with a recomputing backward.
@@ -126,47 +229,31 @@ def bitlinear(x: jax.Array, norm_w: jax.Array, w: jax.Array, eps: float = 1e-8,
     eps: RMSNorm epsilon.
     dtype: matmul operand dtype (bfloat16 or float32).
     out_dtype: output dtype (default: `dtype`).
-    impl: "xla" or "pallas" (fused input prologue on CUDA GPUs; see `_codes`).
+    impl: "xla" or "pallas" (fused kernels around the matmuls on CUDA GPUs; `_dispatch`).
     splits: > 1 returns the output as that many equal slices of N (one matmul, one
       weight scale); their cotangents never get concatenated in the backward pass.
 
   Returns:
     [..., N] in out_dtype, or a tuple of `splits` arrays [..., N / splits].
   """
-  return _split(_forward(x, norm_w, w, eps, dtype, impl).astype(out_dtype or dtype), splits)
+  return _group((x,), (norm_w,), (w,), eps, dtype, out_dtype, impl, splits, False)[0]
 
 
-def _bitlinear_fwd(x, norm_w, w, eps, dtype, out_dtype, impl, splits):
-  out = _forward(x, norm_w, w, eps, dtype, impl).astype(out_dtype or dtype)
-  return _split(out, splits), (x, norm_w, w)
+def bitlinear_shared(x: jax.Array, norm_ws: Sequence[jax.Array], ws: Sequence[jax.Array],
+                     eps: float = 1e-8, dtype=jnp.bfloat16, out_dtype=None,
+                     impl: str = "xla") -> tuple[jax.Array, ...]:
+  """Several BitLinears of the same input (each its own norm weight and kernel): the
+  same results as separate `bitlinear` calls, with the input read once by each kernel
+  and one input gradient."""
+  return _group((x,), tuple(norm_ws), tuple(ws), eps, dtype, out_dtype, impl, 1, False)
 
 
-def _bitlinear_bwd(eps, dtype, out_dtype, impl, splits, res, g_out):
-  del out_dtype
-  x, norm_w, w = res
-  q, s, rstd = _codes(x, norm_w, eps, dtype, impl)
-  xhat = x.astype(F32) * rstd
-  t, g = weight_codes(w)
-  g_outs = g_out if splits > 1 else (g_out,)
-  t_parts = jnp.split(t.astype(dtype), splits, axis=1)
-  # STE: d(out)/d(y) = W_q^T, d(out)/d(W) = y_q^T (per output slice).
-  dy = sum(jax.lax.dot_general(go.astype(dtype), tp, (((go.ndim - 1,), (1,)), ((), ())),
-                               preferred_element_type=dtype).astype(F32)
-           for go, tp in zip(g_outs, t_parts)) * g
-  yq = (q.astype(F32) / s).reshape(-1, q.shape[-1]).astype(dtype)
-  dw = jnp.concatenate([
-      jax.lax.dot_general(yq, go.reshape(-1, go.shape[-1]).astype(dtype),
-                          (((0,), (0,)), ((), ())), preferred_element_type=F32)
-      for go in g_outs], axis=1)
-  # RMSNorm backward.
-  red = tuple(range(x.ndim - 1))
-  dnorm_w = jnp.sum(dy * xhat, axis=red)
-  dxhat = dy * norm_w.astype(F32)
-  dx = rstd * (dxhat - xhat * jnp.mean(dxhat * xhat, axis=-1, keepdims=True))
-  return dx.astype(x.dtype), dnorm_w.astype(norm_w.dtype), dw.astype(w.dtype)
-
-
-bitlinear.defvjp(_bitlinear_fwd, _bitlinear_bwd)
+def bitlinear_glu(gate: jax.Array, up: jax.Array, norm_w: jax.Array, w: jax.Array,
+                  eps: float = 1e-8, dtype=jnp.bfloat16, out_dtype=None,
+                  impl: str = "xla") -> jax.Array:
+  """`bitlinear(glu_input(gate, up, dtype), ...)` without materializing the product:
+  the kernels read gate and up, and the backward returns their gradients."""
+  return _group((gate, up), (norm_w,), (w,), eps, dtype, out_dtype, impl, 1, True)[0]
 
 
 def bitlinear_naive(x, norm_w, w, eps: float = 1e-8, dtype=jnp.bfloat16, out_dtype=None,
@@ -181,8 +268,20 @@ def bitlinear_naive(x, norm_w, w, eps: float = 1e-8, dtype=jnp.bfloat16, out_dty
   return _split(_mm(y_q, w_q, dtype).astype(out_dtype or dtype), splits)
 
 
+def _declare(module: nn.Module, k: int, features: int, axes, kernel_init):
+  """The input-norm weight [k] and latent kernel [k, features] of one BitLinear."""
+  norm_w = module.param("norm", nn.with_logical_partitioning(nn.initializers.ones, axes[:1]),
+                        (k,), F32)
+  w = module.param("kernel", nn.with_logical_partitioning(kernel_init, axes), (k, features), F32)
+  return norm_w, w
+
+
 class BitLinear(nn.Module):
-  """Ternary projection with its own input RMSNorm; kernel stored [in, out] in float32."""
+  """Ternary projection with its own input RMSNorm; kernel stored [in, out] in float32.
+
+  With `glu=True` the input is the pair (gate, up) and the projected activation is
+  `glu_input(gate, up)` (`bitlinear_glu`).
+  """
 
   features: int
   axes: tuple[str, str] = ("embed", "mlp")
@@ -193,17 +292,33 @@ class BitLinear(nn.Module):
   lean: bool = True
   impl: str = "xla"
   splits: int = 1
+  glu: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    k = x.shape[-1]
-    norm_w = self.param("norm", nn.with_logical_partitioning(nn.initializers.ones, self.axes[:1]),
-                        (k,), F32)
-    w = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
-                   (k, self.features), F32)
-    fn = bitlinear if self.lean else bitlinear_naive
-    out = fn(x, norm_w, w, self.eps, self.dtype, self.out_dtype, self.impl, self.splits)
+  def __call__(self, x):
+    k = (x[1] if self.glu else x).shape[-1]
+    norm_w, w = _declare(self, k, self.features, self.axes, self.kernel_init)
+    args = (self.eps, self.dtype, self.out_dtype, self.impl)
+    if self.glu and self.lean:
+      out = bitlinear_glu(*x, norm_w, w, *args)
+    else:
+      if self.glu:
+        x = glu_input(*x, self.dtype)
+      out = (bitlinear if self.lean else bitlinear_naive)(x, norm_w, w, *args, self.splits)
     return jax.tree.map(lambda o: checkpoint_name(o, "proj"), out)
+
+
+class BitLinearWeights(nn.Module):
+  """The parameters of a `BitLinear` (same names and layout) without the projection:
+  for a parent that runs several BitLinears of one input as a group (`bitlinear_shared`)."""
+
+  features: int
+  axes: tuple[str, str] = ("embed", "mlp")
+  kernel_init: Callable = nn.initializers.normal(0.02)
+
+  @nn.compact
+  def __call__(self, k: int) -> tuple[jax.Array, jax.Array]:
+    return _declare(self, k, self.features, self.axes, self.kernel_init)
 
 
 def xavier_uniform(gain: float) -> Callable:
@@ -218,6 +333,7 @@ def ternary_stats(w: jax.Array) -> dict[str, jax.Array]:
 
 
 __all__: Sequence[str] = (
-    "BitLinear", "bitlinear", "bitlinear_naive", "activation_codes", "activation_quant",
+    "BitLinear", "BitLinearWeights", "bitlinear", "bitlinear_shared", "bitlinear_glu",
+    "glu_input", "bitlinear_naive", "activation_codes", "activation_quant",
     "weight_codes", "weight_quant", "round_half_away", "rms_normalize", "xavier_uniform",
     "ternary_stats")

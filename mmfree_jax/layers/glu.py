@@ -32,10 +32,10 @@ class GLU(nn.Module):
                          kernel_init=nn.initializers.normal(cfg.init_std), impl=cfg.bitlinear_impl,
                          splits=2, name="gate_proj")(m_BxTxD)
     gate, up = (nn.with_logical_constraint(a, ("batch", "length", "mlp")) for a in (gate, up))
-    z_BxTxI = (nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(dt)
+    # down(silu(gate) * up): the product is formed inside the down projection's kernels.
     return BitLinear(cfg.d_model, ("mlp", "embed"), cfg.bitlinear_eps, dt,
-                     kernel_init=_down_init(cfg), impl=cfg.bitlinear_impl,
-                     name="down_proj")(z_BxTxI)
+                     kernel_init=_down_init(cfg), impl=cfg.bitlinear_impl, glu=True,
+                     name="down_proj")((gate, up))
 
 
 class SwiGLU(nn.Module):

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from mmfree_jax.config import ModelConfig
-from mmfree_jax.layers.bitlinear import BitLinear, xavier_uniform
+from jax.ad_checkpoint import checkpoint_name
+
+from mmfree_jax.layers.bitlinear import BitLinear, BitLinearWeights, bitlinear_shared, xavier_uniform
 from mmfree_jax.layers.norm import RMSNorm
 from mmfree_jax.layers.scan import linear_recurrence
 
@@ -37,17 +37,21 @@ class MLGRU(nn.Module):
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
     d = cfg.d_model
-    proj = functools.partial(BitLinear, d, eps=cfg.bitlinear_eps, dtype=dt,
-                             kernel_init=xavier_uniform(2**-2.5), impl=cfg.bitlinear_impl)
-    f = nn.sigmoid(proj(("embed", "state"), name="f_proj")(a_BxTxD).astype(F32))
+    init = xavier_uniform(2**-2.5)
+    # f, i and g project the same input: one group (one read of `a`, one gradient for it).
+    norms, kernels = zip(*(BitLinearWeights(d, ("embed", "state"), init, name=name)(a_BxTxD.shape[-1])
+                           for name in ("f_proj", "i_proj", "g_proj")))
+    f, i, g = (checkpoint_name(o, "proj") for o in bitlinear_shared(
+        a_BxTxD, norms, kernels, cfg.bitlinear_eps, dt, None, cfg.bitlinear_impl))
+    f = nn.sigmoid(f.astype(F32))
     if lb_D is not None:
       f = lb_D + (1.0 - lb_D) * f
-    i = (nn.silu(proj(("embed", "state"), name="i_proj")(a_BxTxD).astype(F32)) * (1.0 - f)).astype(dt)
+    i = (nn.silu(i.astype(F32)) * (1.0 - f)).astype(dt)
     h_BxTxD, h_last = linear_recurrence(f, i, h0_BxD, resets_BxT, cfg.scan_impl, cfg.scan_chunk)
-    g = proj(("embed", "state"), name="g_proj")(a_BxTxD)
     if cfg.gate == "code":
       o = RMSNorm(cfg.norm_eps, "state", name="g_norm")(g) * nn.silu(h_BxTxD)
     else:
       o = nn.sigmoid(g.astype(F32)) * h_BxTxD
     o = nn.with_logical_constraint(o.astype(dt), ("batch", "length", "state"))
-    return proj(("state", "embed"), name="o_proj")(o), h_last
+    return BitLinear(d, ("state", "embed"), cfg.bitlinear_eps, dt, kernel_init=init,
+                     impl=cfg.bitlinear_impl, name="o_proj")(o), h_last
