@@ -46,6 +46,7 @@ class MLGRU(nn.Module):
     f = nn.sigmoid(f.astype(F32))
     if lb_D is not None:
       f = lb_D + (1.0 - lb_D) * f
+    self.sow("intermediates", "forget_gate", f)  # for inspection (capture_intermediates)
     i = (nn.silu(i.astype(F32)) * (1.0 - f)).astype(dt)
     h_BxTxD, h_last = linear_recurrence(f, i, h0_BxD, resets_BxT, cfg.scan_impl, cfg.scan_chunk)
     if cfg.gate == "code":
