@@ -193,9 +193,9 @@ def _group_bwd(eps, dtype, out_dtype, impl, splits, glu, res, g_outs):
   # STE: d(out)/d(y) = W_q^T, d(out)/d(W) = y_q^T (per output slice).
   dys = []
   for gos, t in zip(g_outs, ts):
-    parts = jnp.split(t.astype(dtype), splits, axis=1)
+    t_parts = jnp.split(t.astype(dtype), splits, axis=1)
     dys.append(sum(jax.lax.dot_general(go.astype(dtype), tp, (((go.ndim - 1,), (1,)), ((), ())),
-                                       preferred_element_type=dtype) for go, tp in zip(gos, parts)))
+                                       preferred_element_type=dtype) for go, tp in zip(gos, t_parts)))
   norm_w_NxK = jnp.stack(norm_ws).astype(F32)
   wg_NxK = norm_w_NxK * jnp.stack(gs)[:, None]
   nx, n = len(xs), len(ws)
