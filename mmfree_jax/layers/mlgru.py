@@ -5,10 +5,9 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
-from mmfree_jax.config import ModelConfig
 from jax.ad_checkpoint import checkpoint_name
 
+from mmfree_jax.config import ModelConfig
 from mmfree_jax.layers.bitlinear import BitLinear, BitLinearWeights, bitlinear_shared, xavier_uniform
 from mmfree_jax.layers.norm import RMSNorm
 from mmfree_jax.layers.scan import linear_recurrence
