@@ -123,7 +123,8 @@ class LM(nn.Module):
 
     stack = nn.scan(_remat(Block, cfg.remat), variable_axes={"params": 0},
                     split_rngs={"params": True}, in_axes=(0, nn.broadcast), length=cfg.n_layers,
-                    unroll=cfg.n_layers if cfg.unroll_layers else 1, metadata_params={nn.PARTITION_NAME: "layers"})
+                    unroll=cfg.n_layers if cfg.unroll_layers else 1,
+                    metadata_params={nn.PARTITION_NAME: "layers"})
     x, per_layer = stack(cfg, name="layers")(x, layer_in, ctx)
 
     x = RMSNorm(cfg.norm_eps, name="norm")(x)

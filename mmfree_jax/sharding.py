@@ -103,11 +103,12 @@ def cuda_kernel(kernel, fallback, *args, replicated_args: tuple[int, ...] = ()):
   """`kernel(*args)` on CUDA GPUs, `fallback(*args)` (same math in XLA) elsewhere.
 
   The platform is picked at lowering (`lax.platform_dependent`). XLA cannot partition a
-  custom kernel, so every argument (except those in `replicated_args`) and every result
-  must have the batch as its leading dimension: with no mesh in context, or a one-device
-  mesh, the dispatch runs as is; under a (data, fsdp) mesh it runs inside `jax.shard_map`
-  on each device's own rows; with a tensor axis > 1, or a batch the mesh does not divide,
-  `fallback` runs and XLA partitions it.
+  custom kernel, so every argument (except those in `replicated_args`) must have the
+  batch as its leading dimension, and every result a leading dimension that splits with
+  it (the batch, or per-block partial results over the rows): with no mesh in context,
+  or a one-device mesh, the dispatch runs as is; under a (data, fsdp) mesh it runs inside
+  `jax.shard_map` on each device's own rows; with a tensor axis > 1, or a batch the mesh
+  does not divide, `fallback` runs and XLA partitions it.
   """
   def run(*a):
     return jax.lax.platform_dependent(*a, cuda=kernel, default=fallback)

@@ -24,6 +24,7 @@ import numpy as np
 from mmfree_jax import sharding
 from mmfree_jax.config import preset
 from mmfree_jax.layers import bitlinear as bl
+from mmfree_jax.layers import bitlinear_pallas
 from mmfree_jax.layers.scan import linear_recurrence
 from mmfree_jax.models import init_params, param_counts
 from mmfree_jax.scaling import flops as flops_lib
@@ -127,8 +128,6 @@ def bitlinear_bwd_case(k: int, n: int = 1, glu: bool = False, rows: int = 1, war
   weight-gradient operands, once each (bf16). Off GPU the kernel runs in interpret mode.
   `max_err`: largest difference from the XLA expression relative to its magnitude.
   """
-  from mmfree_jax.layers import bitlinear as bl  # noqa: PLC0415
-  from mmfree_jax.layers import bitlinear_pallas  # noqa: PLC0415
   keys = jax.random.split(jax.random.key(2), 2 + glu + n)
   xs = tuple(jax.random.normal(kk, (tokens, k), jnp.bfloat16) for kk in keys[:1 + glu])
   dys = tuple(jax.random.normal(kk, (tokens, k), jnp.bfloat16) for kk in keys[1 + glu:-1])
@@ -143,10 +142,10 @@ def bitlinear_bwd_case(k: int, n: int = 1, glu: bool = False, rows: int = 1, war
   err = max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - w.astype(jnp.float32)))
                   / jnp.max(jnp.abs(w.astype(jnp.float32))))
             for g, w in zip([*got[0], *got[1], *got[2]], [*rows_out, *parts]))
-  floor = 2 * (len(xs) + n) * tokens * k * 2 / HBM_BW
+  nbytes = 2 * (len(xs) + n) * tokens * k * 2  # each [tokens, k] bf16 array read or written once
   return {"case": f"bitlinear_bwd-k{k}-n{n}{'-glu' if glu else ''}-rows{rows}-warps{warps or 'auto'}",
-          "ms": t * 1e3, "GB_per_s": 2 * (len(xs) + n) * tokens * k * 2 / t / 1e9,
-          "hbm_frac": floor / t, "max_err": err}
+          "ms": t * 1e3, "GB_per_s": nbytes / t / 1e9, "hbm_frac": nbytes / HBM_BW / t,
+          "max_err": err}
 
 
 def _train_setup(arch: str, size: str, batch: int, remat: str, seq_len: int,

@@ -32,7 +32,7 @@ from safetensors.numpy import load_file, save_file
 from mmfree_jax.config import ModelConfig
 from mmfree_jax.interop import CheckpointError, hf
 from mmfree_jax.interop.checkpoint import PACKED_FILE, read_config, write_config
-from mmfree_jax.layers.bitlinear import activation_codes, rms_normalize, weight_codes
+from mmfree_jax.layers.bitlinear import activation_codes, glu_input, rms_normalize, weight_codes
 from mmfree_jax.layers.mlgru import lower_bounds
 from mmfree_jax.layers.scan import linear_recurrence
 from mmfree_jax.models import segment_resets
@@ -154,8 +154,8 @@ def forward(cfg: ModelConfig, packed: Any, tokens_BxT: jax.Array,
       o = jax.nn.sigmoid(g.astype(F32)) * h
     x = x + _bitlinear(o.astype(dt), at["o_proj"], d, eps, dt).astype(F32)
     m = _rms(x, lp["mlp_norm"]["scale"], cfg.norm_eps, dt)
-    gate, up = jnp.split(_bitlinear(m, mlp["gate_proj"], d, eps, dt).astype(F32), 2, axis=-1)
-    z = (jax.nn.silu(gate) * up).astype(dt)
+    gate, up = jnp.split(_bitlinear(m, mlp["gate_proj"], d, eps, dt), 2, axis=-1)
+    z = glu_input(gate, up, dt)
     x = x + _bitlinear(z, mlp["down_proj"], ffn, eps, dt).astype(F32)
     return x, h_last
 

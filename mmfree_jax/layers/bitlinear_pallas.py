@@ -92,7 +92,8 @@ def activation_codes(xs, norm_w_NxK: jax.Array, eps: float, out_dtype=jnp.bfloat
     norm_w_NxK: the n input-RMSNorm weights.
 
   Returns:
-    (codes: n arrays [M, K] in out_dtype, scales: n arrays [M, 1] float32) with codes_j = clip(round_half_away(xhat * w_j * s_j)), s_j = 127 / max|xhat * w_j|.
+    (codes: n arrays [M, K] in out_dtype, scales: n arrays [M, 1] float32) with
+    codes_j = clip(round_half_away(xhat * w_j * s_j)), s_j = 127 / max|xhat * w_j|.
   """
   n = norm_w_NxK.shape[0]
   m, k = xs[0].shape
