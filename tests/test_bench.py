@@ -1,5 +1,7 @@
 """Benchmark helpers that run on CPU: HLO-to-model attribution and a tiny recurrence case."""
 
+import time
+
 import jax
 import jax.numpy as jnp
 
@@ -42,3 +44,24 @@ def test_bitlinear_bwd_case_runs_the_kernel_and_checks_it():
   row = cases.bitlinear_bwd_case(64, n=2, rows=2, tokens=32, iters=1)
   assert row["case"] == "bitlinear_bwd-k64-n2-rows2-warpsauto"
   assert row["max_err"] < 2e-2 and row["ms"] > 0 and row["GB_per_s"] > 0
+
+
+def test_median_time_groups_fast_calls_and_times_slow_ones_singly():
+  """Sub-`group_s` calls run back to back in groups (host dispatch overlaps device work)
+  and the result is per call; a call longer than `group_s` is timed alone."""
+  calls = []
+
+  def fast():
+    calls.append(1)
+    return jnp.zeros(())
+  t = cases.median_time(fast, iters=3, warmup=1, group_s=0.05)
+  reps = (len(calls) - 2) / 3  # warm-up, the sizing call, then 3 groups
+  assert reps == int(reps) and reps > 1 and 0 < t < 0.05
+  calls.clear()
+
+  def slow():
+    calls.append(1)
+    time.sleep(0.03)
+    return jnp.zeros(())
+  t = cases.median_time(slow, iters=3, warmup=1, group_s=0.02)
+  assert len(calls) == 5 and 0.03 <= t < 0.3

@@ -144,8 +144,9 @@ def test_pallas_backward_matches_xla(k, rows, n, glu):
   wg = norm_w * jnp.linspace(0.5, 1.5, n)[:, None]
   ref_rows, ref_parts = bl._xla_backward(*xs, *dys, norm_w, wg, nx=len(xs), n=n, eps=1e-8, glu=glu)
   # On CPU the kernel's silu and the product's rounding match XLA's; elsewhere (GPU) the
-  # GLU product can move by a bf16 ulp.
-  tol = 1e-2 if not glu or jax.default_backend() == "cpu" else 3e-2
+  # GLU product can move by a bf16 ulp, which the norm-weight sums carry at that size.
+  exact = not glu or jax.default_backend() == "cpu"
+  tol, part_tol = (1e-2, 1e-5) if exact else (3e-2, 3e-2)
   for tile in (1, 4):
     dxs, yqs, parts = bitlinear_pallas.backward(xs, dys, norm_w, wg, 1e-8, glu, rows=tile,
                                                 interpret=True)
@@ -156,7 +157,7 @@ def test_pallas_backward_matches_xla(k, rows, n, glu):
       np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tol,
                                  atol=tol * np.abs(np.float32(b)).max())
     for a, b in zip(parts, ref_parts):
-      np.testing.assert_allclose(a, b, rtol=tol / 1000, atol=tol / 1000 * np.abs(b).max())
+      np.testing.assert_allclose(a, b, rtol=part_tol, atol=part_tol * np.abs(b).max())
 
 
 def _grads(f, args, cot):
