@@ -72,17 +72,22 @@ def test_unknown_impl_is_a_clear_error():
     linear_recurrence(jnp.ones((1, 2, 1)), jnp.ones((1, 2, 1)), impl="fast")
 
 
-@pytest.mark.parametrize("block_d,tile_t", [(32, 8), (64, 64)])
-def test_pallas_kernels_match_numpy(block_d, tile_t):
-  """The Pallas kernels (interpret mode on CPU): h, last state, df, dx, dh0 incl. dlast."""
-  b, t, d = 2, 37, 64
+@pytest.mark.parametrize("block_d,tile_t,chunk_t,inclusive,t", [
+    (32, 8, 0, True, 37), (64, 64, 0, True, 37), (32, 64, 8, True, 40), (16, 64, 20, True, 40),
+    (32, 64, 8, False, 40)])
+def test_pallas_kernels_match_numpy(block_d, tile_t, chunk_t, inclusive, t):
+  """The Pallas kernels (interpret mode on CPU): h, last state, df, dx, dh0 incl. dlast;
+  whole-sequence programs and time chunks with the look-back (carries from predecessors'
+  inclusive states, or composed from their summaries back to the first chunk)."""
+  b, d = 2, 64
   rng = np.random.default_rng(1)
   f = rng.uniform(0.5, 1.0, (b, t, d)).astype(np.float32)
   x = rng.normal(size=(b, t, d)).astype(np.float32)
   h0 = rng.normal(size=(b, d)).astype(np.float32)
   dh = rng.normal(size=(b, t, d)).astype(np.float32)
   dlast = rng.normal(size=(b, d)).astype(np.float32)
-  kw = {"block_d": block_d, "tile_t": tile_t, "interpret": True}
+  kw = {"block_d": block_d, "tile_t": tile_t, "chunk_t": chunk_t,
+        "publish_inclusive": inclusive, "interpret": True}
   h, last = scan_pallas.forward(f, x, h0, **kw)
   want = np_recurrence(f.astype(np.float64), x.astype(np.float64), h0.astype(np.float64), None)
   np.testing.assert_allclose(h, want, rtol=1e-5, atol=1e-5)
@@ -112,6 +117,29 @@ def test_pallas_impl_falls_back_off_gpu():
       lambda f, x: jnp.sum(linear_recurrence(f, x, impl=impl)[0] ** 2), (0, 1))(f, x)
   for a, b in zip(jax.tree.leaves(run("pallas")), jax.tree.leaves(run("associative"))):
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="Pallas GPU kernels need a GPU")
+@pytest.mark.parametrize("inclusive", [True, False])
+def test_lookback_kernels_on_gpu_match_numpy(inclusive):
+  """The look-back kernels compiled for the GPU, 1,024 programs at once waiting on each
+  other's published carries: h, last state and all gradients."""
+  b, t, d = 4, 1024, 512
+  rng = np.random.default_rng(4)
+  f = rng.uniform(0.5, 1.0, (b, t, d)).astype(np.float32)
+  x, dh = (rng.normal(size=(b, t, d)).astype(np.float32) for _ in range(2))
+  h0, dlast = (rng.normal(size=(b, d)).astype(np.float32) for _ in range(2))
+  kw = {"block_d": 32, "chunk_t": 64, "publish_inclusive": inclusive}
+  h, last = scan_pallas.forward(f, x, h0, **kw)
+  want = np_recurrence(f.astype(np.float64), x.astype(np.float64), h0.astype(np.float64), None)
+  np.testing.assert_allclose(h, want, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(last, want[:, -1], rtol=1e-4, atol=1e-4)
+  dh_total = dh.astype(np.float64)
+  dh_total[:, -1] += dlast
+  exp = np_recurrence_grads(f.astype(np.float64), x.astype(np.float64), h0.astype(np.float64),
+                            None, dh_total)
+  for got, e in zip(scan_pallas.backward(f, h, dh, h0, dlast, **kw), exp):
+    np.testing.assert_allclose(got, e, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="Pallas GPU kernels need a GPU")

@@ -8,6 +8,13 @@ all issued before the tile's arithmetic, so many loads are in flight per program
 sequence dimension is the only source of latency hiding: there are just B*D/block_d
 programs).
 
+With few lanes (small B*D) those programs leave the GPU mostly idle and their dependent
+chains set the time. `chunk_t` > 0 cuts the sequence into time chunks instead, one program
+each, chained by a decoupled look-back (the kernels at the end of this file). Not used by
+`mmfree_jax.layers.scan` yet: the look-back kernels are tested in interpret mode but not
+yet measured on a GPU (`python -m mmfree_jax.bench --one='{"kind": "recurrence", "impl":
+"pallas", "b": 8, "t": 2048, "d": 1024, "kernel": {"block_d": 32, "chunk_t": 64}}'`).
+
 `mmfree_jax.layers.scan` uses these on GPUs (impl "pallas") and the XLA associative
 scan elsewhere; `interpret=True` runs the same kernels on any backend for tests.
 """
@@ -83,11 +90,30 @@ def _specs(t: int, bd: int):
   return seq, vec
 
 
-@functools.partial(jax.jit, static_argnames=("block_d", "tile_t", "num_warps", "interpret"))
+def _chunked(t: int, chunk_t: int) -> bool:
+  return chunk_t > 0 and t % chunk_t == 0 and t // chunk_t > 1
+
+
+_STATIC = ("block_d", "tile_t", "num_warps", "chunk_t", "publish_inclusive", "interpret")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def forward(f_BxTxD, x_BxTxD, h0_BxD, *, block_d: int, tile_t: int = TILE_T,
-            num_warps: int = NUM_WARPS, interpret: bool = False):
-  """Returns (h in x's dtype, last state float32). `block_d` must divide D."""
+            num_warps: int = NUM_WARPS, chunk_t: int = 0, publish_inclusive: bool = True,
+            interpret: bool = False):
+  """Returns (h in x's dtype, last state float32). `block_d` must divide D.
+
+  `chunk_t` > 0 (dividing T into >= 2 chunks) runs time chunks of that length with the
+  look-back kernel; `publish_inclusive=False` makes every chunk walk back over summaries
+  to the first one (slower; exercises the summary path in tests, where interpret mode
+  runs the programs in order)."""
   b, t, d = x_BxTxD.shape
+  if _chunked(t, chunk_t):
+    return _lookback_call(
+        _lookback_fwd_kernel, (f_BxTxD, x_BxTxD, h0_BxD),
+        [jax.ShapeDtypeStruct((b, t, d), x_BxTxD.dtype), jax.ShapeDtypeStruct((b, d), F32)],
+        b=b, t=t, d=d, block_d=block_d, chunk_t=chunk_t, num_warps=num_warps,
+        interpret=interpret, name="mlgru_scan_fwd_lookback", inclusive=publish_inclusive)
   seq, vec = _specs(t, block_d)
   return pl.pallas_call(
       functools.partial(_fwd_kernel, t=t, tile=min(tile_t, t)),
@@ -99,11 +125,19 @@ def forward(f_BxTxD, x_BxTxD, h0_BxD, *, block_d: int, tile_t: int = TILE_T,
   )(f_BxTxD, x_BxTxD, h0_BxD)
 
 
-@functools.partial(jax.jit, static_argnames=("block_d", "tile_t", "num_warps", "interpret"))
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def backward(f_BxTxD, h_BxTxD, dh_BxTxD, h0_BxD, dlast_BxD, *, block_d: int,
-             tile_t: int = TILE_T, num_warps: int = NUM_WARPS, interpret: bool = False):
-  """Returns (df in f's dtype, dx in h's dtype, dh0 float32)."""
+             tile_t: int = TILE_T, num_warps: int = NUM_WARPS, chunk_t: int = 0,
+             publish_inclusive: bool = True, interpret: bool = False):
+  """Returns (df in f's dtype, dx in h's dtype, dh0 float32); arguments as `forward`."""
   b, t, d = h_BxTxD.shape
+  if _chunked(t, chunk_t):
+    return _lookback_call(
+        _lookback_bwd_kernel, (f_BxTxD, h_BxTxD, dh_BxTxD, h0_BxD, dlast_BxD),
+        [jax.ShapeDtypeStruct((b, t, d), f_BxTxD.dtype),
+         jax.ShapeDtypeStruct((b, t, d), h_BxTxD.dtype), jax.ShapeDtypeStruct((b, d), F32)],
+        b=b, t=t, d=d, block_d=block_d, chunk_t=chunk_t, num_warps=num_warps,
+        interpret=interpret, name="mlgru_scan_bwd_lookback", inclusive=publish_inclusive)
   seq, vec = _specs(t, block_d)
   return pl.pallas_call(
       functools.partial(_bwd_kernel, t=t, tile=min(tile_t, max(t - 1, 1))),
@@ -114,3 +148,147 @@ def backward(f_BxTxD, h_BxTxD, dh_BxTxD, h0_BxD, dlast_BxD, *, block_d: int,
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
       interpret=interpret, name="mlgru_scan_bwd",
   )(f_BxTxD, h_BxTxD, dh_BxTxD, h0_BxD, dlast_BxD)
+
+
+# ---- Time-chunked kernels with a decoupled look-back (small B*D) -------------------------
+#
+# One program per (batch row, channel block, time chunk of `chunk_t` steps): B*D/block_d*T/
+# chunk_t programs instead of B*D/block_d, each with a short dependent chain. A program takes
+# a ticket (a global atomic counter: tickets are handed out in launch order, so every chunk's
+# predecessors have started), loads its chunk into registers, publishes the chunk's affine
+# summary (product of f, local state), then walks back over its predecessors' published
+# summaries until it meets one whose inclusive carry is known, publishes its own inclusive
+# carry, and only then runs its chunk from that carry and writes the outputs. Each tensor
+# crosses HBM once, as in the one-program-per-lane kernels above.
+
+AGGREGATE, INCLUSIVE = 1, 2
+
+
+def _ticket(ctr_ref, n_chunks: int, n_blk: int, reverse: bool):
+  ticket = pltriton.atomic_add(ctr_ref, jnp.int32(0), jnp.int32(1))
+  c = ticket % n_chunks
+  lane = ticket // n_chunks
+  return lane, (n_chunks - 1 - c if reverse else c), lane // n_blk, lane % n_blk
+
+
+def _carry_in(flag_ref, a_ref, s_ref, incl_ref, *, lane, b, c, cols, first, init,
+              n_chunks: int, step: int):
+  """The carry entering chunk c: `init` for the first chunk, else the composition of the
+  predecessors' summaries (c - step, c - 2 step, ...) down to one with an inclusive carry."""
+  ones = jnp.ones(init.shape, F32)
+
+  def body(st):
+    j, acc_a, acc_s, carry, done = st
+    flag = pltriton.atomic_add(flag_ref, lane * n_chunks + j, j * 0)  # acquire read
+    at = lambda r: pltriton.load(r.at[b, j, cols], volatile=True)
+    incl, a, s = at(incl_ref), at(a_ref), at(s_ref)
+    is_incl, is_agg = flag == INCLUSIVE, flag == AGGREGATE
+    carry = jnp.where(is_incl, acc_a * incl + acc_s, carry)
+    acc_s = jnp.where(is_agg, acc_a * s + acc_s, acc_s)
+    acc_a = jnp.where(is_agg, acc_a * a, acc_a)
+    return j - step * is_agg.astype(jnp.int32), acc_a, acc_s, carry, is_incl.astype(jnp.int32)
+
+  st = (c - step, ones, jnp.zeros_like(ones), init, first.astype(jnp.int32))
+  return jax.lax.while_loop(lambda st: st[-1] == 0, body, st)[3]
+
+
+def _publish(flag_ref, a_ref, s_ref, incl_ref, *, lane, b, c, cols, a, s, first, init,
+             n_chunks: int):
+  """Stores the chunk's summary (a, s): state out = a * state in + s; the first chunk
+  publishes its inclusive carry at once."""
+  a_ref[b, c, cols] = a
+  s_ref[b, c, cols] = s
+  incl_ref[b, c, cols] = a * init + s  # only read when the flag says INCLUSIVE
+  pltriton.atomic_max(flag_ref, lane * n_chunks + c,
+                       jnp.where(first, INCLUSIVE, AGGREGATE).astype(jnp.int32))
+
+
+def _lookback_fwd_kernel(f_ref, x_ref, h0_ref, _ctr, _flags, h_ref, hlast_ref, ctr_ref, flag_ref,
+                         a_ref, s_ref, incl_ref, *, n_chunks: int, n_blk: int, chunk: int,
+                         bd: int, inclusive: bool):
+  lane, c, b, blk = _ticket(ctr_ref, n_chunks, n_blk, reverse=False)
+  cols = pl.ds(pl.multiple_of(blk * bd, bd), bd)
+  t0 = c * chunk
+  fs = [f_ref[b, t0 + k, cols] for k in range(chunk)]
+  xs = [x_ref[b, t0 + k, cols] for k in range(chunk)]
+  a, s = jnp.ones((bd,), F32), jnp.zeros((bd,), F32)
+  for fk, xk in zip(fs, xs):
+    fk = fk.astype(F32)
+    s, a = fk * s + xk.astype(F32), a * fk
+  first = c == 0
+  h0 = h0_ref[b, cols].astype(F32)
+  refs = dict(lane=lane, b=b, c=c, cols=cols, first=first, n_chunks=n_chunks)
+  _publish(flag_ref, a_ref, s_ref, incl_ref, a=a, s=s, init=h0, **refs)
+  h = _carry_in(flag_ref, a_ref, s_ref, incl_ref, init=h0, step=1, **refs)
+
+  if inclusive:  # else successors walk back over summaries down to the first chunk
+    @pl.when(jnp.logical_not(first))
+    def _():
+      incl_ref[b, c, cols] = a * h + s
+      pltriton.atomic_max(flag_ref, lane * n_chunks + c, jnp.int32(INCLUSIVE))
+
+  for k, (fk, xk) in enumerate(zip(fs, xs)):
+    h = fk.astype(F32) * h + xk.astype(F32)
+    h_ref[b, t0 + k, cols] = h.astype(h_ref.dtype)
+
+  @pl.when(c == n_chunks - 1)
+  def _():
+    hlast_ref[b, cols] = h
+
+
+def _lookback_bwd_kernel(f_ref, h_ref, dh_ref, h0_ref, dlast_ref, _ctr, _flags, df_ref, dx_ref,
+                         dh0_ref, ctr_ref, flag_ref, a_ref, s_ref, incl_ref, *, n_chunks: int,
+                         n_blk: int, chunk: int, bd: int, inclusive: bool):
+  # Right to left: the carry (= f_{s+1} g_{s+1}) maps to f_s (dh_s + carry) at each step s.
+  lane, c, b, blk = _ticket(ctr_ref, n_chunks, n_blk, reverse=True)
+  cols = pl.ds(pl.multiple_of(blk * bd, bd), bd)
+  t0 = c * chunk
+  fs = [f_ref[b, t0 + k, cols] for k in range(chunk)]
+  dhs = [dh_ref[b, t0 + k, cols] for k in range(chunk)]
+  a, s = jnp.ones((bd,), F32), jnp.zeros((bd,), F32)
+  for fk, dk in zip(fs[::-1], dhs[::-1]):
+    fk = fk.astype(F32)
+    s, a = fk * (s + dk.astype(F32)), a * fk
+  first = c == n_chunks - 1
+  dlast = dlast_ref[b, cols].astype(F32)
+  refs = dict(lane=lane, b=b, c=c, cols=cols, first=first, n_chunks=n_chunks)
+  _publish(flag_ref, a_ref, s_ref, incl_ref, a=a, s=s, init=dlast, **refs)
+  carry = _carry_in(flag_ref, a_ref, s_ref, incl_ref, init=dlast, step=-1, **refs)
+
+  if inclusive:  # else successors walk back over summaries down to the first chunk
+    @pl.when(jnp.logical_not(first))
+    def _():
+      incl_ref[b, c, cols] = a * carry + s
+      pltriton.atomic_max(flag_ref, lane * n_chunks + c, jnp.int32(INCLUSIVE))
+
+  h_before = jnp.where(c == 0, h0_ref[b, cols].astype(F32),
+                       h_ref[b, jnp.maximum(t0 - 1, 0), cols].astype(F32))
+  h_prev = [h_before] + [h_ref[b, t0 + k, cols].astype(F32) for k in range(chunk - 1)]
+  for k in range(chunk - 1, -1, -1):
+    g = dhs[k].astype(F32) + carry
+    dx_ref[b, t0 + k, cols] = g.astype(dx_ref.dtype)
+    df_ref[b, t0 + k, cols] = (g * h_prev[k]).astype(df_ref.dtype)
+    carry = fs[k].astype(F32) * g
+
+  @pl.when(c == 0)
+  def _():
+    dh0_ref[b, cols] = carry
+
+
+def _lookback_call(kernel, args, outs, *, b: int, t: int, d: int, block_d: int, chunk_t: int,
+                   num_warps: int, interpret: bool, name: str, inclusive: bool):
+  n_chunks, n_blk = t // chunk_t, d // block_d
+  lanes = b * n_blk
+  state = [jnp.zeros((1,), jnp.int32), jnp.zeros((lanes * n_chunks,), jnp.int32)]
+  summaries = [jax.ShapeDtypeStruct((b, n_chunks, d), F32)] * 3
+  nin, nout = len(args), len(outs)
+  res = pl.pallas_call(
+      functools.partial(kernel, n_chunks=n_chunks, n_blk=n_blk, chunk=chunk_t, bd=block_d,
+                        inclusive=inclusive),
+      grid=(lanes * n_chunks,),
+      out_shape=[*outs, *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in state), *summaries],
+      input_output_aliases={nin: nout, nin + 1: nout + 1},
+      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
+      interpret=interpret, name=name,
+  )(*args, *state)
+  return res[:nout]
