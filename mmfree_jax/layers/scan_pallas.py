@@ -203,30 +203,46 @@ def _publish(flag_ref, a_ref, s_ref, incl_ref, *, lane, b, c, cols, a, s, first,
                        jnp.where(first, INCLUSIVE, AGGREGATE).astype(jnp.int32))
 
 
+def _chain(flag_ref, a_ref, s_ref, incl_ref, *, lane, b, c, cols, first, a, s, init,
+           n_chunks: int, step: int, inclusive: bool):
+  """The chunk's place in the chain: publishes its summary (a, s), returns the carry
+  entering it (look-back over chunks c - step, c - 2 step, ...), and publishes the carry
+  leaving it unless `inclusive` is False (successors then walk back to the first chunk)."""
+  summaries = (flag_ref, a_ref, s_ref, incl_ref)
+  where = dict(lane=lane, b=b, c=c, cols=cols, first=first, n_chunks=n_chunks)
+  _publish(*summaries, a=a, s=s, init=init, **where)
+  carry = _carry_in(*summaries, init=init, step=step, **where)
+  if inclusive:
+    @pl.when(jnp.logical_not(first))
+    def _():
+      incl_ref[b, c, cols] = a * carry + s
+      pltriton.atomic_max(flag_ref, lane * n_chunks + c, jnp.int32(INCLUSIVE))
+  return carry
+
+
+def _chunk(ctr_ref, seq_refs, *, n_chunks: int, n_blk: int, chunk: int, bd: int, reverse: bool):
+  """This program's (lane, chunk c, batch row b, channel slice cols, first step t0) and the
+  chunk's rows of each ref in `seq_refs` (lists of `chunk` [bd] vectors)."""
+  lane, c, b, blk = _ticket(ctr_ref, n_chunks, n_blk, reverse)
+  cols = pl.ds(pl.multiple_of(blk * bd, bd), bd)
+  t0 = c * chunk
+  rows = [[r[b, t0 + k, cols] for k in range(chunk)] for r in seq_refs]
+  return (lane, c, b, cols, t0), rows
+
+
 def _lookback_fwd_kernel(f_ref, x_ref, h0_ref, _ctr, _flags, h_ref, hlast_ref, ctr_ref, flag_ref,
                          a_ref, s_ref, incl_ref, *, n_chunks: int, n_blk: int, chunk: int,
                          bd: int, inclusive: bool):
-  lane, c, b, blk = _ticket(ctr_ref, n_chunks, n_blk, reverse=False)
-  cols = pl.ds(pl.multiple_of(blk * bd, bd), bd)
-  t0 = c * chunk
-  fs = [f_ref[b, t0 + k, cols] for k in range(chunk)]
-  xs = [x_ref[b, t0 + k, cols] for k in range(chunk)]
+  (lane, c, b, cols, t0), (fs, xs) = _chunk(ctr_ref, (f_ref, x_ref), n_chunks=n_chunks,
+                                            n_blk=n_blk, chunk=chunk, bd=bd, reverse=False)
   a, s = jnp.ones((bd,), F32), jnp.zeros((bd,), F32)
   for fk, xk in zip(fs, xs):
     fk = fk.astype(F32)
     s, a = fk * s + xk.astype(F32), a * fk
   first = c == 0
   h0 = h0_ref[b, cols].astype(F32)
-  refs = dict(lane=lane, b=b, c=c, cols=cols, first=first, n_chunks=n_chunks)
-  _publish(flag_ref, a_ref, s_ref, incl_ref, a=a, s=s, init=h0, **refs)
-  h = _carry_in(flag_ref, a_ref, s_ref, incl_ref, init=h0, step=1, **refs)
-
-  if inclusive:  # else successors walk back over summaries down to the first chunk
-    @pl.when(jnp.logical_not(first))
-    def _():
-      incl_ref[b, c, cols] = a * h + s
-      pltriton.atomic_max(flag_ref, lane * n_chunks + c, jnp.int32(INCLUSIVE))
-
+  h = _chain(flag_ref, a_ref, s_ref, incl_ref, a=a, s=s, init=h0, step=1, inclusive=inclusive,
+             lane=lane, b=b, c=c, cols=cols, first=first, n_chunks=n_chunks)
   for k, (fk, xk) in enumerate(zip(fs, xs)):
     h = fk.astype(F32) * h + xk.astype(F32)
     h_ref[b, t0 + k, cols] = h.astype(h_ref.dtype)
@@ -240,27 +256,17 @@ def _lookback_bwd_kernel(f_ref, h_ref, dh_ref, h0_ref, dlast_ref, _ctr, _flags, 
                          dh0_ref, ctr_ref, flag_ref, a_ref, s_ref, incl_ref, *, n_chunks: int,
                          n_blk: int, chunk: int, bd: int, inclusive: bool):
   # Right to left: the carry (= f_{s+1} g_{s+1}) maps to f_s (dh_s + carry) at each step s.
-  lane, c, b, blk = _ticket(ctr_ref, n_chunks, n_blk, reverse=True)
-  cols = pl.ds(pl.multiple_of(blk * bd, bd), bd)
-  t0 = c * chunk
-  fs = [f_ref[b, t0 + k, cols] for k in range(chunk)]
-  dhs = [dh_ref[b, t0 + k, cols] for k in range(chunk)]
+  (lane, c, b, cols, t0), (fs, dhs) = _chunk(ctr_ref, (f_ref, dh_ref), n_chunks=n_chunks,
+                                             n_blk=n_blk, chunk=chunk, bd=bd, reverse=True)
   a, s = jnp.ones((bd,), F32), jnp.zeros((bd,), F32)
   for fk, dk in zip(fs[::-1], dhs[::-1]):
     fk = fk.astype(F32)
     s, a = fk * (s + dk.astype(F32)), a * fk
   first = c == n_chunks - 1
   dlast = dlast_ref[b, cols].astype(F32)
-  refs = dict(lane=lane, b=b, c=c, cols=cols, first=first, n_chunks=n_chunks)
-  _publish(flag_ref, a_ref, s_ref, incl_ref, a=a, s=s, init=dlast, **refs)
-  carry = _carry_in(flag_ref, a_ref, s_ref, incl_ref, init=dlast, step=-1, **refs)
-
-  if inclusive:  # else successors walk back over summaries down to the first chunk
-    @pl.when(jnp.logical_not(first))
-    def _():
-      incl_ref[b, c, cols] = a * carry + s
-      pltriton.atomic_max(flag_ref, lane * n_chunks + c, jnp.int32(INCLUSIVE))
-
+  carry = _chain(flag_ref, a_ref, s_ref, incl_ref, a=a, s=s, init=dlast, step=-1,
+                 inclusive=inclusive, lane=lane, b=b, c=c, cols=cols, first=first,
+                 n_chunks=n_chunks)
   h_before = jnp.where(c == 0, h0_ref[b, cols].astype(F32),
                        h_ref[b, jnp.maximum(t0 - 1, 0), cols].astype(F32))
   h_prev = [h_before] + [h_ref[b, t0 + k, cols].astype(F32) for k in range(chunk - 1)]
