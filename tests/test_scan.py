@@ -1,10 +1,13 @@
 """Every recurrence variant against a float64 NumPy loop, values and gradients."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mmfree_jax import sharding
 from mmfree_jax.layers import scan_pallas
 from mmfree_jax.layers.scan import IMPLS, linear_recurrence
 
@@ -105,6 +108,13 @@ def test_pallas_block_choice():
   assert scan_pallas.block_d_for(8, 1024) == 32 and scan_pallas.block_d_for(16, 2048) == 64
   assert scan_pallas.block_d_for(64, 96) == 32 and scan_pallas.block_d_for(1, 48) == 16
   assert scan_pallas.block_d_for(2, 5) is None  # falls back to the associative scan
+  # Few lanes: time chunks with a look-back, when T has >= 2 chunks and D whole blocks.
+  assert scan_pallas.kernel_for(8, 2048, 1024) == {"block_d": 64, "chunk_t": 64}
+  assert scan_pallas.kernel_for(16, 2048, 1024) == {"block_d": 32}
+  assert scan_pallas.kernel_for(8, 64, 1024) == {"block_d": 32}
+  assert scan_pallas.kernel_for(8, 2000, 1024) == {"block_d": 32}
+  assert scan_pallas.kernel_for(1, 2048, 48) == {"block_d": 16}
+  assert scan_pallas.kernel_for(2, 2048, 5) is None
 
 
 def test_pallas_impl_falls_back_off_gpu():
@@ -143,8 +153,9 @@ def test_lookback_kernels_on_gpu_match_numpy(inclusive):
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="Pallas GPU kernels need a GPU")
-def test_pallas_on_gpu_matches_numpy():
-  b, t, d = 3, 301, 128
+@pytest.mark.parametrize("t", [301, 320])  # whole-sequence kernels; look-back kernels
+def test_pallas_on_gpu_matches_numpy(t):
+  b, d = 3, 128
   rng = np.random.default_rng(3)
   f = rng.uniform(0.5, 1.0, (b, t, d)).astype(np.float32)
   x = rng.normal(size=(b, t, d)).astype(np.float32)
@@ -161,7 +172,21 @@ def test_pallas_on_gpu_matches_numpy():
 
 
 def test_pallas_kernel_is_used_for_sequences_not_decode_steps():
-  for t, expect in ((16, True), (1, False)):
+  for t, expect in ((16, "mlgru_scan_fwd"), (128, "mlgru_scan_fwd_lookback"), (1, None)):
     f = x = jnp.ones((2, t, 64))
-    jaxpr = jax.make_jaxpr(lambda f, x: linear_recurrence(f, x, impl="pallas"))(f, x)
-    assert ("mlgru_scan_fwd" in str(jaxpr)) == expect
+    jaxpr = str(jax.make_jaxpr(lambda f, x: linear_recurrence(f, x, impl="pallas"))(f, x))
+    names = set(re.findall(r"mlgru_scan_fwd\w*", jaxpr))
+    assert names == ({expect} if expect else set())
+
+
+def test_pallas_tiling_follows_each_devices_rows():
+  """Under a data mesh the kernels see each device's rows: 16 rows over 8 devices are 2 per
+  device, few enough lanes for the look-back kernels (16 x 1024 globally would not be)."""
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+  f = x = jnp.ones((16, 128, 1024))
+  run = lambda f, x: linear_recurrence(f, x, impl="pallas")
+  with jax.set_mesh(sharding.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})):
+    jaxpr = str(jax.make_jaxpr(run)(f, x))
+  assert set(re.findall(r"mlgru_scan_fwd\w*", jaxpr)) == {"mlgru_scan_fwd_lookback"}
+  assert scan_pallas.kernel_for(16, 128, 1024) == {"block_d": 32}

@@ -112,29 +112,28 @@ def _xla_backward(impl, chunk, f, h, dh, h0, dlast):
   return (g * h_prev).astype(f.dtype), g.astype(h.dtype), f32[:, 0] * g[:, 0]
 
 
-def _kernel_block(impl, shape):
-  """Channel block of the Pallas kernels, or None to use the XLA associative scan (also
-  for single-token decode steps, where the recurrence is one fused multiply-add)."""
-  if impl != "pallas" or shape[1] == 1:
-    return None
-  return scan_pallas.block_d_for(shape[0], shape[-1])
+def _use_kernel(impl, shape) -> bool:
+  """Whether the Pallas kernels run (else the XLA associative scan: also for single-token
+  decode steps, where the recurrence is one fused multiply-add). Their tiling is picked
+  from each device's own rows (`scan_pallas.kernel_for`), inside `sharding.cuda_kernel`."""
+  return impl == "pallas" and shape[1] > 1 and scan_pallas.kernel_for(*shape) is not None
 
 
 def _forward(impl, f, x, h0, chunk):
   xla = functools.partial(_xla_forward, "associative" if impl == "pallas" else impl, chunk=chunk)
-  bd = _kernel_block(impl, x.shape)
-  if bd is None:
+  if not _use_kernel(impl, x.shape):
     return xla(f, x, h0)
-  return sharding.cuda_kernel(functools.partial(scan_pallas.forward, block_d=bd), xla, f, x, h0)
+  kernel = lambda f, x, h0: scan_pallas.forward(f, x, h0, **scan_pallas.kernel_for(*x.shape))
+  return sharding.cuda_kernel(kernel, xla, f, x, h0)
 
 
 def _backward(impl, chunk, f, h, h0, dh, dlast):
   xla = functools.partial(_xla_backward, "associative" if impl == "pallas" else impl, chunk)
-  bd = _kernel_block(impl, h.shape)
-  if bd is None:
+  if not _use_kernel(impl, h.shape):
     return xla(f, h, dh, h0, dlast)
-  return sharding.cuda_kernel(functools.partial(scan_pallas.backward, block_d=bd), xla,
-                              f, h, jnp.asarray(dh, h.dtype), h0, dlast)
+  kernel = lambda f, h, dh, h0, dlast: scan_pallas.backward(
+      f, h, dh, h0, dlast, **scan_pallas.kernel_for(*h.shape))
+  return sharding.cuda_kernel(kernel, xla, f, h, jnp.asarray(dh, h.dtype), h0, dlast)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))

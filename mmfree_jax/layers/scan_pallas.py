@@ -10,10 +10,9 @@ programs).
 
 With few lanes (small B*D) those programs leave the GPU mostly idle and their dependent
 chains set the time. `chunk_t` > 0 cuts the sequence into time chunks instead, one program
-each, chained by a decoupled look-back (the kernels at the end of this file). Not used by
-`mmfree_jax.layers.scan` yet: the look-back kernels are tested in interpret mode but not
-yet measured on a GPU (`python -m mmfree_jax.bench --one='{"kind": "recurrence", "impl":
-"pallas", "b": 8, "t": 2048, "d": 1024, "kernel": {"block_d": 32, "chunk_t": 64}}'`).
+each, chained by a decoupled look-back (the kernels at the end of this file);
+`kernel_for` picks them for B*D <= 8,192 (0.39 of the HBM floor forward+backward at
+8x2048x1024 on the H200, against 0.29 for the whole-sequence kernels; BENCHMARKS.md).
 
 `mmfree_jax.layers.scan` uses these on GPUs (impl "pallas") and the XLA associative
 scan elsewhere; `interpret=True` runs the same kernels on any backend for tests.
@@ -40,6 +39,21 @@ def block_d_for(b: int, d: int) -> int | None:
   while blk >= 16 and d % blk:
     blk //= 2
   return blk if blk >= 16 else None
+
+
+# Time-chunked look-back kernels for few lanes (B*D <= LOOKBACK_MAX_LANES): at 8x2048x1024
+# they run fwd+bwd in 0.156 ms against 0.214 for the whole-sequence kernels (H200).
+LOOKBACK_MAX_LANES, LOOKBACK_BLOCK = 8192, 64
+
+
+def kernel_for(b: int, t: int, d: int) -> dict | None:
+  """Keyword arguments of `forward`/`backward` for a [b, t, d] recurrence (None: no kernel,
+  D has no power-of-two block of >= 16 channels)."""
+  if (b * d <= LOOKBACK_MAX_LANES and d % LOOKBACK_BLOCK == 0 and t % LOOKBACK_BLOCK == 0
+      and t > LOOKBACK_BLOCK):
+    return {"block_d": LOOKBACK_BLOCK, "chunk_t": LOOKBACK_BLOCK}
+  bd = block_d_for(b, d)
+  return None if bd is None else {"block_d": bd}
 
 
 def _fwd_kernel(f_ref, x_ref, h0_ref, h_ref, hlast_ref, *, t: int, tile: int):
@@ -161,7 +175,7 @@ def backward(f_BxTxD, h_BxTxD, dh_BxTxD, h0_BxD, dlast_BxD, *, block_d: int,
 # carry, and only then runs its chunk from that carry and writes the outputs. Each tensor
 # crosses HBM once, as in the one-program-per-lane kernels above.
 
-AGGREGATE, INCLUSIVE = 1, 2
+AGGREGATE, INCLUSIVE = 1, 2  # flag values; INCLUSIVE must be AGGREGATE + 1 (_publish)
 
 
 def _ticket(ctr_ref, n_chunks: int, n_blk: int, reverse: bool):
@@ -199,8 +213,9 @@ def _publish(flag_ref, a_ref, s_ref, incl_ref, *, lane, b, c, cols, a, s, first,
   a_ref[b, c, cols] = a
   s_ref[b, c, cols] = s
   incl_ref[b, c, cols] = a * init + s  # only read when the flag says INCLUSIVE
-  pltriton.atomic_max(flag_ref, lane * n_chunks + c,
-                       jnp.where(first, INCLUSIVE, AGGREGATE).astype(jnp.int32))
+  # INCLUSIVE = AGGREGATE + 1; a jnp.where of the two reaches the atomic as an i1, which
+  # Triton's verifier rejects (tests/test_triton_ir.py).
+  pltriton.atomic_max(flag_ref, lane * n_chunks + c, AGGREGATE + first.astype(jnp.int32))
 
 
 def _chain(flag_ref, a_ref, s_ref, incl_ref, *, lane, b, c, cols, first, a, s, init,

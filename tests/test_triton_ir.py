@@ -1,0 +1,81 @@
+"""Every Pallas GPU kernel lowers, on this CPU machine, to a Triton module that passes
+Triton's own verifier: the check the GPU runs first when it compiles the module (a wrong
+operand type, for one, fails there). What the GPU does after that (register allocation,
+the results) is tested on a GPU by the `*_on_gpu_*` tests."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from mmfree_jax.layers import bitlinear as bl
+from mmfree_jax.layers import scan_pallas
+from mmfree_jax.layers.scan import linear_recurrence
+
+triton_lowering = pytest.importorskip("jax._src.pallas.triton.lowering")
+registration = pytest.importorskip("jax._src.pallas.triton.pallas_call_registration")
+
+
+@pytest.fixture
+def verified(monkeypatch):
+  """Names of the Triton modules lowered so far, each verified as it is built."""
+  seen = []
+  lower = triton_lowering.lower_jaxpr_to_triton_module
+
+  def lower_and_verify(*args, **kwargs):
+    result = lower(*args, **kwargs)
+    name = result.module.operation.attributes["sym_name"].value
+    with result.module.context:
+      try:
+        result.module.operation.verify()
+      except Exception as e:  # noqa: BLE001 - the verifier's message is the test's
+        pytest.fail(f"Triton module {name} fails verification: {str(e)[:2000]}")
+    seen.append(name)
+    return result
+
+  monkeypatch.setattr(registration.lowering, "lower_jaxpr_to_triton_module", lower_and_verify)
+  return seen
+
+
+def _lower_for_cuda(fn, *args):
+  jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+
+
+@pytest.mark.parametrize("t", [96, 128])  # whole-sequence kernels; look-back kernels
+def test_recurrence_kernels_verify(verified, t):
+  b, d = 2, 128
+  f = jax.ShapeDtypeStruct((b, t, d), jnp.bfloat16)
+  resets = jnp.zeros((b, t), bool)
+
+  def loss(f, x):
+    return jnp.sum(linear_recurrence(f, x, None, resets, "pallas")[0].astype(jnp.float32))
+
+  _lower_for_cuda(jax.grad(loss, argnums=(0, 1)), f, f)
+  suffix = "_lookback" if scan_pallas.kernel_for(b, t, d).get("chunk_t") else ""
+  assert verified == [f"mlgru_scan_fwd{suffix}", f"mlgru_scan_bwd{suffix}"]
+
+
+def test_lookback_summary_only_kernels_verify(verified):
+  b, t, d = 2, 128, 64
+  seq = jax.ShapeDtypeStruct((b, t, d), jnp.float32)
+  state = jax.ShapeDtypeStruct((b, d), jnp.float32)
+  kw = {"block_d": 32, "chunk_t": 32, "publish_inclusive": False}
+  _lower_for_cuda(lambda f, x, h0: scan_pallas.forward(f, x, h0, **kw), seq, seq, state)
+  _lower_for_cuda(lambda f, h, dh, h0, dl: scan_pallas.backward(f, h, dh, h0, dl, **kw),
+                  seq, seq, seq, state, state)
+  assert verified == ["mlgru_scan_fwd_lookback", "mlgru_scan_bwd_lookback"]
+
+
+@pytest.mark.parametrize("group", ["one", "shared", "glu"])
+def test_bitlinear_kernels_verify(verified, group):
+  k, n = 256, 128
+  x = jax.ShapeDtypeStruct((bl.KERNEL_MIN_ROWS, k), jnp.float32)
+  vec, mat = jax.ShapeDtypeStruct((k,), jnp.float32), jax.ShapeDtypeStruct((k, n), jnp.float32)
+  fns = {"one": lambda x, nw, w: bl.bitlinear(x, nw, w, impl="pallas"),
+         "shared": lambda x, nw, w: bl.bitlinear_shared(x, (nw, nw), (w, w), impl="pallas"),
+         "glu": lambda x, nw, w: bl.bitlinear_glu(x, x, nw, w, impl="pallas")}
+
+  def loss(x, nw, w):
+    return sum(jnp.sum(o.astype(jnp.float32)) for o in jax.tree.leaves(fns[group](x, nw, w)))
+
+  _lower_for_cuda(jax.value_and_grad(loss, argnums=(0, 1, 2)), x, vec, mat)
+  assert sorted(set(verified)) == ["bitlinear_act_codes", "bitlinear_bwd"]
