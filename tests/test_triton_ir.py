@@ -40,8 +40,8 @@ def _lower_for_cuda(fn, *args):
   jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
 
 
-@pytest.mark.parametrize("t", [96, 128])  # whole-sequence kernels; look-back kernels
-def test_recurrence_kernels_verify(verified, t):
+@pytest.mark.parametrize("t,suffix", [(96, ""), (128, "_lookback")])  # T/64 chunks: 1.5, 2
+def test_recurrence_kernels_verify(verified, t, suffix):
   b, d = 2, 128
   f = jax.ShapeDtypeStruct((b, t, d), jnp.bfloat16)
   resets = jnp.zeros((b, t), bool)
@@ -50,7 +50,6 @@ def test_recurrence_kernels_verify(verified, t):
     return jnp.sum(linear_recurrence(f, x, None, resets, "pallas")[0].astype(jnp.float32))
 
   _lower_for_cuda(jax.grad(loss, argnums=(0, 1)), f, f)
-  suffix = "_lookback" if scan_pallas.kernel_for(b, t, d).get("chunk_t") else ""
   assert verified == [f"mlgru_scan_fwd{suffix}", f"mlgru_scan_bwd{suffix}"]
 
 

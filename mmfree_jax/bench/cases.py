@@ -85,6 +85,13 @@ def bitlinear_case(variant: str, d: int = 2048, tokens: int = 16384, iters: int 
           "temp_MiB": getattr(mem, "temp_size_in_bytes", 0) / 2**20, "peak_GiB": peak_gib()}
 
 
+def _rel_err(got, want) -> float:
+  """Largest |got - want| of each pair relative to max |want|, maximised over the pairs."""
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  return max(float(jnp.max(jnp.abs(f32(g) - f32(w))) / jnp.max(jnp.abs(f32(w))))
+             for g, w in zip(got, want))
+
+
 def recurrence_case(impl: str, b: int, t: int, d: int, chunk: int = 16, iters: int = 20,
                     kernel: dict | None = None) -> dict:
   """Forward and forward+backward of the recurrence; bf16 in/out, float32 carry.
@@ -92,8 +99,9 @@ def recurrence_case(impl: str, b: int, t: int, d: int, chunk: int = 16, iters: i
   HBM floor (fewest bytes, bf16): forward reads f, x and writes h (3 tensors); the
   backward likewise reads f, dh and writes dx (3 more); df = dx * h_prev is counted
   as fused into the consumer. `kernel` (impl "pallas" only) passes block_d / tile_t /
-  num_warps / chunk_t / publish_inclusive to the raw kernels. `max_err` compares h and both gradients with the
-  float32 sequential reference (relative to their largest magnitude).
+  num_warps / chunk_t / publish_inclusive to the raw kernels. `max_err` compares h and
+  both gradients with the float32 sequential reference (relative to their largest
+  magnitude).
   """
   k = jax.random.split(jax.random.key(1), 3)
   f = jax.nn.sigmoid(jax.random.normal(k[0], (b, t, d))).astype(jnp.bfloat16)
@@ -118,8 +126,7 @@ def recurrence_case(impl: str, b: int, t: int, d: int, chunk: int = 16, iters: i
                                        impl="sequential")[0]
   got = (fwd(f, x),) + tuple(fwdbwd(f, x, dh))
   want = (ref(f, x),) + tuple(jax.vjp(ref, f, x)[1](dh.astype(jnp.float32)))
-  err = max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - w)) / jnp.max(jnp.abs(w)))
-            for g, w in zip(got, want))
+  err = _rel_err(got, want)
   n = b * t * d * 2
   floor_f, floor_fb = 3 * n / HBM_BW, 6 * n / HBM_BW
   name = f"{impl}{chunk}" if impl == "chunked" else impl
@@ -148,9 +155,7 @@ def bitlinear_bwd_case(k: int, n: int = 1, glu: bool = False, rows: int = 1, war
   rows_out, parts = bl._xla_backward(*xs, *dys, norm_w, 0.5 * norm_w, nx=len(xs), n=n, eps=1e-8,
                                      glu=glu)
   got = run(xs, dys, norm_w)
-  err = max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - w.astype(jnp.float32)))
-                  / jnp.max(jnp.abs(w.astype(jnp.float32))))
-            for g, w in zip([*got[0], *got[1], *got[2]], [*rows_out, *parts]))
+  err = _rel_err([*got[0], *got[1], *got[2]], [*rows_out, *parts])
   nbytes = 2 * (len(xs) + n) * tokens * k * 2  # each [tokens, k] bf16 array read or written once
   return {"case": f"bitlinear_bwd-k{k}-n{n}{'-glu' if glu else ''}-rows{rows}-warps{warps or 'auto'}",
           "ms": t * 1e3, "GB_per_s": nbytes / t / 1e9, "hbm_frac": nbytes / HBM_BW / t,
@@ -332,6 +337,6 @@ def decode_case(arch: str, size: str, batch: int = 1, prompt: int = 128, new: in
 
 
 CASES: dict[str, Callable[..., dict]] = {
-    "bitlinear": bitlinear_case, "bitlinear_bwd": bitlinear_bwd_case, "recurrence": recurrence_case,
-    "train": train_case,
-    "profile": profile_case, "decode": decode_case}
+    "bitlinear": bitlinear_case, "bitlinear_bwd": bitlinear_bwd_case,
+    "recurrence": recurrence_case, "train": train_case, "profile": profile_case,
+    "decode": decode_case}

@@ -46,11 +46,15 @@ def block_d_for(b: int, d: int) -> int | None:
 LOOKBACK_MAX_LANES, LOOKBACK_BLOCK = 8192, 64
 
 
+def _chunked(t: int, chunk_t: int) -> bool:
+  """Whether `chunk_t` selects the look-back kernels: it divides T into >= 2 chunks."""
+  return chunk_t > 0 and t % chunk_t == 0 and t // chunk_t > 1
+
+
 def kernel_for(b: int, t: int, d: int) -> dict | None:
   """Keyword arguments of `forward`/`backward` for a [b, t, d] recurrence (None: no kernel,
   D has no power-of-two block of >= 16 channels)."""
-  if (b * d <= LOOKBACK_MAX_LANES and d % LOOKBACK_BLOCK == 0 and t % LOOKBACK_BLOCK == 0
-      and t > LOOKBACK_BLOCK):
+  if b * d <= LOOKBACK_MAX_LANES and d % LOOKBACK_BLOCK == 0 and _chunked(t, LOOKBACK_BLOCK):
     return {"block_d": LOOKBACK_BLOCK, "chunk_t": LOOKBACK_BLOCK}
   bd = block_d_for(b, d)
   return None if bd is None else {"block_d": bd}
@@ -102,10 +106,6 @@ def _specs(t: int, bd: int):
   seq = pl.BlockSpec((pl.squeezed, t, bd), lambda b, j: (b, 0, j))
   vec = pl.BlockSpec((pl.squeezed, bd), lambda b, j: (b, j))
   return seq, vec
-
-
-def _chunked(t: int, chunk_t: int) -> bool:
-  return chunk_t > 0 and t % chunk_t == 0 and t // chunk_t > 1
 
 
 _STATIC = ("block_d", "tile_t", "num_warps", "chunk_t", "publish_inclusive", "interpret")
