@@ -46,6 +46,13 @@ def test_bitlinear_bwd_case_runs_the_kernel_and_checks_it():
   assert row["max_err"] < 2e-2 and row["ms"] > 0 and row["GB_per_s"] > 0
 
 
+def test_gemm_case_int8_is_exact_and_the_bf16_results_within_bf16_rounding():
+  raw = cases.gemm_case(64, 96, 32, "int8", epilogue=False, iters=1)
+  assert raw["case"] == "gemm-int8-raw-64x96x32" and raw["max_err"] == 0 and raw["ms"] > 0
+  for operands in ("int8", "bf16"):  # the bf16 result: within a bf16 rounding of the exact one
+    assert 0 < cases.gemm_case(64, 96, 32, operands, iters=1)["max_err"] <= 2**-8
+
+
 def test_median_time_groups_fast_calls_and_times_slow_ones_singly():
   """Sub-`group_s` calls run back to back in groups (host dispatch overlaps device work)
   and the result is per call; a call longer than `group_s` is timed alone."""

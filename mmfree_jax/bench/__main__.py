@@ -15,8 +15,8 @@ import sys
 from absl import app, flags
 
 _SUITE = flags.DEFINE_enum("suite", "gpu", ["gpu", "quick"], "Which case list to run.")
-_ONLY = flags.DEFINE_list("only", [], "Case kinds to run (bitlinear, bitlinear_bwd, recurrence, "
-                                      "train, decode, profile).")
+_ONLY = flags.DEFINE_list("only", [], "Case kinds to run (bitlinear, bitlinear_bwd, gemm, "
+                                      "recurrence, train, decode, profile).")
 _FILTER = flags.DEFINE_string("filter", "", "Run only cases whose JSON spec contains this substring.")
 _OUT = flags.DEFINE_string("out", "", "Directory for bench.json / bench.md.")
 _ONE = flags.DEFINE_string("one", "", "Run one case given as JSON (e.g. a kernel tile), print JSON.")
@@ -29,6 +29,8 @@ def suite(name: str) -> list[dict]:
              for v in ("lean", "naive")]
             + [{"kind": "bitlinear_bwd", "k": 96, "n": n, "glu": g, "tokens": 64, "iters": 2}
                for n, g in ((3, False), (1, True))]
+            + [{"kind": "gemm", "m": 64, "k": 96, "n": 32, "operands": o, "iters": 2}
+               for o in ("bf16", "int8")]
             + [{"kind": "recurrence", "impl": i, "b": 2, "t": 64, "d": 32, "iters": 3}
                for i in ("sequential", "associative", "chunked", "pallas")]
             + [{"kind": "train", "arch": a, "size": "micro", "batch": 2, "seq_len": 32,
@@ -42,6 +44,11 @@ def suite(name: str) -> list[dict]:
   # add "rows"/"warps" to a spec (--one) to sweep the tile.
   cases += [{"kind": "bitlinear_bwd", "k": k, "n": n, "glu": g}
             for k, n, g in ((2048, 3, False), (2048, 1, False), (5632, 1, True))]
+  # The forward matmuls of the 1.3B model (f/i/g/o, GLU gate+up, GLU down) at batch 8 and 16.
+  for m in (16384, 32768):
+    for k, n in ((2048, 2048), (2048, 11264), (5632, 2048)):
+      cases += [{"kind": "gemm", "m": m, "k": k, "n": n, "operands": o, "epilogue": e}
+                for o, e in (("bf16", True), ("int8", True), ("int8", False))]
   for shape in ((8, 2048, 1024), (16, 2048, 2048)):
     for impl in ("pallas", "associative"):
       cases.append({"kind": "recurrence", "impl": impl, "b": shape[0], "t": shape[1],

@@ -162,6 +162,38 @@ def bitlinear_bwd_case(k: int, n: int = 1, glu: bool = False, rows: int = 1, war
           "max_err": err}
 
 
+def gemm_case(m: int, k: int, n: int, operands: str = "bf16", epilogue: bool = True,
+              iters: int = 20) -> dict:
+  """One [M, K] x [K, N] product of BitLinear codes (int8 activations, ternary weights).
+
+  operands "bf16": both codes as bf16, float32 accumulation, bf16 result (what the forward
+  pass runs); "int8": int8 x int8 with int32 accumulation and the weight codes stored
+  [N, K] (K minor in both operands, the int8 tensor-core GEMM's layout). With `epilogue`
+  the product is scaled per row in float32 and written as bf16 (as BitLinear does);
+  without, the raw product is the result. `max_err`: relative to the exact product.
+  """
+  keys = jax.random.split(jax.random.key(3), 3)
+  q = jax.random.randint(keys[0], (m, k), -128, 128, jnp.int32).astype(jnp.int8)
+  t = jax.random.randint(keys[1], (k, n), -1, 2, jnp.int32).astype(jnp.int8)
+  s = jax.random.uniform(keys[2], (m, 1), jnp.float32, 0.5, 1.5)
+  if operands == "bf16":
+    a, b, dims, acc = q.astype(jnp.bfloat16), t.astype(jnp.bfloat16), (0,), jnp.bfloat16
+  elif operands == "int8":
+    a, b, dims, acc = q, t.T, (1,), jnp.int32
+  else:
+    raise ValueError(f"operands={operands!r} is unknown; use bf16 or int8")
+
+  def product(a, b, s):
+    out = jax.lax.dot_general(a, b, (((1,), dims), ((), ())), preferred_element_type=acc)
+    return (out.astype(jnp.float32) * s).astype(jnp.bfloat16) if epilogue else out
+  run = jax.jit(product)
+  t_s = median_time(lambda: run(a, b, s), iters)
+  exact = jnp.dot(q.astype(jnp.int32), t.astype(jnp.int32))
+  err = _rel_err([run(a, b, s)], [exact * s if epilogue else exact])
+  return {"case": f"gemm-{operands}{'' if epilogue else '-raw'}-{m}x{k}x{n}", "ms": t_s * 1e3,
+          "TOP_per_s": 2 * m * k * n / t_s / 1e12, "max_err": err}
+
+
 def _train_setup(arch: str, size: str, batch: int, remat: str, seq_len: int,
                  attention_impl: str | None, **model_kw):
   """Compiled train step, a donated state and two random batches."""
@@ -337,6 +369,6 @@ def decode_case(arch: str, size: str, batch: int = 1, prompt: int = 128, new: in
 
 
 CASES: dict[str, Callable[..., dict]] = {
-    "bitlinear": bitlinear_case, "bitlinear_bwd": bitlinear_bwd_case,
+    "bitlinear": bitlinear_case, "bitlinear_bwd": bitlinear_bwd_case, "gemm": gemm_case,
     "recurrence": recurrence_case, "train": train_case, "profile": profile_case,
     "decode": decode_case}
