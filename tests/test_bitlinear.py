@@ -8,6 +8,8 @@ import pytest
 from mmfree_jax.layers import bitlinear as bl
 from mmfree_jax.layers import bitlinear_pallas
 
+F32 = jnp.float32
+
 
 def test_activation_quant_ties_away_from_zero_and_zero_rows():
   y = jnp.array([[127.0, 63.5, -63.5, 0.5, -0.5, 1.5, 2.5, -2.5],
@@ -123,15 +125,15 @@ def test_pallas_prologue_matches_xla(k, n, glu, dtype):
   for groups of projections and for the GLU pair input."""
   xs, norm_w, _ = _group_inputs(k, 7, n, glu)
   qs, ss = bitlinear_pallas.activation_codes(xs, norm_w, 1e-8, dtype, glu, interpret=True)
-  ref, _ = bl._xla_codes(*xs, norm_w, eps=1e-8, out_dtype=dtype, glu=glu)
+  ref, _ = bl._xla_codes(*xs, norm_w, eps=1e-8, x_dtype=jnp.bfloat16, glu=glu)
   assert len(qs) == len(ss) == n
   for q, q_ref in zip(qs, ref[:n]):
-    assert q.dtype == dtype and q.shape == xs[0].shape
+    assert q.dtype == dtype and q_ref.dtype == jnp.int8 and q.shape == xs[0].shape
     if glu:  # exp in the kernel vs XLA's logistic can move the bf16 product by an ulp
       diff = np.abs(np.float32(q) - np.float32(q_ref))
       assert diff.max() <= 1 and np.mean(diff > 0) < 0.03
     else:
-      np.testing.assert_array_equal(q, q_ref)
+      np.testing.assert_array_equal(np.float32(q), np.float32(q_ref))
   for s, s_ref in zip(ss, ref[n:]):  # GLU off CPU: the product's max can move by a bf16 ulp
     np.testing.assert_allclose(s, s_ref, rtol=1e-6 if not glu or jax.default_backend() == "cpu" else 1e-2)
 
@@ -220,6 +222,27 @@ def test_pallas_bitlinear_on_gpu_matches_xla(group):
     runs[impl] = _grads(f, (x, norm_w, w), cot)
   for a, b in zip(jax.tree.leaves(runs["pallas"]), jax.tree.leaves(runs["xla"])):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * np.abs(b).max())
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_int8_code_matmul_equals_the_compute_dtype_matmul(dtype):
+  """The CUDA branch (int8 x int8 -> int32, rounded to dtype) gives bit for bit what the
+  other platforms' dtype matmul with float32 accumulation gives, at K = 5632 (the 1.3B
+  down projection) with extreme codes; and only the CUDA program multiplies int8."""
+  keys = jax.random.split(jax.random.key(3), 2)
+  q = jax.random.randint(keys[0], (2, 8, 5632), -128, 128).astype(jnp.int8)
+  q = q.at[0, 0].set(127)  # a row of +127 against a column of +1: the largest sum
+  t = jax.random.randint(keys[1], (5632, 24), -1, 2).astype(F32).at[:, 0].set(1.0)
+  int8 = bl._int8_matmul(q, t, dtype)
+  assert int8.dtype == dtype and float(int8[0, 0, 0]) == float(jnp.asarray(127 * 5632, dtype))
+  np.testing.assert_array_equal(np.float32(int8), np.float32(bl._mm(q, t, dtype, out=dtype)))
+  np.testing.assert_array_equal(np.float32(bl._code_matmul(q, t, dtype)), np.float32(int8))
+  traced = jax.jit(bl._code_matmul, static_argnums=2).trace(q, t, dtype)
+  dots = {p: [line for line in traced.lower(lowering_platforms=(p,)).as_text().splitlines()
+              if "dot_general" in line] for p in ("cuda", "cpu")}
+  assert len(dots["cuda"]) == len(dots["cpu"]) == 1
+  assert "tensor<24x5632xi8>) -> tensor<2x8x24xi32>" in dots["cuda"][0]
+  assert "xi8" not in dots["cpu"][0]
 
 
 def test_pallas_kernel_is_used_for_training_shapes_not_decode_steps():

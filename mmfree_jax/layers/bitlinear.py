@@ -5,11 +5,11 @@
 activations in the backward pass. `bitlinear_naive` is plain autodiff through
 straight-through estimators and serves as the reference.
 
-The matmul runs on the exact integer codes (int8 activations, ternary weights; both exact
-in bfloat16) with float32 accumulation, then applies both scales. With float32 compute the
-result is the quantized product up to float32 rounding; with bf16 compute the integer
-product is rounded once to bf16 before scaling (relative error <= 2^-9, like any bf16
-matmul output). `mmfree_jax.infer.packed` has an exact int8 x int8 -> int32 path.
+The matmul runs on the exact integer codes (int8 activations, ternary weights), then applies
+both scales: on CUDA GPUs as an int8 x int8 -> int32 tensor-core GEMM (1.6-1.8x the bf16 rate
+at the 1.3B shapes), elsewhere in the compute dtype with float32 accumulation (exact: the
+sums stay below 2^24). Either way the integer product is rounded once to the compute dtype
+before scaling (with bf16 a relative error <= 2^-9, like any bf16 matmul output).
 impl "pallas" runs the elementwise work around the matmuls as fused Pallas kernels on
 CUDA GPUs (`bitlinear_pallas`): the input norm + int8 codes, and in the backward pass the
 norm backward, the fake-quantized activations for the weight gradient and the norm-weight
@@ -101,17 +101,17 @@ def _rows(fn, nx: int, n: int):
   return run
 
 
-def _xla_codes(*args, eps, out_dtype, glu):
+def _xla_codes(*args, eps, x_dtype, glu):
   *xs, norm_w_NxK = args
-  xhat, _ = rms_normalize(_input(xs, glu, out_dtype), eps)
+  xhat, _ = rms_normalize(_input(xs, glu, x_dtype), eps)
   qs, ss = zip(*(activation_codes(xhat * w) for w in norm_w_NxK.astype(F32)))
-  return [*(q.astype(out_dtype) for q in qs), *ss], []
+  return [*(q.astype(jnp.int8) for q in qs), *ss], []
 
 
-def _pallas_codes(*args, eps, out_dtype, glu):
+def _pallas_codes(*args, eps, x_dtype, glu):
   *xs, norm_w_NxK = args
-  qs, ss = bitlinear_pallas.activation_codes(tuple(xs), norm_w_NxK, eps, out_dtype, glu,
-                                             out_dtype)
+  qs, ss = bitlinear_pallas.activation_codes(tuple(xs), norm_w_NxK, eps, jnp.int8, glu,
+                                             x_dtype)
   return [*qs, *ss], []
 
 
@@ -127,8 +127,9 @@ def _dispatch(kernel, xla, args, nx: int, n: int, impl: str, replicated: int):
 
 
 def _codes(xs, norm_w_NxK, eps, dtype, impl, glu):
-  """(activation codes as `dtype`, per-token scales s [..., 1]) for each norm weight."""
-  kw = dict(eps=eps, out_dtype=dtype, glu=glu)
+  """(int8 activation codes, per-token scales s [..., 1]) for each norm weight; `dtype`
+  rounds the GLU input product."""
+  kw = dict(eps=eps, x_dtype=dtype, glu=glu)
   out, _ = _dispatch(functools.partial(_pallas_codes, **kw), functools.partial(_xla_codes, **kw),
                      (*xs, norm_w_NxK), len(xs), 0, impl, 1)
   n = norm_w_NxK.shape[0]
@@ -168,12 +169,25 @@ def _split(out, splits):
   return out if splits == 1 else tuple(jnp.split(out, splits, axis=-1))
 
 
+def _code_matmul(q: jax.Array, t: jax.Array, dtype) -> jax.Array:
+  """int8 codes q [..., K] @ ternary codes t [K, N]: the exact integer product rounded once
+  to `dtype` (exact in float32; in bf16 the same relative error as rounding the scaled
+  result). On CUDA GPUs an int8 GEMM whose int32 -> dtype rounding XLA fuses into it
+  (weights as [N, K], the layout int8 tensor-core GEMMs read); elsewhere `dtype`
+  operands with float32 accumulation, which give the same integers."""
+  return jax.lax.platform_dependent(q, t, cuda=functools.partial(_int8_matmul, dtype=dtype),
+                                    default=lambda q, t: _mm(q, t, dtype, out=dtype))
+
+
+def _int8_matmul(q: jax.Array, t: jax.Array, dtype) -> jax.Array:
+  return jax.lax.dot_general(q, t.astype(jnp.int8).T, (((q.ndim - 1,), (1,)), ((), ())),
+                             preferred_element_type=jnp.int32).astype(dtype)
+
+
 def _forward(xs, norm_ws, ws, eps, dtype, out_dtype, impl, splits, glu):
   qs, ss = _codes(xs, jnp.stack(norm_ws), eps, dtype, impl, glu)
   ts, gs = _weights(ws)
-  # The integer product is rounded once to the compute dtype (exact in float32; in
-  # bf16 the same relative error as rounding the scaled result), then scaled in f32.
-  outs = [(_mm(q, t, dtype, out=dtype).astype(F32) * (g / s)).astype(out_dtype or dtype)
+  outs = [(_code_matmul(q, t, dtype).astype(F32) * (g / s)).astype(out_dtype or dtype)
           for q, s, t, g in zip(qs, ss, ts, gs)]
   return tuple(_split(o, splits) for o in outs)
 
