@@ -166,11 +166,13 @@ def gemm_case(m: int, k: int, n: int, operands: str = "bf16", epilogue: bool = T
               iters: int = 20) -> dict:
   """One [M, K] x [K, N] product of BitLinear codes (int8 activations, ternary weights).
 
-  operands "bf16": both codes as bf16, float32 accumulation, bf16 result (what the forward
-  pass runs); "int8": int8 x int8 with int32 accumulation and the weight codes stored
-  [N, K] (K minor in both operands, the int8 tensor-core GEMM's layout). With `epilogue`
-  the product is scaled per row in float32 and written as bf16 (as BitLinear does);
-  without, the raw product is the result. `max_err`: relative to the exact product.
+  operands "bf16": both codes as bf16, float32 accumulation, bf16 result (BitLinear's
+  forward off CUDA, and on CUDA before its int8 GEMMs); "int8": int8 x int8 with int32
+  accumulation and the weight codes stored [N, K] (K minor in both operands, the int8
+  tensor-core GEMM's layout). With `epilogue` the product is scaled per row in float32 and
+  written as bf16 (BitLinear's CUDA path first rounds the int32 product to bf16:
+  `bitlinear._code_matmul`); without, the raw product is the result. `max_err`: relative
+  to the exact product.
   """
   keys = jax.random.split(jax.random.key(3), 3)
   q = jax.random.randint(keys[0], (m, k), -128, 128, jnp.int32).astype(jnp.int8)
