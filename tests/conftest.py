@@ -1,4 +1,5 @@
-"""Test setup: 8 fake CPU devices so sharding is really exercised."""
+"""Test setup: 8 fake CPU devices so sharding is really exercised. CPU unless JAX_PLATFORMS
+says otherwise (`JAX_PLATFORMS=cuda pytest -k gpu` runs the GPU kernel tests on a GPU)."""
 import os
 
 os.environ["XLA_FLAGS"] = (

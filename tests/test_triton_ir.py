@@ -3,6 +3,8 @@ Triton's own verifier: the check the GPU runs first when it compiles the module 
 operand type, for one, fails there). What the GPU does after that (register allocation,
 the results) is tested on a GPU by the `*_on_gpu_*` tests."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -17,8 +19,8 @@ registration = pytest.importorskip("jax._src.pallas.triton.pallas_call_registrat
 
 @pytest.fixture
 def verified(monkeypatch):
-  """Names of the Triton modules lowered so far, each verified as it is built."""
-  seen = []
+  """(names, texts) of the Triton modules lowered so far, each verified as it is built."""
+  seen, texts = [], {}
   lower = triton_lowering.lower_jaxpr_to_triton_module
 
   def lower_and_verify(*args, **kwargs):
@@ -30,14 +32,20 @@ def verified(monkeypatch):
       except Exception as e:  # noqa: BLE001 - the verifier's message is the test's
         pytest.fail(f"Triton module {name} fails verification: {str(e)[:2000]}")
     seen.append(name)
+    texts[name] = str(result.module)
     return result
 
   monkeypatch.setattr(registration.lowering, "lower_jaxpr_to_triton_module", lower_and_verify)
-  return seen
+  return seen, texts
 
 
 def _lower_for_cuda(fn, *args):
-  jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+  try:
+    jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+  except RuntimeError as e:  # jax 0.11 reads the GPU's model while lowering Triton kernels
+    if "No supported GPU devices found" not in str(e):
+      raise
+    pytest.skip("this jax lowers Pallas Triton kernels only with a GPU present")
 
 
 @pytest.mark.parametrize("t,suffix", [(96, ""), (128, "_lookback")])  # T/64 chunks: 1.5, 2
@@ -50,7 +58,14 @@ def test_recurrence_kernels_verify(verified, t, suffix):
     return jnp.sum(linear_recurrence(f, x, None, resets, "pallas")[0].astype(jnp.float32))
 
   _lower_for_cuda(jax.grad(loss, argnums=(0, 1)), f, f)
-  assert verified == [f"mlgru_scan_fwd{suffix}", f"mlgru_scan_bwd{suffix}"]
+  names, texts = verified
+  assert names == [f"mlgru_scan_fwd{suffix}", f"mlgru_scan_bwd{suffix}"]
+  # The look-back's int32 flags only see integer atomics: Pallas lowers a vector (not a
+  # scalar) atomic_add of int32 to a float add, which zeroes int flags and hangs the GPU.
+  for text in texts.values():
+    atomics = re.findall(r"tt\.atomic_rmw (\w+).*?-> (\S+)", text)
+    assert all(op in ("add", "or", "max") and "i32" in ty for op, ty in atomics), atomics
+    assert bool(atomics) == bool(suffix)
 
 
 def test_lookback_summary_only_kernels_verify(verified):
@@ -61,7 +76,7 @@ def test_lookback_summary_only_kernels_verify(verified):
   _lower_for_cuda(lambda f, x, h0: scan_pallas.forward(f, x, h0, **kw), seq, seq, state)
   _lower_for_cuda(lambda f, h, dh, h0, dl: scan_pallas.backward(f, h, dh, h0, dl, **kw),
                   seq, seq, seq, state, state)
-  assert verified == ["mlgru_scan_fwd_lookback", "mlgru_scan_bwd_lookback"]
+  assert verified[0] == ["mlgru_scan_fwd_lookback", "mlgru_scan_bwd_lookback"]
 
 
 @pytest.mark.parametrize("group", ["one", "shared", "glu"])
@@ -77,4 +92,4 @@ def test_bitlinear_kernels_verify(verified, group):
     return sum(jnp.sum(o.astype(jnp.float32)) for o in jax.tree.leaves(fns[group](x, nw, w)))
 
   _lower_for_cuda(jax.value_and_grad(loss, argnums=(0, 1, 2)), x, vec, mat)
-  assert sorted(set(verified)) == ["bitlinear_act_codes", "bitlinear_bwd"]
+  assert sorted(set(verified[0])) == ["bitlinear_act_codes", "bitlinear_bwd"]
