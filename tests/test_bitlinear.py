@@ -8,8 +8,6 @@ import pytest
 from mmfree_jax.layers import bitlinear as bl
 from mmfree_jax.layers import bitlinear_pallas
 
-F32 = jnp.float32
-
 
 def test_activation_quant_ties_away_from_zero_and_zero_rows():
   y = jnp.array([[127.0, 63.5, -63.5, 0.5, -0.5, 1.5, 2.5, -2.5],
@@ -232,7 +230,7 @@ def test_int8_code_matmul_equals_the_compute_dtype_matmul(dtype):
   keys = jax.random.split(jax.random.key(3), 2)
   q = jax.random.randint(keys[0], (2, 8, 5632), -128, 128).astype(jnp.int8)
   q = q.at[0, 0].set(127)  # a row of +127 against a column of +1: the largest sum
-  t = jax.random.randint(keys[1], (5632, 24), -1, 2).astype(F32).at[:, 0].set(1.0)
+  t = jax.random.randint(keys[1], (5632, 24), -1, 2).astype(jnp.float32).at[:, 0].set(1.0)
   int8 = bl._int8_matmul(q, t, dtype)
   assert int8.dtype == dtype and float(int8[0, 0, 0]) == float(jnp.asarray(127 * 5632, dtype))
   np.testing.assert_array_equal(np.float32(int8), np.float32(bl._mm(q, t, dtype, out=dtype)))
