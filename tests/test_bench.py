@@ -4,6 +4,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from mmfree_jax.bench import cases
 
@@ -44,6 +45,13 @@ def test_bitlinear_bwd_case_runs_the_kernel_and_checks_it():
   row = cases.bitlinear_bwd_case(64, n=2, rows=2, tokens=32, iters=1)
   assert row["case"] == "bitlinear_bwd-k64-n2-rows2-warpsauto"
   assert row["max_err"] < 2e-2 and row["ms"] > 0 and row["GB_per_s"] > 0
+
+
+@pytest.mark.parametrize("glu", [False, True])
+def test_bitlinear_codes_case_runs_the_kernel_and_checks_it(glu):
+  row = cases.bitlinear_codes_case(64, n=1 if glu else 2, glu=glu, rows=2, tokens=32, iters=1)
+  assert row["case"] == f"bitlinear_codes-k64-n{1 if glu else 2}{'-glu' if glu else ''}-rows2-warpsauto"
+  assert row["max_err"] < 0.02 and row["ms"] > 0 and row["GB_per_s"] > 0
 
 
 def test_gemm_case_int8_is_exact_and_the_bf16_results_within_bf16_rounding():

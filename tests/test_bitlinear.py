@@ -94,22 +94,13 @@ def test_lean_saves_only_the_input():
   assert naive > lean
 
 
-@pytest.mark.parametrize("fn", [bl.bitlinear, bl.bitlinear_naive])
-def test_split_outputs_equal_slices_with_the_same_gradients(fn):
-  """splits=2: the two halves of the one-matmul output; gradients as for the whole."""
-  x, norm_w, w, c = _inputs()
-  whole = lambda x, nw, w: fn(x, nw, w, 1e-8, jnp.float32, jnp.float32)
-  halves = lambda x, nw, w: fn(x, nw, w, 1e-8, jnp.float32, jnp.float32, "xla", 2)
-  out, vjp_whole = jax.vjp(whole, x, norm_w, w)
-  (a, b), vjp_halves = jax.vjp(halves, x, norm_w, w)
-  np.testing.assert_array_equal(jnp.concatenate([a, b], -1), out)
-  for g1, g2 in zip(vjp_whole(c), vjp_halves(tuple(jnp.split(c, 2, axis=-1)))):
-    np.testing.assert_allclose(g1, g2, rtol=1e-6, atol=1e-7 * np.abs(g1).max())
-
-
 def _group_inputs(k, rows, n, glu, dtype=jnp.bfloat16):
   keys = jax.random.split(jax.random.key(1), 4)
-  xs = tuple((jax.random.normal(kk, (rows, k)) * 2).astype(dtype) for kk in keys[:1 + glu])
+  if glu:  # the gate/up matmul's output: p [rows, 2k] (integers) and row scales r
+    p = jnp.round(jax.random.normal(keys[0], (rows, 2 * k)) * 300).astype(dtype)
+    xs = (p, jax.random.uniform(keys[1], (rows, 1), minval=0.002, maxval=0.01))
+  else:
+    xs = ((jax.random.normal(keys[0], (rows, k)) * 2).astype(dtype),)
   norm_w = 1 + 0.1 * jax.random.normal(keys[2], (n, k))
   dys = tuple(jax.random.normal(jax.random.fold_in(keys[3], j), (rows, k)).astype(dtype)
               for j in range(n))
@@ -121,12 +112,18 @@ def _group_inputs(k, rows, n, glu, dtype=jnp.bfloat16):
 def test_pallas_prologue_matches_xla(k, n, glu, dtype):
   """The fused norm + int8 kernel (interpret mode on CPU) gives the XLA codes and scales,
   for groups of projections and for the GLU pair input."""
-  xs, norm_w, _ = _group_inputs(k, 7, n, glu)
-  qs, ss = bitlinear_pallas.activation_codes(xs, norm_w, 1e-8, dtype, glu, interpret=True)
+  xs, norm_w, _ = _group_inputs(k, 8, n, glu)
   ref, _ = bl._xla_codes(*xs, norm_w, eps=1e-8, x_dtype=jnp.bfloat16, glu=glu)
+  for rows in (2, 8):  # the result does not depend on the tile
+    tiled = bitlinear_pallas.activation_codes(xs, norm_w, 1e-8, dtype, glu, rows=rows,
+                                              interpret=True)
+    for a, b in zip(jax.tree.leaves(tiled), jax.tree.leaves(
+        bitlinear_pallas.activation_codes(xs, norm_w, 1e-8, dtype, glu, rows=1, interpret=True))):
+      np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=1e-6)
+  qs, ss = bitlinear_pallas.activation_codes(xs, norm_w, 1e-8, dtype, glu, interpret=True)
   assert len(qs) == len(ss) == n
   for q, q_ref in zip(qs, ref[:n]):
-    assert q.dtype == dtype and q_ref.dtype == jnp.int8 and q.shape == xs[0].shape
+    assert q.dtype == dtype and q_ref.dtype == jnp.int8 and q.shape == (8, k)
     if glu:  # exp in the kernel vs XLA's logistic can move the bf16 product by an ulp
       diff = np.abs(np.float32(q) - np.float32(q_ref))
       assert diff.max() <= 1 and np.mean(diff > 0) < 0.03
@@ -148,11 +145,11 @@ def test_pallas_backward_matches_xla(k, rows, n, glu):
   exact = not glu or jax.default_backend() == "cpu"
   tol, part_tol = (1e-2, 1e-5) if exact else (3e-2, 3e-2)
   for tile in (1, 4):
-    dxs, yqs, parts = bitlinear_pallas.backward(xs, dys, norm_w, wg, 1e-8, glu, rows=tile,
-                                                interpret=True)
-    assert len(dxs) == len(xs) and len(yqs) == len(parts) == n
+    dx, yqs, parts = bitlinear_pallas.backward(xs, dys, norm_w, wg, 1e-8, glu, rows=tile,
+                                               interpret=True)
+    assert dx.shape == xs[0].shape and len(yqs) == len(parts) == n
     assert parts[0].shape == (rows // bitlinear_pallas.block_rows(rows), k)
-    for a, b in zip([*dxs, *yqs], ref_rows):
+    for a, b in zip([dx, *yqs], ref_rows):
       assert a.dtype == b.dtype == jnp.bfloat16
       np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tol,
                                  atol=tol * np.abs(np.float32(b)).max())
@@ -181,20 +178,53 @@ def test_shared_input_group_equals_separate_bitlinears():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
 
 
+def _glu_params(d=48, i=40):
+  keys = jax.random.split(jax.random.key(5), 4)
+  return (1 + 0.1 * jax.random.normal(keys[0], (d,)), 0.05 * jax.random.normal(keys[1], (d, 2 * i)),
+          1 + 0.1 * jax.random.normal(keys[2], (i,)), 0.05 * jax.random.normal(keys[3], (i, d)))
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_glu_bitlinear_equals_bitlinear_of_the_product(dtype):
-  """bitlinear_glu(gate, up) == bitlinear(glu_input(gate, up)): outputs and gradients
-  (to gate, up, the norm weight and the kernel)."""
-  x, norm_w, w, c = _inputs()
-  gate, up = x.astype(dtype), (0.5 * x + 1).astype(dtype)
-  fused = lambda g, u, nw, w: bl.bitlinear_glu(g, u, nw, w, 1e-8, dtype, jnp.float32)
-  plain = lambda g, u, nw, w: bl.bitlinear(bl.glu_input(g, u, dtype), nw, w, 1e-8, dtype, jnp.float32)
-  out_f, grads_f = _grads(fused, (gate, up, norm_w, w), c)
-  out_p, grads_p = _grads(plain, (gate, up, norm_w, w), c)
-  tol = 1e-5 if dtype == jnp.float32 else 1e-2
-  for a, b in zip((out_f, *grads_f), (out_p, *grads_p)):
-    a, b = np.float32(a), np.float32(b)
-    np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max())
+def test_glu_mlp_equals_two_bitlinears(dtype):
+  """glu_mlp (one custom_vjp: halves, product and their gradients formed in the down
+  projection's kernels) == bitlinear(glu_input(halves of bitlinear(x))): outputs and the
+  gradients of x and all four parameters, bit for bit; and close to plain autodiff
+  through the straight-through estimators."""
+  x, _, _, c = _inputs(n=48)
+  params = _glu_params()
+  fused = lambda x, *p: bl.glu_mlp(x, *p, 1e-8, dtype, jnp.float32)
+  apart = lambda x, *p: bl.glu_mlp_reference(x, *p, 1e-8, dtype, jnp.float32)
+  naive = lambda x, *p: bl.glu_mlp_reference(x, *p, 1e-8, dtype, jnp.float32,
+                                             fn=bl.bitlinear_naive)
+  out_f, grads_f = _grads(fused, (x, *params), c)
+  out_a, grads_a = _grads(apart, (x, *params), c)
+  out_n, grads_n = _grads(naive, (x, *params), c)
+  assert len(grads_f) == 5
+  tol = 1e-4 if dtype == jnp.float32 else 3e-2
+  for a, b, ref in zip((out_f, *grads_f), (out_a, *grads_a), (out_n, *grads_n)):
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(a, ref, rtol=tol, atol=tol * np.abs(ref).max())
+
+
+def test_glu_mlp_lean_remat_keeps_the_product_and_recomputes_no_matmul(capsys):
+  """Under the "lean" policy (save only "proj") glu_mlp's backward keeps x, the params and
+  the gate/up matmul's product p [..., 2I] and row scale r [..., 1]: as many matmuls as
+  without remat; with nothing saved the forward matmuls run again."""
+  x, _, _, c = _inputs(n=48)
+  params = _glu_params()
+  f = lambda x, *p: jnp.vdot(bl.glu_mlp(x, *p, 1e-8, jnp.float32, jnp.float32), c)
+  lean = jax.checkpoint(f, policy=jax.checkpoint_policies.save_only_these_names("proj"))
+  jax.ad_checkpoint.print_saved_residuals(lean, x, *params)
+  saved = [line for line in capsys.readouterr().out.splitlines() if "constant" not in line]
+  assert sorted(line.split()[0] for line in saved) == sorted(
+      ["f32[3,5,48]", "f32[48]", "f32[48,80]", "f32[40]", "f32[40,48]", "f32[3,5,80]",
+       "f32[3,5,1]"])
+  assert sorted(line.split()[0] for line in saved if "named 'proj'" in line) == [
+      "f32[3,5,1]", "f32[3,5,80]"]
+  def dots(fn):
+    return str(jax.make_jaxpr(jax.grad(fn, argnums=range(5)))(x, *params)).count("dot_general")
+  nothing = jax.checkpoint(f, policy=jax.checkpoint_policies.nothing_saveable)
+  assert dots(lean) == dots(f) < dots(nothing)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="Pallas GPU kernel needs a GPU")
@@ -207,8 +237,8 @@ def test_pallas_bitlinear_on_gpu_matches_xla(group):
       "one": lambda x, nw, w, impl: bl.bitlinear(x, nw, w, 1e-8, jnp.float32, jnp.float32, impl),
       "shared": lambda x, nw, w, impl: bl.bitlinear_shared(
           x, (nw, 1.1 * nw), (w, -w), 1e-8, jnp.float32, jnp.float32, impl),
-      "glu": lambda x, nw, w, impl: bl.bitlinear_glu(
-          x, x * 0.5 + 1, nw, w, 1e-8, jnp.float32, jnp.float32, impl)}
+      "glu": lambda x, nw, w, impl: bl.glu_mlp(
+          x, nw, w, 1.1 * nw[:128], w[:128], 1e-8, jnp.float32, jnp.float32, impl)}
   cot = (c, 2 * c) if group == "shared" else c
   runs = {}
   for impl in ("xla", "pallas"):

@@ -86,7 +86,7 @@ def test_bitlinear_kernels_verify(verified, group):
   vec, mat = jax.ShapeDtypeStruct((k,), jnp.float32), jax.ShapeDtypeStruct((k, n), jnp.float32)
   fns = {"one": lambda x, nw, w: bl.bitlinear(x, nw, w, impl="pallas"),
          "shared": lambda x, nw, w: bl.bitlinear_shared(x, (nw, nw), (w, w), impl="pallas"),
-         "glu": lambda x, nw, w: bl.bitlinear_glu(x, x, nw, w, impl="pallas")}
+         "glu": lambda x, nw, w: bl.glu_mlp(x, nw, w, nw[:64], w[:64], impl="pallas")}
 
   def loss(x, nw, w):
     return sum(jnp.sum(o.astype(jnp.float32)) for o in jax.tree.leaves(fns[group](x, nw, w)))

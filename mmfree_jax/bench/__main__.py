@@ -27,7 +27,8 @@ def suite(name: str) -> list[dict]:
   if name == "quick":
     return ([{"kind": "bitlinear", "variant": v, "d": 128, "tokens": 256, "iters": 3}
              for v in ("lean", "naive")]
-            + [{"kind": "bitlinear_bwd", "k": 96, "n": n, "glu": g, "tokens": 64, "iters": 2}
+            + [{"kind": kind, "k": 96, "n": n, "glu": g, "tokens": 64, "iters": 2}
+               for kind in ("bitlinear_codes", "bitlinear_bwd")
                for n, g in ((3, False), (1, True))]
             + [{"kind": "gemm", "m": 64, "k": 96, "n": 32, "operands": o, "iters": 2}
                for o in ("bf16", "int8")]

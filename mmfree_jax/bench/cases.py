@@ -136,17 +136,27 @@ def recurrence_case(impl: str, b: int, t: int, d: int, chunk: int = 16, iters: i
           "fwd_hbm_frac": floor_f / t_f, "fwdbwd_hbm_frac": floor_fb / t_fb, "max_err": err}
 
 
+def _kernel_inputs(key, k: int, glu: bool, tokens: int) -> tuple[jax.Array, ...]:
+  """A BitLinear kernel's input: (x [tokens, k],), or for the GLU's down projection the
+  gate/up matmul's integer product p [tokens, 2k] and row scales r [tokens, 1]."""
+  if not glu:
+    return (jax.random.normal(key, (tokens, k), jnp.bfloat16),)
+  kp, kr = jax.random.split(key)
+  return (jnp.round(jax.random.normal(kp, (tokens, 2 * k)) * 300).astype(jnp.bfloat16),
+          jax.random.uniform(kr, (tokens, 1), minval=0.002, maxval=0.01))
+
+
 def bitlinear_bwd_case(k: int, n: int = 1, glu: bool = False, rows: int = 1, warps: int = 0,
                        tokens: int = 16384, iters: int = 20) -> dict:
   """The BitLinear backward kernel alone (`bitlinear_pallas.backward`) for one tile choice.
 
-  HBM floor: read the input(s) and the n cotangents, write the input gradient(s) and the n
-  weight-gradient operands, once each (bf16). Off GPU the kernel runs in interpret mode.
+  HBM floor: read the input and the n cotangents, write the input gradient and the n
+  weight-gradient operands, once each (bf16; the GLU's input and gradient are [tokens, 2k]). Off GPU the kernel runs in interpret mode.
   `max_err`: largest difference from the XLA expression relative to its magnitude.
   """
-  keys = jax.random.split(jax.random.key(2), 2 + glu + n)
-  xs = tuple(jax.random.normal(kk, (tokens, k), jnp.bfloat16) for kk in keys[:1 + glu])
-  dys = tuple(jax.random.normal(kk, (tokens, k), jnp.bfloat16) for kk in keys[1 + glu:-1])
+  keys = jax.random.split(jax.random.key(2), 2 + n)
+  xs = _kernel_inputs(keys[0], k, glu, tokens)
+  dys = tuple(jax.random.normal(kk, (tokens, k), jnp.bfloat16) for kk in keys[1:-1])
   norm_w = 1 + 0.1 * jax.random.normal(keys[-1], (n, k))
   interpret = jax.default_backend() != "gpu"
   run = jax.jit(lambda xs, dys, w: bitlinear_pallas.backward(
@@ -155,9 +165,36 @@ def bitlinear_bwd_case(k: int, n: int = 1, glu: bool = False, rows: int = 1, war
   rows_out, parts = bl._xla_backward(*xs, *dys, norm_w, 0.5 * norm_w, nx=len(xs), n=n, eps=1e-8,
                                      glu=glu)
   got = run(xs, dys, norm_w)
-  err = _rel_err([*got[0], *got[1], *got[2]], [*rows_out, *parts])
-  nbytes = 2 * (len(xs) + n) * tokens * k * 2  # each [tokens, k] bf16 array read or written once
+  err = _rel_err([got[0], *got[1], *got[2]], [*rows_out, *parts])
+  nbytes = 2 * (1 + glu + n) * tokens * k * 2  # each [tokens, k] bf16 array read or written once
   return {"case": f"bitlinear_bwd-k{k}-n{n}{'-glu' if glu else ''}-rows{rows}-warps{warps or 'auto'}",
+          "ms": t * 1e3, "GB_per_s": nbytes / t / 1e9, "hbm_frac": nbytes / HBM_BW / t,
+          "max_err": err}
+
+
+def bitlinear_codes_case(k: int, n: int = 1, glu: bool = False, rows: int = 0, warps: int = 0,
+                         tokens: int = 16384, iters: int = 20) -> dict:
+  """The BitLinear prologue kernel alone (`bitlinear_pallas.activation_codes`, int8 codes)
+  for one tile choice (0 = the committed `codes_tile`).
+
+  HBM floor: read the input once (bf16; the GLU's is [tokens, 2k]), write n int8 code
+  arrays and n float32 scales.
+  Off GPU the kernel runs in interpret mode. `max_err`: codes differing from the XLA path
+  (an activation within an ulp of a rounding boundary may), as a fraction of all codes.
+  """
+  keys = jax.random.split(jax.random.key(4), 2)
+  xs = _kernel_inputs(keys[0], k, glu, tokens)
+  norm_w = 1 + 0.1 * jax.random.normal(keys[-1], (n, k))
+  interpret = jax.default_backend() != "gpu"
+  run = jax.jit(lambda xs, w: bitlinear_pallas.activation_codes(
+      xs, w, 1e-8, jnp.int8, glu, rows=rows, num_warps=warps, interpret=interpret))
+  t = median_time(lambda: run(xs, norm_w), iters)
+  want, _ = bl._xla_codes(*xs, norm_w, eps=1e-8, x_dtype=jnp.bfloat16, glu=glu)
+  got, _ = run(xs, norm_w)
+  err = max(float(jnp.mean(g != w)) for g, w in zip(got, want[:n]))
+  nbytes = (2 * (1 + glu) + n) * tokens * k + 4 * n * tokens
+  return {"case": f"bitlinear_codes-k{k}-n{n}{'-glu' if glu else ''}-rows{rows or 'auto'}"
+                  f"-warps{warps or 'auto'}",
           "ms": t * 1e3, "GB_per_s": nbytes / t / 1e9, "hbm_frac": nbytes / HBM_BW / t,
           "max_err": err}
 
@@ -371,6 +408,7 @@ def decode_case(arch: str, size: str, batch: int = 1, prompt: int = 128, new: in
 
 
 CASES: dict[str, Callable[..., dict]] = {
-    "bitlinear": bitlinear_case, "bitlinear_bwd": bitlinear_bwd_case, "gemm": gemm_case,
+    "bitlinear": bitlinear_case, "bitlinear_bwd": bitlinear_bwd_case,
+    "bitlinear_codes": bitlinear_codes_case, "gemm": gemm_case,
     "recurrence": recurrence_case, "train": train_case, "profile": profile_case,
     "decode": decode_case}

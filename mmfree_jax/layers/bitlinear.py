@@ -14,8 +14,10 @@ impl "pallas" runs the elementwise work around the matmuls as fused Pallas kerne
 CUDA GPUs (`bitlinear_pallas`): the input norm + int8 codes, and in the backward pass the
 norm backward, the fake-quantized activations for the weight gradient and the norm-weight
 gradient's partial sums. `bitlinear_shared` runs several projections of one input as a
-group (one read of the input, one input gradient); `bitlinear_glu` takes the GLU's
-(gate, up) pair as input without materializing `silu(gate) * up`.
+group (one read of the input, one input gradient); `glu_mlp` runs the GLU's two
+projections as one `custom_vjp`, so the down projection's kernels read the gate/up
+projection's unscaled product and row scale and never materialize gate, up or
+`silu(gate) * up`.
 """
 
 from __future__ import annotations
@@ -85,8 +87,14 @@ def glu_input(gate: jax.Array, up: jax.Array, dtype) -> jax.Array:
   return (jax.nn.silu(gate.astype(F32)) * up.astype(F32)).astype(dtype)
 
 
+def glu_halves(p: jax.Array, r: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+  """(gate, up): the gate/up projection's output `p * r` (unscaled integer product
+  p [..., 2I], per-row scale r [..., 1]) rounded to `dtype`, split in halves."""
+  return tuple(jnp.split((p.astype(F32) * r).astype(dtype), 2, axis=-1))
+
+
 def _input(xs, glu: bool, dtype):
-  return glu_input(*xs, dtype) if glu else xs[0]
+  return glu_input(*glu_halves(*xs, dtype), dtype) if glu else xs[0]
 
 
 def _rows(fn, nx: int, n: int):
@@ -138,7 +146,12 @@ def _codes(xs, norm_w_NxK, eps, dtype, impl, glu):
 
 def _xla_backward(*args, nx, n, eps, glu):
   xs, dys, (norm_w_NxK, wg_NxK) = args[:nx], args[nx:nx + n], args[nx + n:]
-  x, glu_vjp = jax.vjp(lambda *xs: _input(xs, glu, dys[0].dtype), *xs)
+  dtype = dys[0].dtype
+  if glu:  # the gradient is taken with respect to gate | up
+    gu = jnp.concatenate(glu_halves(*xs, dtype), axis=-1)
+    x, glu_vjp = jax.vjp(lambda gu: glu_input(*jnp.split(gu, 2, axis=-1), dtype), gu)
+  else:
+    x = xs[0]
   xhat, rstd = rms_normalize(x, eps)
   dys32 = [dy.astype(F32) for dy in dys]
   dxhat = sum(dy * wg for dy, wg in zip(dys32, wg_NxK))
@@ -146,27 +159,23 @@ def _xla_backward(*args, nx, n, eps, glu):
   yqs = []
   for w in norm_w_NxK:
     q, s = activation_codes(xhat * w)
-    yqs.append((q / s).astype(dys[0].dtype))
+    yqs.append((q / s).astype(dtype))
   bm = bitlinear_pallas.block_rows(x.shape[0])
   parts = [(dy * xhat).reshape(-1, bm, x.shape[-1]).sum(1) for dy in dys32]
-  dxs = glu_vjp(dx.astype(x.dtype)) if glu else (dx.astype(x.dtype),)
-  return [*dxs, *yqs], parts
+  dx = glu_vjp(dx.astype(dtype))[0] if glu else dx.astype(x.dtype)
+  return [dx, *yqs], parts
 
 
 def _pallas_backward(*args, nx, n, eps, glu):
   xs, dys, (norm_w_NxK, wg_NxK) = args[:nx], args[nx:nx + n], args[nx + n:]
-  dxs, yqs, parts = bitlinear_pallas.backward(tuple(xs), tuple(dys), norm_w_NxK, wg_NxK, eps,
-                                              glu, dys[0].dtype)
-  return [*dxs, *yqs], parts
+  dx, yqs, parts = bitlinear_pallas.backward(tuple(xs), tuple(dys), norm_w_NxK, wg_NxK, eps,
+                                             glu, dys[0].dtype)
+  return [dx, *yqs], parts
 
 
 def _weights(ws):
   tg = [weight_codes(w) for w in ws]
   return [t for t, _ in tg], [g for _, g in tg]
-
-
-def _split(out, splits):
-  return out if splits == 1 else tuple(jnp.split(out, splits, axis=-1))
 
 
 def _code_matmul(q: jax.Array, t: jax.Array, dtype) -> jax.Array:
@@ -184,32 +193,20 @@ def _int8_matmul(q: jax.Array, t: jax.Array, dtype) -> jax.Array:
                              preferred_element_type=jnp.int32).astype(dtype)
 
 
-def _forward(xs, norm_ws, ws, eps, dtype, out_dtype, impl, splits, glu):
+def _forward(xs, norm_ws, ws, eps, dtype, out_dtype, impl, glu):
   qs, ss = _codes(xs, jnp.stack(norm_ws), eps, dtype, impl, glu)
   ts, gs = _weights(ws)
-  outs = [(_code_matmul(q, t, dtype).astype(F32) * (g / s)).astype(out_dtype or dtype)
-          for q, s, t, g in zip(qs, ss, ts, gs)]
-  return tuple(_split(o, splits) for o in outs)
+  return tuple((_code_matmul(q, t, dtype).astype(F32) * (g / s)).astype(out_dtype or dtype)
+               for q, s, t, g in zip(qs, ss, ts, gs))
 
 
-_group = jax.custom_vjp(_forward, nondiff_argnums=(3, 4, 5, 6, 7, 8))
-
-
-def _group_fwd(xs, norm_ws, ws, eps, dtype, out_dtype, impl, splits, glu):
-  return _forward(xs, norm_ws, ws, eps, dtype, out_dtype, impl, splits, glu), (xs, norm_ws, ws)
-
-
-def _group_bwd(eps, dtype, out_dtype, impl, splits, glu, res, g_outs):
-  del out_dtype
-  xs, norm_ws, ws = res
+def _backward(xs, norm_ws, ws, g_outs, eps, dtype, impl, glu):
+  """(input gradient (with `glu`: of gate | up), norm-weight gradients, kernel gradients)
+  of a group: `_forward`'s inputs and the cotangents of its outputs."""
   ts, gs = _weights(ws)
-  g_outs = [go if splits > 1 else (go,) for go in g_outs]
-  # STE: d(out)/d(y) = W_q^T, d(out)/d(W) = y_q^T (per output slice).
-  dys = []
-  for gos, t in zip(g_outs, ts):
-    t_parts = jnp.split(t.astype(dtype), splits, axis=1)
-    dys.append(sum(jax.lax.dot_general(go.astype(dtype), tp, (((go.ndim - 1,), (1,)), ((), ())),
-                                       preferred_element_type=dtype) for go, tp in zip(gos, t_parts)))
+  # STE: d(out)/d(y) = W_q^T, d(out)/d(W) = y_q^T.
+  dys = [jax.lax.dot_general(go.astype(dtype), t.astype(dtype), (((go.ndim - 1,), (1,)), ((), ())),
+                             preferred_element_type=dtype) for go, t in zip(g_outs, ts)]
   norm_w_NxK = jnp.stack(norm_ws).astype(F32)
   wg_NxK = norm_w_NxK * jnp.stack(gs)[:, None]
   nx, n = len(xs), len(ws)
@@ -217,23 +214,68 @@ def _group_bwd(eps, dtype, out_dtype, impl, splits, glu, res, g_outs):
   rows, parts = _dispatch(functools.partial(_pallas_backward, **kw),
                           functools.partial(_xla_backward, **kw),
                           (*xs, *dys, norm_w_NxK, wg_NxK), nx, n, impl, 2)
-  dxs, yqs = rows[:nx], rows[nx:]
-  dnorms = [(g * p.sum(0)).astype(nw.dtype) for g, p, nw in zip(gs, parts, norm_ws)]
-  dws = []
-  for yq, gos, w in zip(yqs, g_outs, ws):
-    yq = yq.reshape(-1, yq.shape[-1])
-    dws.append(jnp.concatenate([
-        jax.lax.dot_general(yq, go.reshape(-1, go.shape[-1]).astype(dtype),
-                            (((0,), (0,)), ((), ())), preferred_element_type=F32)
-        for go in gos], axis=1).astype(w.dtype))
-  return tuple(dx.astype(x.dtype) for dx, x in zip(dxs, xs)), tuple(dnorms), tuple(dws)
+  dx, yqs = rows[0], rows[1:]
+  dnorms = tuple((g * p.sum(0)).astype(nw.dtype) for g, p, nw in zip(gs, parts, norm_ws))
+  flat = lambda a: a.reshape(-1, a.shape[-1])
+  dws = tuple(jax.lax.dot_general(flat(yq), flat(go).astype(dtype), (((0,), (0,)), ((), ())),
+                                  preferred_element_type=F32).astype(w.dtype)
+              for yq, go, w in zip(yqs, g_outs, ws))
+  return dx, dnorms, dws
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _group(xs, norm_ws, ws, eps, dtype, out_dtype, impl):
+  return _forward(xs, norm_ws, ws, eps, dtype, out_dtype, impl, False)
+
+
+def _group_fwd(xs, norm_ws, ws, eps, dtype, out_dtype, impl):
+  return _group(xs, norm_ws, ws, eps, dtype, out_dtype, impl), (xs, norm_ws, ws)
+
+
+def _group_bwd(eps, dtype, out_dtype, impl, res, g_outs):
+  del out_dtype
+  xs, norm_ws, ws = res
+  dx, dnorms, dws = _backward(xs, norm_ws, ws, g_outs, eps, dtype, impl, False)
+  return (dx.astype(xs[0].dtype),), dnorms, dws
 
 
 _group.defvjp(_group_fwd, _group_bwd)
 
 
+def _glu_forward(x, norm_gu, w_gu, norm_d, w_d, eps, dtype, out_dtype, impl):
+  (q,), (s,) = _codes((x,), norm_gu[None], eps, dtype, impl, False)
+  t, g = weight_codes(w_gu)
+  p = checkpoint_name(_code_matmul(q, t, dtype), "proj")  # what lean remat keeps
+  r = checkpoint_name(g / s, "proj")
+  out, = _forward((p, r), (norm_d,), (w_d,), eps, dtype, out_dtype, impl, True)
+  return out, (p, r)
+
+
+def _glu_fwd(x, norm_gu, w_gu, norm_d, w_d, eps, dtype, out_dtype, impl):
+  out, (p, r) = _glu_forward(x, norm_gu, w_gu, norm_d, w_d, eps, dtype, out_dtype, impl)
+  return out, (x, p, r, norm_gu, w_gu, norm_d, w_d)
+
+
+def _glu_bwd(eps, dtype, out_dtype, impl, res, g_out):
+  del out_dtype
+  x, p, r, norm_gu, w_gu, norm_d, w_d = res
+  dgu, (dnorm_d,), (dw_d,) = _backward((p, r), (norm_d,), (w_d,), (g_out,), eps, dtype, impl,
+                                       True)
+  dx, (dnorm_gu,), (dw_gu,) = _backward((x,), (norm_gu,), (w_gu,), (dgu,), eps, dtype, impl,
+                                        False)
+  return dx.astype(x.dtype), dnorm_gu, dw_gu, dnorm_d, dw_d
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _glu(x, norm_gu, w_gu, norm_d, w_d, eps, dtype, out_dtype, impl):
+  return _glu_forward(x, norm_gu, w_gu, norm_d, w_d, eps, dtype, out_dtype, impl)[0]
+
+
+_glu.defvjp(_glu_fwd, _glu_bwd)
+
+
 def bitlinear(x: jax.Array, norm_w: jax.Array, w: jax.Array, eps: float = 1e-8,
-              dtype=jnp.bfloat16, out_dtype=None, impl: str = "xla", splits: int = 1):
+              dtype=jnp.bfloat16, out_dtype=None, impl: str = "xla") -> jax.Array:
   """BitLinear forward `x[..., K] -> [..., N]` with a recomputing backward.
 
   Args:
@@ -244,13 +286,11 @@ def bitlinear(x: jax.Array, norm_w: jax.Array, w: jax.Array, eps: float = 1e-8,
     dtype: matmul operand dtype (bfloat16 or float32).
     out_dtype: output dtype (default: `dtype`).
     impl: "xla" or "pallas" (fused kernels around the matmuls on CUDA GPUs; `_dispatch`).
-    splits: > 1 returns the output as that many equal slices of N (one matmul, one
-      weight scale); their cotangents never get concatenated in the backward pass.
 
   Returns:
-    [..., N] in out_dtype, or a tuple of `splits` arrays [..., N / splits].
+    [..., N] in out_dtype.
   """
-  return _group((x,), (norm_w,), (w,), eps, dtype, out_dtype, impl, splits, False)[0]
+  return _group((x,), (norm_w,), (w,), eps, dtype, out_dtype, impl)[0]
 
 
 def bitlinear_shared(x: jax.Array, norm_ws: Sequence[jax.Array], ws: Sequence[jax.Array],
@@ -259,19 +299,36 @@ def bitlinear_shared(x: jax.Array, norm_ws: Sequence[jax.Array], ws: Sequence[ja
   """Several BitLinears of the same input (each its own norm weight and kernel): the
   same results as separate `bitlinear` calls, with the input read once by each kernel
   and one input gradient."""
-  return _group((x,), tuple(norm_ws), tuple(ws), eps, dtype, out_dtype, impl, 1, False)
+  return _group((x,), tuple(norm_ws), tuple(ws), eps, dtype, out_dtype, impl)
 
 
-def bitlinear_glu(gate: jax.Array, up: jax.Array, norm_w: jax.Array, w: jax.Array,
-                  eps: float = 1e-8, dtype=jnp.bfloat16, out_dtype=None,
-                  impl: str = "xla") -> jax.Array:
-  """`bitlinear(glu_input(gate, up, dtype), ...)` without materializing the product:
-  the kernels read gate and up, and the backward returns their gradients."""
-  return _group((gate, up), (norm_w,), (w,), eps, dtype, out_dtype, impl, 1, True)[0]
+def glu_mlp(x: jax.Array, norm_gu: jax.Array, w_gu: jax.Array, norm_d: jax.Array,
+            w_d: jax.Array, eps: float = 1e-8, dtype=jnp.bfloat16, out_dtype=None,
+            impl: str = "xla") -> jax.Array:
+  """The ternary GLU `down(silu(gate) * up)` with (gate, up) = halves of ONE BitLinear
+  x [..., d] -> [..., 2I] (one matmul, one weight scale, as in the released checkpoints):
+  the same results as `bitlinear(glu_input(*split(bitlinear(x, norm_gu, w_gu))), norm_d,
+  w_d)` (`glu_mlp_reference`).
+
+  One `custom_vjp`: it keeps x and the gate/up matmul's unscaled product and row scale
+  (named "proj" for remat), the down projection's kernels scale, split and multiply the
+  halves in registers, and the backward writes the gate | up gradient as one array, so
+  the gate/up projection's backward is one matmul per gradient.
+  """
+  return _glu(x, norm_gu, w_gu, norm_d, w_d, eps, dtype, out_dtype, impl)
+
+
+def glu_mlp_reference(x, norm_gu, w_gu, norm_d, w_d, eps: float = 1e-8, dtype=jnp.bfloat16,
+                      out_dtype=None, impl: str = "xla", fn: Callable | None = None):
+  """`glu_mlp` as two separate BitLinears (`fn`: `bitlinear` by default, or
+  `bitlinear_naive`) around `glu_input`."""
+  fn = fn or bitlinear
+  gate, up = jnp.split(fn(x, norm_gu, w_gu, eps, dtype, None, impl), 2, axis=-1)
+  return fn(glu_input(gate, up, dtype), norm_d, w_d, eps, dtype, out_dtype, impl)
 
 
 def bitlinear_naive(x, norm_w, w, eps: float = 1e-8, dtype=jnp.bfloat16, out_dtype=None,
-                    impl: str = "xla", splits: int = 1):
+                    impl: str = "xla"):
   """Reference BitLinear: autodiff through straight-through estimators (keeps y, y_q)."""
   del impl
   xhat, _ = rms_normalize(x, eps)
@@ -279,7 +336,7 @@ def bitlinear_naive(x, norm_w, w, eps: float = 1e-8, dtype=jnp.bfloat16, out_dty
   y_q = y + jax.lax.stop_gradient(activation_quant(y) - y)
   w32 = w.astype(F32)
   w_q = w32 + jax.lax.stop_gradient(weight_quant(w32) - w32)
-  return _split(_mm(y_q, w_q, dtype).astype(out_dtype or dtype), splits)
+  return _mm(y_q, w_q, dtype).astype(out_dtype or dtype)
 
 
 def _declare(module: nn.Module, k: int, features: int, axes, kernel_init):
@@ -291,11 +348,7 @@ def _declare(module: nn.Module, k: int, features: int, axes, kernel_init):
 
 
 class BitLinear(nn.Module):
-  """Ternary projection with its own input RMSNorm; kernel stored [in, out] in float32.
-
-  With `glu=True` the input is the pair (gate, up) and the projected activation is
-  `glu_input(gate, up)` (`bitlinear_glu`).
-  """
+  """Ternary projection with its own input RMSNorm; kernel stored [in, out] in float32."""
 
   features: int
   axes: tuple[str, str] = ("embed", "mlp")
@@ -305,26 +358,19 @@ class BitLinear(nn.Module):
   kernel_init: Callable = nn.initializers.normal(0.02)
   lean: bool = True
   impl: str = "xla"
-  splits: int = 1
-  glu: bool = False
 
   @nn.compact
   def __call__(self, x):
-    k = (x[1] if self.glu else x).shape[-1]
-    norm_w, w = _declare(self, k, self.features, self.axes, self.kernel_init)
-    args = (self.eps, self.dtype, self.out_dtype, self.impl)
-    if self.glu and self.lean:
-      out = bitlinear_glu(*x, norm_w, w, *args)
-    else:
-      if self.glu:
-        x = glu_input(*x, self.dtype)
-      out = (bitlinear if self.lean else bitlinear_naive)(x, norm_w, w, *args, self.splits)
-    return jax.tree.map(lambda o: checkpoint_name(o, "proj"), out)
+    norm_w, w = _declare(self, x.shape[-1], self.features, self.axes, self.kernel_init)
+    fn = bitlinear if self.lean else bitlinear_naive
+    return checkpoint_name(fn(x, norm_w, w, self.eps, self.dtype, self.out_dtype, self.impl),
+                           "proj")
 
 
 class BitLinearWeights(nn.Module):
   """The parameters of a `BitLinear` (same names and layout) without the projection:
-  for a parent that runs several BitLinears of one input as a group (`bitlinear_shared`)."""
+  for a parent that runs several BitLinears as one function (`bitlinear_shared`,
+  `glu_mlp`)."""
 
   features: int
   axes: tuple[str, str] = ("embed", "mlp")
@@ -347,7 +393,7 @@ def ternary_stats(w: jax.Array) -> dict[str, jax.Array]:
 
 
 __all__: Sequence[str] = (
-    "BitLinear", "BitLinearWeights", "bitlinear", "bitlinear_shared", "bitlinear_glu",
-    "glu_input", "bitlinear_naive", "activation_codes", "activation_quant",
+    "BitLinear", "BitLinearWeights", "bitlinear", "bitlinear_shared", "glu_mlp",
+    "glu_mlp_reference", "glu_input", "glu_halves", "bitlinear_naive", "activation_codes", "activation_quant",
     "weight_codes", "weight_quant", "round_half_away", "rms_normalize", "xavier_uniform",
     "ternary_stats")

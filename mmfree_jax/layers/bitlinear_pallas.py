@@ -2,19 +2,22 @@
 
 A BitLinear group is n ternary projections of ONE input row x (the MLGRU's f/i/g
 projections share theirs; most BitLinears are a group of one), each with its own input
-RMSNorm weight. The input is either an array or, with `glu=True`, the pair (gate, up)
-whose product `silu(gate) * up` (rounded to `x_dtype`) is the input: the GLU's down
-projection reads its two halves directly and never materializes the product.
+RMSNorm weight. The input is either an array or, with `glu=True`, the GLU's gate/up
+projection as (p [M, 2K], r [M, 1]): its unscaled product and per-row scale, from which
+the kernels form gate | up = p * r rounded to `x_dtype` and the input
+`silu(gate) * up` (rounded to `x_dtype`) in registers, so the GLU's down projection
+never materializes the scaled halves or their product.
 
-- `activation_codes`: one program per row reads the input once and writes each
+- `activation_codes`: one program per tile of rows reads the input once and writes each
   projection's int8 activation codes and per-token scale (RMSNorm, norm weight, absmax,
   round-half-away all in registers). XLA needs three fusions per projection, with a
   float32 copy of the normalized row written and read back twice.
 - `backward`: one program per block of rows reads the input and the n matmul cotangents
   dy_j = d(out_j) @ W_j^T once and writes the input's gradient (RMSNorm backward summed
-  over the group, then the GLU backward when `glu`), the fake-quantized activations
-  q_j / s_j that the weight-gradient matmuls need, and per-block partial sums of the
-  norm-weight gradients (reduced over blocks by XLA: a deterministic order).
+  over the group; with `glu` the gradient of gate | up as one [M, 2K] array), the
+  fake-quantized activations q_j / s_j that the weight-gradient matmuls need, and
+  per-block partial sums of the norm-weight gradients (reduced over blocks by XLA: a
+  deterministic order).
 
 `mmfree_jax.layers.bitlinear` uses them on CUDA GPUs and the same math in XLA elsewhere;
 `interpret=True` runs them on any backend for tests. Results agree with the XLA path up
@@ -50,13 +53,38 @@ def _silu_parts(a):
   return a * sig, sig
 
 
-def _row(x_refs, load, glu: bool, x_dtype):
-  """The input row in float32: x, or silu(gate) * up rounded to x_dtype."""
+def _input_rows(x_refs, r0, rows: int, kp: int, k: int, glu: bool, x_dtype):
+  """Rows r0 .. r0 + rows of the input in float32, [rows, kp] and zero past column k: x,
+  or silu(gate) * up rounded to x_dtype where gate | up = p * r rounded to x_dtype (then
+  also (gate, up, silu(gate), sigmoid(gate)) for the backward)."""
+  cols = jnp.arange(kp)
+  mask = jnp.broadcast_to(cols < k, (rows, kp))
+  load = lambda ref, c: pltriton.load(ref.at[pl.ds(r0, rows), pl.ds(c, kp)], mask=mask,
+                                      other=0.0).astype(F32)
   if not glu:
-    return load(x_refs[0]).astype(F32), None
-  a, b = (load(r).astype(F32) for r in x_refs)
+    return load(x_refs[0], 0), None
+  p_ref, r_ref = x_refs
+  r = pltriton.load(r_ref.at[pl.ds(r0, rows)])[:, None]
+  a, b = ((load(p_ref, c) * r).astype(x_dtype).astype(F32) for c in (0, k))
   silu, sig = _silu_parts(a)
   return (silu * b).astype(x_dtype).astype(F32), (a, b, silu, sig)
+
+
+def _width(xs, glu: bool) -> tuple[int, int]:
+  """(K, K padded to a power of two) of the input x [M, K], or the GLU's p [M, 2K]."""
+  k = xs[0].shape[1] // (1 + glu)
+  return k, pl.next_power_of_2(k)
+
+
+def _x_specs(rows: int, kp: int, glu: bool) -> list:
+  """BlockSpecs of the input for `rows`-row blocks: x, or the GLU's p (a block spans both
+  halves) and r (passed as [M] by `_x_args`)."""
+  specs = [pl.BlockSpec((rows, (1 + glu) * kp), lambda i: (i, 0))]
+  return specs + [pl.BlockSpec((rows,), lambda i: (i,))] if glu else specs
+
+
+def _x_args(xs) -> tuple:
+  return (xs[0], xs[1][:, 0]) if len(xs) == 2 else tuple(xs)
 
 
 def _quantize(y, axis=None):
@@ -69,66 +97,82 @@ def _quantize(y, axis=None):
 def _fwd_kernel(*refs, n: int, k: int, eps: float, glu: bool, x_dtype):
   x_refs, (w_ref,), outs = refs[:1 + glu], refs[1 + glu:2 + glu], refs[2 + glu:]
   q_refs, s_refs = outs[:n], outs[n:]
-  cols = jnp.arange(x_refs[0].shape[-1])
-  mask = cols < k
-  load = lambda r: pltriton.load(r.at[cols], mask=mask, other=0.0)
-  x, _ = _row(x_refs, load, glu, x_dtype)
-  rstd = jax.lax.rsqrt(jnp.sum(x * x) / k + eps)
-  xhat = x * rstd
+  rows, kp = q_refs[0].shape
+  cols = jnp.arange(kp)
+  mask = jnp.broadcast_to(cols < k, (rows, kp))
+  x, _ = _input_rows(x_refs, 0, rows, kp, k, glu, x_dtype)
+  xhat = x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) / k + eps)
   for j in range(n):
-    w = pltriton.load(w_ref.at[j, cols], mask=mask, other=0.0)
-    q, s = _quantize(xhat * w)
-    pltriton.store(q_refs[j].at[cols], q.astype(q_refs[j].dtype), mask=mask)
-    s_refs[j][...] = s
+    w = pltriton.load(w_ref.at[j, cols], mask=cols < k, other=0.0)
+    q, s = _quantize(xhat * w, axis=-1)
+    pltriton.store(q_refs[j], q.astype(q_refs[j].dtype), mask=mask)
+    s_refs[j][...] = s[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "out_dtype", "glu", "x_dtype", "interpret"))
+def codes_tile(kp: int, n: int) -> tuple[int, int]:
+  """(rows per program, warps) of the prologue kernel for a padded row width kp and n
+  projections: the H200 sweeps' best (BENCHMARKS.md), one row and 4 warps except at
+  kp = 2048, where 2 rows (f/i/g) or 8 rows (one projection) per program are faster."""
+  if kp != 2048:
+    return 1, 4
+  return (2 if n > 1 else 8), 4
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "out_dtype", "glu", "x_dtype", "rows",
+                                             "num_warps", "interpret"))
 def activation_codes(xs, norm_w_NxK: jax.Array, eps: float, out_dtype=jnp.bfloat16,
-                     glu: bool = False, x_dtype=jnp.bfloat16, interpret: bool = False):
+                     glu: bool = False, x_dtype=jnp.bfloat16, rows: int = 0, num_warps: int = 0,
+                     interpret: bool = False):
   """Codes of each projection's normalized input row.
 
   Args:
-    xs: (x [M, K],), or (gate [M, K], up [M, K]) with `glu`.
+    xs: (x [M, K],), or with `glu` (p [M, 2K], r [M, 1]): the input is
+      `silu(gate) * up` with gate | up = p * r, each rounded to x_dtype.
     norm_w_NxK: the n input-RMSNorm weights.
+    rows, num_warps: rows per program (a [rows, K] tile; a power of two, capped by the
+      largest one dividing M) and warps per program; 0 = `codes_tile`.
 
   Returns:
     (codes: n arrays [M, K] in out_dtype, scales: n arrays [M, 1] float32) with
     codes_j = clip(round_half_away(xhat * w_j * s_j)), s_j = 127 / max|xhat * w_j|.
   """
   n = norm_w_NxK.shape[0]
-  m, k = xs[0].shape
-  kp = pl.next_power_of_2(k)
-  row = pl.BlockSpec((pl.squeezed, kp), lambda i: (i, 0))
-  one = pl.BlockSpec((pl.squeezed,), lambda i: (i,))
+  m = xs[0].shape[0]
+  k, kp = _width(xs, glu)
+  tile_rows, tile_warps = codes_tile(kp, n)
+  rows = min(rows or tile_rows, m & -m)
   outs = pl.pallas_call(
-      functools.partial(_fwd_kernel, n=n, k=k, eps=eps, glu=glu, x_dtype=x_dtype), grid=(m,),
-      in_specs=[row] * len(xs) + [pl.BlockSpec((n, kp), lambda i: (0, 0))],
-      out_specs=[row] * n + [one] * n,
+      functools.partial(_fwd_kernel, n=n, k=k, eps=eps, glu=glu, x_dtype=x_dtype),
+      grid=(m // rows,),
+      in_specs=_x_specs(rows, kp, glu) + [pl.BlockSpec((n, kp), lambda i: (0, 0))],
+      out_specs=([pl.BlockSpec((rows, kp), lambda i: (i, 0))] * n
+                 + [pl.BlockSpec((rows,), lambda i: (i,))] * n),
       out_shape=([jax.ShapeDtypeStruct((m, k), out_dtype)] * n
                  + [jax.ShapeDtypeStruct((m,), F32)] * n),
-      compiler_params=pltriton.CompilerParams(num_warps=min(max(kp // 256, 1), 8), num_stages=1),
+      compiler_params=pltriton.CompilerParams(num_warps=num_warps or tile_warps, num_stages=1),
       interpret=interpret, name="bitlinear_act_codes",
-  )(*xs, norm_w_NxK)
+  )(*_x_args(xs), norm_w_NxK)
   return list(outs[:n]), [s[:, None] for s in outs[n:]]
 
 
 def _bwd_kernel(*refs, n: int, k: int, eps: float, glu: bool, x_dtype, bm: int, rows: int):
   nx = 1 + glu
   x_refs, dy_refs, (w_ref, wg_ref) = refs[:nx], refs[nx:nx + n], refs[nx + n:nx + n + 2]
-  outs = refs[nx + n + 2:]
-  dx_refs, yq_refs, part_refs = outs[:nx], outs[nx:nx + n], outs[nx + n:]
-  cols = jnp.arange(x_refs[0].shape[-1])
+  dx_ref, yq_refs = refs[nx + n + 2], refs[nx + n + 3:nx + 2 * n + 3]
+  part_refs = refs[nx + 2 * n + 3:]
+  kp = yq_refs[0].shape[-1]
+  cols = jnp.arange(kp)
   mask = cols < k
   ws = [pltriton.load(w_ref.at[j, cols], mask=mask, other=0.0) for j in range(n)]
   wgs = [pltriton.load(wg_ref.at[j, cols], mask=mask, other=0.0) for j in range(n)]
-  tile_mask = jnp.broadcast_to(mask, (rows, cols.shape[0]))
+  tile_mask = jnp.broadcast_to(mask, (rows, kp))
   rsum = lambda v: jnp.sum(v, axis=-1, keepdims=True)
 
   def body(i, parts):  # `rows` rows at a time: [rows, K] tiles, per-row reductions
-    at = lambda ref: ref.at[pl.ds(i * rows, rows), :]
+    at = lambda ref, c=0: ref.at[pl.ds(i * rows, rows), pl.ds(c, kp)]
     load = lambda ref: pltriton.load(at(ref), mask=tile_mask, other=0.0)
-    store = lambda ref, v: pltriton.store(at(ref), v.astype(ref.dtype), mask=tile_mask)
-    x, glu_parts = _row(x_refs, load, glu, x_dtype)
+    store = lambda ref, v, c=0: pltriton.store(at(ref, c), v.astype(ref.dtype), mask=tile_mask)
+    x, glu_parts = _input_rows(x_refs, i * rows, rows, kp, k, glu, x_dtype)
     rstd = jax.lax.rsqrt(rsum(x * x) / k + eps)
     xhat = x * rstd
     dys = [load(ref).astype(F32) for ref in dy_refs]
@@ -140,10 +184,10 @@ def _bwd_kernel(*refs, n: int, k: int, eps: float, glu: bool, x_dtype, bm: int, 
     if glu:
       a, b, silu, sig = glu_parts
       dz = dx.astype(x_dtype).astype(F32)  # the product is rounded to x_dtype
-      store(dx_refs[0], dz * b * sig * (1.0 + a * (1.0 - sig)))
-      store(dx_refs[1], dz * silu)
+      store(dx_ref, dz * b * sig * (1.0 + a * (1.0 - sig)))
+      store(dx_ref, dz * silu, k)
     else:
-      store(dx_refs[0], dx)
+      store(dx_ref, dx)
     return tuple(p + jnp.sum(dy * xhat, axis=0) for p, dy in zip(parts, dys))
 
   parts = jax.lax.fori_loop(0, bm // rows, body,
@@ -159,7 +203,7 @@ def backward(xs, dys, norm_w_NxK: jax.Array, wg_NxK: jax.Array, eps: float, glu:
   """The group's backward prologue.
 
   Args:
-    xs: the forward inputs, (x [M, K],) or (gate, up) with `glu`.
+    xs: the forward inputs, (x [M, K],) or (p [M, 2K], r [M, 1]) with `glu`.
     dys: n cotangents [M, K] of the normalized, quantized inputs (the transposed matmuls'
       outputs, before the weight scale).
     norm_w_NxK: the norm weights w_j; wg_NxK: w_j times each weight scale g_j.
@@ -167,28 +211,29 @@ def backward(xs, dys, norm_w_NxK: jax.Array, wg_NxK: jax.Array, eps: float, glu:
       One row and `warps_for` were the fastest in the H200 sweep (BENCHMARKS.md).
 
   Returns:
-    (input gradients: one array per xs entry, in its dtype; yq: n arrays [M, K] in dys'
-    dtype, the fake-quantized activations; partial sums of dy_j * xhat over each block of
-    `block_rows(M)` rows: n arrays [M / block_rows(M), K] float32).
+    (the input gradient: [M, K] in x's dtype, or with `glu` that of gate | up, [M, 2K] in
+    p's dtype; yq: n arrays [M, K] in dys' dtype, the fake-quantized activations; partial
+    sums of dy_j * xhat over each block of `block_rows(M)` rows: n arrays
+    [M / block_rows(M), K] float32).
   """
   n = norm_w_NxK.shape[0]
-  m, k = xs[0].shape
-  kp = pl.next_power_of_2(k)
+  m = xs[0].shape[0]
   bm = block_rows(m)
   rows = min(rows, bm)
+  k, kp = _width(xs, glu)
+  x_specs = _x_specs(bm, kp, glu)
   block = pl.BlockSpec((bm, kp), lambda i: (i, 0))
   part = pl.BlockSpec((pl.squeezed, kp), lambda i: (i, 0))
   full = pl.BlockSpec((n, kp), lambda i: (0, 0))
   outs = pl.pallas_call(
       functools.partial(_bwd_kernel, n=n, k=k, eps=eps, glu=glu, x_dtype=x_dtype, bm=bm,
                         rows=rows),
-      grid=(m // bm,), in_specs=[block] * (len(xs) + n) + [full, full],
-      out_specs=[block] * (len(xs) + n) + [part] * n,
-      out_shape=([jax.ShapeDtypeStruct((m, k), x.dtype) for x in xs]
+      grid=(m // bm,), in_specs=x_specs + [block] * n + [full, full],
+      out_specs=x_specs[:1] + [block] * n + [part] * n,
+      out_shape=([jax.ShapeDtypeStruct(xs[0].shape, xs[0].dtype)]
                  + [jax.ShapeDtypeStruct((m, k), dys[0].dtype)] * n
                  + [jax.ShapeDtypeStruct((m // bm, k), F32)] * n),
       compiler_params=pltriton.CompilerParams(num_warps=num_warps or warps_for(kp), num_stages=1),
       interpret=interpret, name="bitlinear_bwd",
-  )(*xs, *dys, norm_w_NxK, wg_NxK)
-  nx = len(xs)
-  return list(outs[:nx]), list(outs[nx:nx + n]), list(outs[nx + n:])
+  )(*_x_args(xs), *dys, norm_w_NxK, wg_NxK)
+  return outs[0], list(outs[1:1 + n]), list(outs[1 + n:])

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from mmfree_jax.config import ModelConfig
-from mmfree_jax.layers.bitlinear import BitLinear
+from mmfree_jax.layers.bitlinear import BitLinearWeights, glu_mlp
 
 
 def _down_init(cfg: ModelConfig):
@@ -19,23 +19,22 @@ def _down_init(cfg: ModelConfig):
 
 class GLU(nn.Module):
   """`down(silu(gate) * up)` with ONE fused ternary gate/up BitLinear d -> 2I (one
-  matmul and one weight scale, as in the released checkpoints; its two output halves
-  are separate arrays so the backward pass never concatenates their gradients)."""
+  matmul and one weight scale, as in the released checkpoints), run as one function
+  (`glu_mlp`): the down projection's kernels form gate, up and their product from the
+  gate/up matmul's output in registers, and the backward has one gate | up gradient."""
 
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, m_BxTxD: jax.Array) -> jax.Array:
     cfg = self.cfg
-    dt = jnp.dtype(cfg.dtype)
-    gate, up = BitLinear(2 * cfg.ffn, ("embed", "mlp"), cfg.bitlinear_eps, dt,
-                         kernel_init=nn.initializers.normal(cfg.init_std), impl=cfg.bitlinear_impl,
-                         splits=2, name="gate_proj")(m_BxTxD)
-    gate, up = (nn.with_logical_constraint(a, ("batch", "length", "mlp")) for a in (gate, up))
-    # down(silu(gate) * up): the product is formed inside the down projection's kernels.
-    return BitLinear(cfg.d_model, ("mlp", "embed"), cfg.bitlinear_eps, dt,
-                     kernel_init=_down_init(cfg), impl=cfg.bitlinear_impl, glu=True,
-                     name="down_proj")((gate, up))
+    gate_up = BitLinearWeights(2 * cfg.ffn, ("embed", "mlp"), nn.initializers.normal(cfg.init_std),
+                               name="gate_proj")(m_BxTxD.shape[-1])
+    down = BitLinearWeights(cfg.d_model, ("mlp", "embed"), _down_init(cfg),
+                            name="down_proj")(cfg.ffn)
+    out = glu_mlp(m_BxTxD, *gate_up, *down, cfg.bitlinear_eps, jnp.dtype(cfg.dtype), None,
+                  cfg.bitlinear_impl)
+    return checkpoint_name(out, "proj")
 
 
 class SwiGLU(nn.Module):
