@@ -229,7 +229,7 @@ def _group(xs, norm_ws, ws, eps, dtype, out_dtype, impl):
 
 
 def _group_fwd(xs, norm_ws, ws, eps, dtype, out_dtype, impl):
-  return _group(xs, norm_ws, ws, eps, dtype, out_dtype, impl), (xs, norm_ws, ws)
+  return _forward(xs, norm_ws, ws, eps, dtype, out_dtype, impl, False), (xs, norm_ws, ws)
 
 
 def _group_bwd(eps, dtype, out_dtype, impl, res, g_outs):
