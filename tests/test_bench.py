@@ -49,8 +49,9 @@ def test_bitlinear_bwd_case_runs_the_kernel_and_checks_it():
 
 @pytest.mark.parametrize("glu", [False, True])
 def test_bitlinear_codes_case_runs_the_kernel_and_checks_it(glu):
-  row = cases.bitlinear_codes_case(64, n=1 if glu else 2, glu=glu, rows=2, tokens=32, iters=1)
-  assert row["case"] == f"bitlinear_codes-k64-n{1 if glu else 2}{'-glu' if glu else ''}-rows2-warpsauto"
+  n = 1 if glu else 2
+  row = cases.bitlinear_codes_case(64, n=n, glu=glu, rows=2, tokens=32, iters=1)
+  assert row["case"] == f"bitlinear_codes-k64-n{n}{'-glu' * glu}-rows2-warpsauto"
   assert row["max_err"] < 0.02 and row["ms"] > 0 and row["GB_per_s"] > 0
 
 

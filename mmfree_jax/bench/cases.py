@@ -151,7 +151,8 @@ def bitlinear_bwd_case(k: int, n: int = 1, glu: bool = False, rows: int = 1, war
   """The BitLinear backward kernel alone (`bitlinear_pallas.backward`) for one tile choice.
 
   HBM floor: read the input and the n cotangents, write the input gradient and the n
-  weight-gradient operands, once each (bf16; the GLU's input and gradient are [tokens, 2k]). Off GPU the kernel runs in interpret mode.
+  weight-gradient operands, once each (bf16; the GLU's input and gradient are [tokens, 2k]).
+  Off GPU the kernel runs in interpret mode.
   `max_err`: largest difference from the XLA expression relative to its magnitude.
   """
   keys = jax.random.split(jax.random.key(2), 2 + n)
@@ -178,9 +179,9 @@ def bitlinear_codes_case(k: int, n: int = 1, glu: bool = False, rows: int = 0, w
   for one tile choice (0 = the committed `codes_tile`).
 
   HBM floor: read the input once (bf16; the GLU's is [tokens, 2k]), write n int8 code
-  arrays and n float32 scales.
-  Off GPU the kernel runs in interpret mode. `max_err`: codes differing from the XLA path
-  (an activation within an ulp of a rounding boundary may), as a fraction of all codes.
+  arrays and n float32 scales. Off GPU the kernel runs in interpret mode. `max_err`: codes
+  differing from the XLA path (an activation within an ulp of a rounding boundary may), as
+  a fraction of all codes.
   """
   keys = jax.random.split(jax.random.key(4), 2)
   xs = _kernel_inputs(keys[0], k, glu, tokens)
