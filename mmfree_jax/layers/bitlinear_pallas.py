@@ -112,10 +112,10 @@ def _fwd_kernel(*refs, n: int, k: int, eps: float, glu: bool, x_dtype):
 def codes_tile(kp: int, n: int) -> tuple[int, int]:
   """(rows per program, warps) of the prologue kernel for a padded row width kp and n
   projections: the H200 sweeps' best (BENCHMARKS.md), one row and 4 warps except at
-  kp = 2048, where 2 rows (f/i/g) or 8 rows (one projection) per program are faster."""
+  kp = 2048, where 2 rows (f/i/g) or 4 rows (one projection) per program are faster."""
   if kp != 2048:
     return 1, 4
-  return (2 if n > 1 else 8), 4
+  return (2 if n > 1 else 4), 4
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "out_dtype", "glu", "x_dtype", "rows",
