@@ -87,14 +87,18 @@ def glu_input(gate: jax.Array, up: jax.Array, dtype) -> jax.Array:
   return (jax.nn.silu(gate.astype(F32)) * up.astype(F32)).astype(dtype)
 
 
-def glu_halves(p: jax.Array, r: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-  """(gate, up): the gate/up projection's output `p * r` (unscaled integer product
-  p [..., 2I], per-row scale r [..., 1]) rounded to `dtype`, split in halves."""
-  return tuple(jnp.split((p.astype(F32) * r).astype(dtype), 2, axis=-1))
+def glu_gate_up(p: jax.Array, r: jax.Array, dtype) -> jax.Array:
+  """gate | up: the gate/up projection's output `p * r` (unscaled integer product
+  p [..., 2I], per-row scale r [..., 1]) rounded to `dtype`."""
+  return (p.astype(F32) * r).astype(dtype)
+
+
+def _glu_product(gu: jax.Array, dtype) -> jax.Array:
+  return glu_input(*jnp.split(gu, 2, axis=-1), dtype)
 
 
 def _input(xs, glu: bool, dtype):
-  return glu_input(*glu_halves(*xs, dtype), dtype) if glu else xs[0]
+  return _glu_product(glu_gate_up(*xs, dtype), dtype) if glu else xs[0]
 
 
 def _rows(fn, nx: int, n: int):
@@ -148,8 +152,7 @@ def _xla_backward(*args, nx, n, eps, glu):
   xs, dys, (norm_w_NxK, wg_NxK) = args[:nx], args[nx:nx + n], args[nx + n:]
   dtype = dys[0].dtype
   if glu:  # the gradient is taken with respect to gate | up
-    gu = jnp.concatenate(glu_halves(*xs, dtype), axis=-1)
-    x, glu_vjp = jax.vjp(lambda gu: glu_input(*jnp.split(gu, 2, axis=-1), dtype), gu)
+    x, glu_vjp = jax.vjp(lambda gu: _glu_product(gu, dtype), glu_gate_up(*xs, dtype))
   else:
     x = xs[0]
   xhat, rstd = rms_normalize(x, eps)
@@ -394,6 +397,6 @@ def ternary_stats(w: jax.Array) -> dict[str, jax.Array]:
 
 __all__: Sequence[str] = (
     "BitLinear", "BitLinearWeights", "bitlinear", "bitlinear_shared", "glu_mlp",
-    "glu_mlp_reference", "glu_input", "glu_halves", "bitlinear_naive", "activation_codes", "activation_quant",
-    "weight_codes", "weight_quant", "round_half_away", "rms_normalize", "xavier_uniform",
+    "glu_mlp_reference", "glu_input", "glu_gate_up", "bitlinear_naive", "activation_codes",
+    "activation_quant", "weight_codes", "weight_quant", "round_half_away", "rms_normalize", "xavier_uniform",
     "ternary_stats")
