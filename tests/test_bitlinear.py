@@ -107,8 +107,24 @@ def _group_inputs(k, rows, n, glu, dtype=jnp.bfloat16):
   return xs, norm_w, dys
 
 
+def test_column_pieces_cover_the_row():
+  """A row's pieces are contiguous power-of-two tiles from column 0 covering K (past K
+  only in the last one, by < 16 columns unless `most` merged the tail into one tile)."""
+  assert bitlinear_pallas._pieces(5632, 8) == ((0, 4096), (4096, 1024), (5120, 512))
+  assert bitlinear_pallas._pieces(5632, 2) == ((0, 4096), (4096, 2048))
+  assert bitlinear_pallas._pieces(5632, 1) == ((0, 8192),)
+  for k in (16, 80, 100, 1000, 1024, 2816, 5632):
+    for most in (1, 2, 3, 8):
+      pieces = bitlinear_pallas._pieces(k, most)
+      offsets = [0] + [off + w for off, w in pieces]
+      assert [off for off, _ in pieces] == offsets[:-1] and len(pieces) <= most
+      assert all(w & (w - 1) == 0 and w >= 16 for _, w in pieces)
+      assert k <= offsets[-1] and (offsets[-1] - k < 16 or pieces[-1][1] < 2 * (k - pieces[-1][0]))
+
+
 @pytest.mark.parametrize("k,n,glu,dtype", [(64, 1, False, jnp.int8), (96, 3, False, jnp.int8),
-                                           (96, 1, False, jnp.bfloat16), (80, 1, True, jnp.bfloat16)])
+                                           (96, 1, False, jnp.bfloat16), (80, 1, True, jnp.bfloat16),
+                                           (100, 1, True, jnp.int8)])
 def test_pallas_prologue_matches_xla(k, n, glu, dtype):
   """The fused norm + int8 kernel (interpret mode on CPU) gives the XLA codes and scales,
   for groups of projections and for the GLU pair input."""
@@ -131,7 +147,8 @@ def test_pallas_prologue_matches_xla(k, n, glu, dtype):
     np.testing.assert_allclose(s, s_ref, rtol=1e-6 if not glu or jax.default_backend() == "cpu" else 1e-2)
 
 
-@pytest.mark.parametrize("k,rows,n,glu", [(64, 64, 1, False), (96, 48, 3, False), (80, 64, 1, True)])
+@pytest.mark.parametrize("k,rows,n,glu", [(64, 64, 1, False), (96, 48, 3, False), (80, 64, 1, True),
+                                         (112, 32, 2, False)])
 def test_pallas_backward_matches_xla(k, rows, n, glu):
   """The backward kernel (interpret mode) gives the XLA expression's input gradients,
   fake-quantized activations and per-block norm-weight partial sums, whatever the tile."""
@@ -235,8 +252,8 @@ def test_pallas_bitlinear_on_gpu_matches_xla(group):
       "one": lambda x, nw, w, impl: bl.bitlinear(x, nw, w, 1e-8, jnp.float32, jnp.float32, impl),
       "shared": lambda x, nw, w, impl: bl.bitlinear_shared(
           x, (nw, 1.1 * nw), (w, -w), 1e-8, jnp.float32, jnp.float32, impl),
-      "glu": lambda x, nw, w, impl: bl.glu_mlp(
-          x, nw, w, 1.1 * nw[:128], w[:128], 1e-8, jnp.float32, jnp.float32, impl)}
+      "glu": lambda x, nw, w, impl: bl.glu_mlp(  # intermediate 112: pieces of 64, 32, 16
+          x, nw, w[:, :224], 1.1 * nw[:112], w[:112], 1e-8, jnp.float32, jnp.float32, impl)}
   cot = (c, 2 * c) if group == "shared" else c
   runs = {}
   for impl in ("xla", "pallas"):
@@ -247,7 +264,12 @@ def test_pallas_bitlinear_on_gpu_matches_xla(group):
       assert "bitlinear_bwd" in grad.lower(x, norm_w, w).as_text()
     runs[impl] = _grads(f, (x, norm_w, w), cot)
   for a, b in zip(jax.tree.leaves(runs["pallas"]), jax.tree.leaves(runs["xla"])):
-    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * np.abs(b).max())
+    tol = 1e-3
+    if group == "glu":  # the kernel's silu can move the bf16 product by an ulp; where that
+      # moves a row's absmax, the row's scale and codes move by ~1% (a few rows)
+      assert np.mean(np.isclose(a, b, rtol=tol, atol=tol * np.abs(b).max())) > 0.99
+      tol = 3e-2
+    np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max())
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

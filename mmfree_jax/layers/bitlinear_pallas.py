@@ -19,6 +19,10 @@ never materializes the scaled halves or their product.
   per-block partial sums of the norm-weight gradients (reduced over blocks by XLA: a
   deterministic order).
 
+Both work on a row as column pieces of power-of-two widths (`_pieces`; 5632 = 4096 + 1024
++ 512) rather than one tile padded to the next power of two (8192 for 5632, where 31% of
+the lanes would carry nothing but registers and arithmetic).
+
 `mmfree_jax.layers.bitlinear` uses them on CUDA GPUs and the same math in XLA elsewhere;
 `interpret=True` runs them on any backend for tests. Results agree with the XLA path up
 to float32 summation order in the row reductions (an activation within an ulp of a
@@ -43,9 +47,13 @@ def block_rows(m: int) -> int:
   return m & -m if m & -m < BLOCK_M else BLOCK_M
 
 
-def warps_for(kp: int) -> int:
-  """Warps per backward program for a padded row width kp (the H200 sweep's best)."""
-  return 4 if kp <= 2048 else 8
+def warps_for(k: int) -> int:
+  """Warps per backward program for rows of K: 4, or more to keep <= 24 columns per
+  thread (the H200 sweeps' best at K = 1024, 2048, 2816, 5632)."""
+  warps = 4
+  while k > 24 * 32 * warps:
+    warps *= 2
+  return warps
 
 
 def _silu_parts(a):
@@ -53,21 +61,74 @@ def _silu_parts(a):
   return a * sig, sig
 
 
-def _input_rows(x_refs, r0, rows: int, kp: int, k: int, glu: bool, x_dtype):
-  """Rows r0 .. r0 + rows of the input in float32, [rows, kp] and zero past column k: x,
-  or silu(gate) * up rounded to x_dtype where gate | up = p * r rounded to x_dtype (then
-  also (gate, up, silu(gate), sigmoid(gate)) for the backward)."""
-  cols = jnp.arange(kp)
-  mask = jnp.broadcast_to(cols < k, (rows, kp))
-  load = lambda ref, c: pltriton.load(ref.at[pl.ds(r0, rows), pl.ds(c, kp)], mask=mask,
-                                      other=0.0).astype(F32)
+# Most column pieces per row (`_pieces`): the prologue takes K's powers of two as they
+# are; the backward, which holds more of each row in registers, at most two (H200, GLU
+# down projection at 32,768 rows: K = 5632 1.45 / 1.35 / 1.95 ms for one, two or three
+# pieces, K = 2816 0.66 / 0.57 / 0.90; BENCHMARKS.md).
+CODES_PIECES, BWD_PIECES = 8, 2
+
+
+def _pieces(k: int, most: int) -> tuple[tuple[int, int], ...]:
+  """(offset, width) column pieces of a row of K: the powers of two in K rounded up to a
+  multiple of 16 (5632 = 4096 + 1024 + 512), so no lane of a tile is padding except past
+  K in the last piece (masked); past `most` pieces the rest is one piece of the next
+  power of two (most = 1: one tile of K padded to a power of two)."""
+  kr = -(-k // 16) * 16
+  widths = [1 << i for i in range(kr.bit_length() - 1, 3, -1) if kr >> i & 1]
+  if len(widths) > most:
+    widths = widths[:most - 1] + [pl.next_power_of_2(sum(widths[most - 1:]))]
+  offsets = [sum(widths[:i]) for i in range(len(widths))]
+  return tuple(zip(offsets, widths))
+
+
+def _mask(off: int, w: int, k: int, rows: int | None = None):
+  """None for a piece inside K, else its mask of columns < K ([w], or [rows, w])."""
+  if off + w <= k:
+    return None
+  cols = off + jnp.arange(w) < k
+  return cols if rows is None else jnp.broadcast_to(cols, (rows, w))
+
+
+def _load(ref, r0, rows: int, off: int, w: int, k: int, c0: int = 0):
+  """Rows r0 .. r0 + rows, columns c0 + off .. c0 + off + w of ref in float32 (zero at
+  columns >= K)."""
+  mask = _mask(off, w, k, rows)
+  return pltriton.load(ref.at[pl.ds(r0, rows), pl.ds(c0 + off, w)], mask=mask,
+                       other=None if mask is None else 0.0).astype(F32)
+
+
+def _store(ref, r0, rows: int, off: int, w: int, k: int, v, c0: int = 0):
+  pltriton.store(ref.at[pl.ds(r0, rows), pl.ds(c0 + off, w)], v.astype(ref.dtype),
+                 mask=_mask(off, w, k, rows))
+
+
+def _vector(ref, j: int, off: int, w: int, k: int):
+  """Columns off .. off + w of row j of a [n, K] ref (zero at columns >= K)."""
+  mask = _mask(off, w, k)
+  return pltriton.load(ref.at[j, off + jnp.arange(w)], mask=mask,
+                       other=None if mask is None else 0.0)
+
+
+def _input_rows(x_refs, r0, rows: int, k: int, pieces, glu: bool, x_dtype):
+  """Rows r0 .. r0 + rows of the input in float32, one [rows, width] tile per piece
+  (`_pieces`): x, or silu(gate) * up rounded to x_dtype where gate | up = p * r rounded to
+  x_dtype (then also each piece's (gate, up, silu(gate), sigmoid(gate)) for the backward)."""
   if not glu:
-    return load(x_refs[0], 0), None
+    return [_load(x_refs[0], r0, rows, off, w, k) for off, w in pieces], None
   p_ref, r_ref = x_refs
   r = pltriton.load(r_ref.at[pl.ds(r0, rows)])[:, None]
-  a, b = ((load(p_ref, c) * r).astype(x_dtype).astype(F32) for c in (0, k))
-  silu, sig = _silu_parts(a)
-  return (silu * b).astype(x_dtype).astype(F32), (a, b, silu, sig)
+  xs, parts = [], []
+  for off, w in pieces:
+    a, b = ((_load(p_ref, r0, rows, off, w, k, c0) * r).astype(x_dtype).astype(F32)
+            for c0 in (0, k))
+    silu, sig = _silu_parts(a)
+    xs.append((silu * b).astype(x_dtype).astype(F32))
+    parts.append((a, b, silu, sig))
+  return xs, parts
+
+
+def _row_sum(tiles):
+  return sum(jnp.sum(t, axis=-1, keepdims=True) for t in tiles)
 
 
 def _width(xs, glu: bool) -> tuple[int, int]:
@@ -87,25 +148,30 @@ def _x_args(xs) -> tuple:
   return (xs[0], xs[1][:, 0]) if len(xs) == 2 else tuple(xs)
 
 
-def _quantize(y, axis=None):
-  s = 127.0 / jnp.maximum(jnp.max(jnp.abs(y), axis=axis, keepdims=axis is not None), 1e-5)
-  z = y * s
-  r = jnp.floor(jnp.abs(z) + 0.5)
-  return jnp.clip(jnp.where(z < 0, -r, r), -128.0, 127.0), s
+def _quantize(ys):
+  """Per-row int8 codes of the tiles ys (one row's pieces) and the row scale."""
+  amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(y), axis=-1, keepdims=True) for y in ys])
+  s = 127.0 / jnp.maximum(amax, 1e-5)
+  codes = []
+  for y in ys:
+    z = y * s
+    r = jnp.floor(jnp.abs(z) + 0.5)
+    codes.append(jnp.clip(jnp.where(z < 0, -r, r), -128.0, 127.0))
+  return codes, s
 
 
 def _fwd_kernel(*refs, n: int, k: int, eps: float, glu: bool, x_dtype):
   x_refs, (w_ref,), outs = refs[:1 + glu], refs[1 + glu:2 + glu], refs[2 + glu:]
   q_refs, s_refs = outs[:n], outs[n:]
-  rows, kp = q_refs[0].shape
-  cols = jnp.arange(kp)
-  mask = jnp.broadcast_to(cols < k, (rows, kp))
-  x, _ = _input_rows(x_refs, 0, rows, kp, k, glu, x_dtype)
-  xhat = x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) / k + eps)
+  rows = q_refs[0].shape[0]
+  pieces = _pieces(k, CODES_PIECES)
+  xs, _ = _input_rows(x_refs, 0, rows, k, pieces, glu, x_dtype)
+  rstd = jax.lax.rsqrt(_row_sum([x * x for x in xs]) / k + eps)
+  xhats = [x * rstd for x in xs]
   for j in range(n):
-    w = pltriton.load(w_ref.at[j, cols], mask=cols < k, other=0.0)
-    q, s = _quantize(xhat * w, axis=-1)
-    pltriton.store(q_refs[j], q.astype(q_refs[j].dtype), mask=mask)
+    qs, s = _quantize([xh * _vector(w_ref, j, off, w, k) for xh, (off, w) in zip(xhats, pieces)])
+    for q, (off, w) in zip(qs, pieces):
+      _store(q_refs[j], 0, rows, off, w, k, q)
     s_refs[j][...] = s[:, 0]
 
 
@@ -160,40 +226,40 @@ def _bwd_kernel(*refs, n: int, k: int, eps: float, glu: bool, x_dtype, bm: int, 
   x_refs, dy_refs, (w_ref, wg_ref) = refs[:nx], refs[nx:nx + n], refs[nx + n:nx + n + 2]
   dx_ref, yq_refs = refs[nx + n + 2], refs[nx + n + 3:nx + 2 * n + 3]
   part_refs = refs[nx + 2 * n + 3:]
-  kp = yq_refs[0].shape[-1]
-  cols = jnp.arange(kp)
-  mask = cols < k
-  ws = [pltriton.load(w_ref.at[j, cols], mask=mask, other=0.0) for j in range(n)]
-  wgs = [pltriton.load(wg_ref.at[j, cols], mask=mask, other=0.0) for j in range(n)]
-  tile_mask = jnp.broadcast_to(mask, (rows, kp))
-  rsum = lambda v: jnp.sum(v, axis=-1, keepdims=True)
+  pieces = _pieces(k, BWD_PIECES)
+  ws = [[_vector(w_ref, j, off, w, k) for off, w in pieces] for j in range(n)]
+  wgs = [[_vector(wg_ref, j, off, w, k) for off, w in pieces] for j in range(n)]
 
-  def body(i, parts):  # `rows` rows at a time: [rows, K] tiles, per-row reductions
-    at = lambda ref, c=0: ref.at[pl.ds(i * rows, rows), pl.ds(c, kp)]
-    load = lambda ref: pltriton.load(at(ref), mask=tile_mask, other=0.0)
-    store = lambda ref, v, c=0: pltriton.store(at(ref, c), v.astype(ref.dtype), mask=tile_mask)
-    x, glu_parts = _input_rows(x_refs, i * rows, rows, kp, k, glu, x_dtype)
-    rstd = jax.lax.rsqrt(rsum(x * x) / k + eps)
-    xhat = x * rstd
-    dys = [load(ref).astype(F32) for ref in dy_refs]
-    dxhat = sum(dy * wg for dy, wg in zip(dys, wgs))
-    dx = rstd * (dxhat - xhat * (rsum(dxhat * xhat) / k))
+  def body(i, parts):  # `rows` rows at a time: [rows, width] tiles, per-row reductions
+    r0 = i * rows
+    xs, glu_parts = _input_rows(x_refs, r0, rows, k, pieces, glu, x_dtype)
+    rstd = jax.lax.rsqrt(_row_sum([x * x for x in xs]) / k + eps)
+    xhats = [x * rstd for x in xs]
+    dys = [[_load(ref, r0, rows, off, w, k) for off, w in pieces] for ref in dy_refs]
+    dxhats = [sum(dy[p] * wg[p] for dy, wg in zip(dys, wgs)) for p in range(len(pieces))]
+    mean = _row_sum([d * xh for d, xh in zip(dxhats, xhats)]) / k
     for j in range(n):
-      q, s = _quantize(xhat * ws[j], axis=-1)
-      store(yq_refs[j], q / s)
-    if glu:
-      a, b, silu, sig = glu_parts
-      dz = dx.astype(x_dtype).astype(F32)  # the product is rounded to x_dtype
-      store(dx_ref, dz * b * sig * (1.0 + a * (1.0 - sig)))
-      store(dx_ref, dz * silu, k)
-    else:
-      store(dx_ref, dx)
-    return tuple(p + jnp.sum(dy * xhat, axis=0) for p, dy in zip(parts, dys))
+      qs, s = _quantize([xh * wj for xh, wj in zip(xhats, ws[j])])
+      for q, (off, w) in zip(qs, pieces):
+        _store(yq_refs[j], r0, rows, off, w, k, q / s)
+    for p, (off, w) in enumerate(pieces):
+      dx = rstd * (dxhats[p] - xhats[p] * mean)
+      if glu:
+        a, b, silu, sig = glu_parts[p]
+        dz = dx.astype(x_dtype).astype(F32)  # the product is rounded to x_dtype
+        _store(dx_ref, r0, rows, off, w, k, dz * b * sig * (1.0 + a * (1.0 - sig)))
+        _store(dx_ref, r0, rows, off, w, k, dz * silu, k)
+      else:
+        _store(dx_ref, r0, rows, off, w, k, dx)
+    return tuple(tuple(acc + jnp.sum(dy[p] * xhats[p], axis=0) for p, acc in enumerate(part))
+                 for part, dy in zip(parts, dys))
 
   parts = jax.lax.fori_loop(0, bm // rows, body,
-                            tuple(jnp.zeros(cols.shape, F32) for _ in range(n)))
-  for ref, p in zip(part_refs, parts):
-    pltriton.store(ref.at[cols], p, mask=mask)
+                            tuple(tuple(jnp.zeros((w,), F32) for _, w in pieces)
+                                  for _ in range(n)))
+  for ref, part in zip(part_refs, parts):
+    for acc, (off, w) in zip(part, pieces):
+      pltriton.store(ref.at[off + jnp.arange(w)], acc, mask=_mask(off, w, k))
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "glu", "x_dtype", "rows", "num_warps",
@@ -233,7 +299,7 @@ def backward(xs, dys, norm_w_NxK: jax.Array, wg_NxK: jax.Array, eps: float, glu:
       out_shape=([jax.ShapeDtypeStruct(xs[0].shape, xs[0].dtype)]
                  + [jax.ShapeDtypeStruct((m, k), dys[0].dtype)] * n
                  + [jax.ShapeDtypeStruct((m // bm, k), F32)] * n),
-      compiler_params=pltriton.CompilerParams(num_warps=num_warps or warps_for(kp), num_stages=1),
+      compiler_params=pltriton.CompilerParams(num_warps=num_warps or warps_for(k), num_stages=1),
       interpret=interpret, name="bitlinear_bwd",
   )(*_x_args(xs), *dys, norm_w_NxK, wg_NxK)
   return outs[0], list(outs[1:1 + n]), list(outs[1 + n:])
