@@ -246,7 +246,8 @@ def test_glu_mlp_lean_remat_keeps_the_product_and_recomputes_no_matmul(capsys):
 @pytest.mark.parametrize("group", ["one", "shared", "glu"])
 def test_pallas_bitlinear_on_gpu_matches_xla(group):
   """On the GPU: same outputs and gradients as the XLA path (codes may differ by one step
-  where float32 summation order moves an activation across a rounding boundary)."""
+  where float32 summation order moves an activation across a rounding boundary: a few
+  elements of a weight gradient move by that code's share)."""
   x, norm_w, w, c = _inputs(k=2816, n=256, shape=(4, 64))
   fns = {
       "one": lambda x, nw, w, impl: bl.bitlinear(x, nw, w, 1e-8, jnp.float32, jnp.float32, impl),
@@ -264,11 +265,10 @@ def test_pallas_bitlinear_on_gpu_matches_xla(group):
       assert "bitlinear_bwd" in grad.lower(x, norm_w, w).as_text()
     runs[impl] = _grads(f, (x, norm_w, w), cot)
   for a, b in zip(jax.tree.leaves(runs["pallas"]), jax.tree.leaves(runs["xla"])):
-    tol = 1e-3
-    if group == "glu":  # the kernel's silu can move the bf16 product by an ulp; where that
-      # moves a row's absmax, the row's scale and codes move by ~1% (a few rows)
-      assert np.mean(np.isclose(a, b, rtol=tol, atol=tol * np.abs(b).max())) > 0.99
-      tol = 3e-2
+    # With the GLU, the kernel's silu can also move the bf16 product by an ulp; where that
+    # moves a row's absmax, the row's scale and codes move by ~1% (a few rows).
+    close, tol = (0.99, 3e-2) if group == "glu" else (0.999, 1e-2)
+    assert np.mean(np.isclose(a, b, rtol=1e-3, atol=1e-3 * np.abs(b).max())) > close
     np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max())
 
 

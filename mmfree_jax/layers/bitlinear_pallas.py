@@ -17,7 +17,9 @@ never materializes the scaled halves or their product.
   over the group; with `glu` the gradient of gate | up as one [M, 2K] array), the
   fake-quantized activations q_j / s_j that the weight-gradient matmuls need, and
   per-block partial sums of the norm-weight gradients (reduced over blocks by XLA: a
-  deterministic order).
+  deterministic order). It walks its block a few rows at a time, loading the next rows
+  while it computes the current ones, with the three row reductions independent of each
+  other (computed on x, then scaled by the row's rstd).
 
 Both work on a row as column pieces of power-of-two widths (`_pieces`; 5632 = 4096 + 1024
 + 512) rather than one tile padded to the next power of two (8192 for 5632, where 31% of
@@ -25,8 +27,8 @@ the lanes would carry nothing but registers and arithmetic).
 
 `mmfree_jax.layers.bitlinear` uses them on CUDA GPUs and the same math in XLA elsewhere;
 `interpret=True` runs them on any backend for tests. Results agree with the XLA path up
-to float32 summation order in the row reductions (an activation within an ulp of a
-rounding boundary can land on the neighbouring code).
+to float32 summation order and association in the row reductions (an activation within
+an ulp of a rounding boundary can land on the neighbouring code).
 """
 
 from __future__ import annotations
@@ -90,11 +92,10 @@ def _mask(off: int, w: int, k: int, rows: int | None = None):
 
 
 def _load(ref, r0, rows: int, off: int, w: int, k: int, c0: int = 0):
-  """Rows r0 .. r0 + rows, columns c0 + off .. c0 + off + w of ref in float32 (zero at
-  columns >= K)."""
+  """Rows r0 .. r0 + rows, columns c0 + off .. c0 + off + w of ref (zero at columns >= K)."""
   mask = _mask(off, w, k, rows)
   return pltriton.load(ref.at[pl.ds(r0, rows), pl.ds(c0 + off, w)], mask=mask,
-                       other=None if mask is None else 0.0).astype(F32)
+                       other=None if mask is None else 0.0)
 
 
 def _store(ref, r0, rows: int, off: int, w: int, k: int, v, c0: int = 0):
@@ -109,18 +110,26 @@ def _vector(ref, j: int, off: int, w: int, k: int):
                        other=None if mask is None else 0.0)
 
 
-def _input_rows(x_refs, r0, rows: int, k: int, pieces, glu: bool, x_dtype):
-  """Rows r0 .. r0 + rows of the input in float32, one [rows, width] tile per piece
-  (`_pieces`): x, or silu(gate) * up rounded to x_dtype where gate | up = p * r rounded to
-  x_dtype (then also each piece's (gate, up, silu(gate), sigmoid(gate)) for the backward)."""
+def _load_input(x_refs, r0, rows: int, k: int, pieces, glu: bool):
+  """Rows r0 .. r0 + rows of the input as loaded, one [rows, width] tile per piece
+  (`_pieces`): (x tiles,), or the GLU's (r [rows], (gate tile, up tile) of p per piece)."""
   if not glu:
-    return [_load(x_refs[0], r0, rows, off, w, k) for off, w in pieces], None
+    return ([_load(x_refs[0], r0, rows, off, w, k) for off, w in pieces],)
   p_ref, r_ref = x_refs
-  r = pltriton.load(r_ref.at[pl.ds(r0, rows)])[:, None]
+  return (pltriton.load(r_ref.at[pl.ds(r0, rows)]),
+          [tuple(_load(p_ref, r0, rows, off, w, k, c0) for c0 in (0, k)) for off, w in pieces])
+
+
+def _form_input(loaded, glu: bool, x_dtype):
+  """The input in float32 from `_load_input`'s tiles: x, or silu(gate) * up rounded to
+  x_dtype where gate | up = p * r rounded to x_dtype (then also each piece's (gate, up,
+  silu(gate), sigmoid(gate)) for the backward)."""
+  if not glu:
+    return [x.astype(F32) for x in loaded[0]], None
+  r, halves = loaded
   xs, parts = [], []
-  for off, w in pieces:
-    a, b = ((_load(p_ref, r0, rows, off, w, k, c0) * r).astype(x_dtype).astype(F32)
-            for c0 in (0, k))
+  for pa, pb in halves:
+    a, b = ((h.astype(F32) * r[:, None]).astype(x_dtype).astype(F32) for h in (pa, pb))
     silu, sig = _silu_parts(a)
     xs.append((silu * b).astype(x_dtype).astype(F32))
     parts.append((a, b, silu, sig))
@@ -148,9 +157,12 @@ def _x_args(xs) -> tuple:
   return (xs[0], xs[1][:, 0]) if len(xs) == 2 else tuple(xs)
 
 
-def _quantize(ys):
-  """Per-row int8 codes of the tiles ys (one row's pieces) and the row scale."""
-  amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(y), axis=-1, keepdims=True) for y in ys])
+def _quantize(ys, amax=None):
+  """Per-row int8 codes of the tiles ys (one row's pieces) and the row scale (from the
+  row's max |y|, `amax` if given)."""
+  if amax is None:
+    amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(y), axis=-1, keepdims=True)
+                                          for y in ys])
   s = 127.0 / jnp.maximum(amax, 1e-5)
   codes = []
   for y in ys:
@@ -165,7 +177,7 @@ def _fwd_kernel(*refs, n: int, k: int, eps: float, glu: bool, x_dtype):
   q_refs, s_refs = outs[:n], outs[n:]
   rows = q_refs[0].shape[0]
   pieces = _pieces(k, CODES_PIECES)
-  xs, _ = _input_rows(x_refs, 0, rows, k, pieces, glu, x_dtype)
+  xs, _ = _form_input(_load_input(x_refs, 0, rows, k, pieces, glu), glu, x_dtype)
   rstd = jax.lax.rsqrt(_row_sum([x * x for x in xs]) / k + eps)
   xhats = [x * rstd for x in xs]
   for j in range(n):
@@ -229,17 +241,31 @@ def _bwd_kernel(*refs, n: int, k: int, eps: float, glu: bool, x_dtype, bm: int, 
   pieces = _pieces(k, BWD_PIECES)
   ws = [[_vector(w_ref, j, off, w, k) for off, w in pieces] for j in range(n)]
   wgs = [[_vector(wg_ref, j, off, w, k) for off, w in pieces] for j in range(n)]
+  steps = bm // rows
 
-  def body(i, parts):  # `rows` rows at a time: [rows, width] tiles, per-row reductions
+  def load(i):  # step i's input and cotangent tiles, as loaded
     r0 = i * rows
-    xs, glu_parts = _input_rows(x_refs, r0, rows, k, pieces, glu, x_dtype)
-    rstd = jax.lax.rsqrt(_row_sum([x * x for x in xs]) / k + eps)
-    xhats = [x * rstd for x in xs]
-    dys = [[_load(ref, r0, rows, off, w, k) for off, w in pieces] for ref in dy_refs]
+    return (_load_input(x_refs, r0, rows, k, pieces, glu),
+            [[_load(ref, r0, rows, off, w, k) for off, w in pieces] for ref in dy_refs])
+
+  def body(i, carry):  # `rows` rows at a time: [rows, width] tiles, per-row reductions
+    parts, loaded = carry
+    nxt = load(jnp.minimum(i + 1, steps - 1))  # in flight while this step computes
+    r0 = i * rows
+    xs, glu_parts = _form_input(loaded[0], glu, x_dtype)
+    dys = [[t.astype(F32) for t in dy] for dy in loaded[1]]
     dxhats = [sum(dy[p] * wg[p] for dy, wg in zip(dys, wgs)) for p in range(len(pieces))]
-    mean = _row_sum([d * xh for d, xh in zip(dxhats, xhats)]) / k
+    # The row reductions depend only on the loads, not on each other: with xhat = x * rstd,
+    # sum(dxhat * xhat) = rstd * sum(dxhat * x) and max|xhat * w| = rstd * max|x * w|.
+    rstd = jax.lax.rsqrt(_row_sum([x * x for x in xs]) / k + eps)
+    mean = rstd * _row_sum([d * x for d, x in zip(dxhats, xs)]) / k
+    amaxes = [rstd * functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x * wj), axis=-1,
+                                                            keepdims=True)
+                                                    for x, wj in zip(xs, ws[j])])
+              for j in range(n)]
+    xhats = [x * rstd for x in xs]
     for j in range(n):
-      qs, s = _quantize([xh * wj for xh, wj in zip(xhats, ws[j])])
+      qs, s = _quantize([xh * wj for xh, wj in zip(xhats, ws[j])], amaxes[j])
       for q, (off, w) in zip(qs, pieces):
         _store(yq_refs[j], r0, rows, off, w, k, q / s)
     for p, (off, w) in enumerate(pieces):
@@ -251,12 +277,12 @@ def _bwd_kernel(*refs, n: int, k: int, eps: float, glu: bool, x_dtype, bm: int, 
         _store(dx_ref, r0, rows, off, w, k, dz * silu, k)
       else:
         _store(dx_ref, r0, rows, off, w, k, dx)
-    return tuple(tuple(acc + jnp.sum(dy[p] * xhats[p], axis=0) for p, acc in enumerate(part))
-                 for part, dy in zip(parts, dys))
+    parts = tuple(tuple(acc + jnp.sum(dy[p] * xhats[p], axis=0) for p, acc in enumerate(part))
+                  for part, dy in zip(parts, dys))
+    return parts, nxt
 
-  parts = jax.lax.fori_loop(0, bm // rows, body,
-                            tuple(tuple(jnp.zeros((w,), F32) for _, w in pieces)
-                                  for _ in range(n)))
+  zeros = tuple(tuple(jnp.zeros((w,), F32) for _, w in pieces) for _ in range(n))
+  parts, _ = jax.lax.fori_loop(0, steps, body, (zeros, load(0)))
   for ref, part in zip(part_refs, parts):
     for acc, (off, w) in zip(part, pieces):
       pltriton.store(ref.at[off + jnp.arange(w)], acc, mask=_mask(off, w, k))
