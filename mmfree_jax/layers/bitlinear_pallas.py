@@ -140,6 +140,10 @@ def _row_sum(tiles):
   return sum(jnp.sum(t, axis=-1, keepdims=True) for t in tiles)
 
 
+def _row_max(tiles):
+  return functools.reduce(jnp.maximum, [jnp.max(t, axis=-1, keepdims=True) for t in tiles])
+
+
 def _width(xs, glu: bool) -> tuple[int, int]:
   """(K, K padded to a power of two) of the input x [M, K], or the GLU's p [M, 2K]."""
   k = xs[0].shape[1] // (1 + glu)
@@ -161,8 +165,7 @@ def _quantize(ys, amax=None):
   """Per-row int8 codes of the tiles ys (one row's pieces) and the row scale (from the
   row's max |y|, `amax` if given)."""
   if amax is None:
-    amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(y), axis=-1, keepdims=True)
-                                          for y in ys])
+    amax = _row_max([jnp.abs(y) for y in ys])
   s = 127.0 / jnp.maximum(amax, 1e-5)
   codes = []
   for y in ys:
@@ -259,10 +262,7 @@ def _bwd_kernel(*refs, n: int, k: int, eps: float, glu: bool, x_dtype, bm: int, 
     # sum(dxhat * xhat) = rstd * sum(dxhat * x) and max|xhat * w| = rstd * max|x * w|.
     rstd = jax.lax.rsqrt(_row_sum([x * x for x in xs]) / k + eps)
     mean = rstd * _row_sum([d * x for d, x in zip(dxhats, xs)]) / k
-    amaxes = [rstd * functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x * wj), axis=-1,
-                                                            keepdims=True)
-                                                    for x, wj in zip(xs, ws[j])])
-              for j in range(n)]
+    amaxes = [rstd * _row_max([jnp.abs(x * wj) for x, wj in zip(xs, ws[j])]) for j in range(n)]
     xhats = [x * rstd for x in xs]
     for j in range(n):
       qs, s = _quantize([xh * wj for xh, wj in zip(xhats, ws[j])], amaxes[j])
