@@ -122,9 +122,9 @@ def test_column_pieces_cover_the_row():
       assert k <= offsets[-1] and (offsets[-1] - k < 16 or pieces[-1][1] < 2 * (k - pieces[-1][0]))
 
 
-@pytest.mark.parametrize("k,n,glu,dtype", [(64, 1, False, jnp.int8), (96, 3, False, jnp.int8),
-                                           (96, 1, False, jnp.bfloat16), (80, 1, True, jnp.bfloat16),
-                                           (100, 1, True, jnp.int8)])
+@pytest.mark.parametrize("k,n,glu,dtype", [
+    (64, 1, False, jnp.int8), (96, 3, False, jnp.int8), (96, 1, False, jnp.bfloat16),
+    (80, 1, True, jnp.bfloat16), (100, 1, True, jnp.int8)])
 def test_pallas_prologue_matches_xla(k, n, glu, dtype):
   """The fused norm + int8 kernel (interpret mode on CPU) gives the XLA codes and scales,
   for groups of projections and for the GLU pair input."""
