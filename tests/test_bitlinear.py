@@ -122,6 +122,13 @@ def test_column_pieces_cover_the_row():
       assert k <= offsets[-1] and (offsets[-1] - k < 16 or pieces[-1][1] < 2 * (k - pieces[-1][0]))
 
 
+def test_backward_warps_follow_the_h200_sweeps():
+  """`warps_for` picks the fastest warps of the H200 backward sweeps (BENCHMARKS.md): one
+  projection or the GLU at <= 24 columns per thread, f/i/g (n = 3) at <= 8."""
+  best = {(1024, 1): 4, (2048, 1): 4, (2816, 1): 4, (5632, 1): 8, (1024, 3): 4, (2048, 3): 8}
+  assert {kn: bitlinear_pallas.warps_for(*kn) for kn in best} == best
+
+
 @pytest.mark.parametrize("k,n,glu,dtype", [
     (64, 1, False, jnp.int8), (96, 3, False, jnp.int8), (96, 1, False, jnp.bfloat16),
     (80, 1, True, jnp.bfloat16), (100, 1, True, jnp.int8)])

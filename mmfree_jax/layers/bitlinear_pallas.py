@@ -49,11 +49,13 @@ def block_rows(m: int) -> int:
   return m & -m if m & -m < BLOCK_M else BLOCK_M
 
 
-def warps_for(k: int) -> int:
-  """Warps per backward program for rows of K: 4, or more to keep <= 24 columns per
-  thread (the H200 sweeps' best at K = 1024, 2048, 2816, 5632)."""
+def warps_for(k: int, n: int = 1) -> int:
+  """Warps per backward program for rows of K and n projections: 4, or more to keep
+  <= 24 / n columns per thread (each projection adds a cotangent and its reductions per
+  column). The H200 sweeps' best for one projection or the GLU at K = 1024, 2048, 2816,
+  5632 and for f/i/g (n = 3) at K = 1024 (4 warps) and 2048 (8 warps; BENCHMARKS.md)."""
   warps = 4
-  while k > 24 * 32 * warps:
+  while k > 24 // n * 32 * warps:
     warps *= 2
   return warps
 
@@ -325,7 +327,8 @@ def backward(xs, dys, norm_w_NxK: jax.Array, wg_NxK: jax.Array, eps: float, glu:
       out_shape=([jax.ShapeDtypeStruct(xs[0].shape, xs[0].dtype)]
                  + [jax.ShapeDtypeStruct((m, k), dys[0].dtype)] * n
                  + [jax.ShapeDtypeStruct((m // bm, k), F32)] * n),
-      compiler_params=pltriton.CompilerParams(num_warps=num_warps or warps_for(k), num_stages=1),
+      compiler_params=pltriton.CompilerParams(num_warps=num_warps or warps_for(k, n),
+                                              num_stages=1),
       interpret=interpret, name="bitlinear_bwd",
   )(*_x_args(xs), *dys, norm_w_NxK, wg_NxK)
   return outs[0], list(outs[1:1 + n]), list(outs[1 + n:])
