@@ -1,5 +1,6 @@
 """Benchmark helpers that run on CPU: HLO-to-model attribution and a tiny recurrence case."""
 
+import os
 import time
 
 import jax
@@ -81,3 +82,24 @@ def test_median_time_groups_fast_calls_and_times_slow_ones_singly():
     return jnp.zeros(())
   t = cases.median_time(slow, iters=3, warmup=1, group_s=0.02)
   assert len(calls) == 5 and 0.03 <= t < 0.3
+
+
+def test_gpu_sampler_reports_medians_of_nvidia_smi_samples(tmp_path, monkeypatch):
+  """Parses nvidia-smi's CSV loop (skipping "[N/A]" and partial lines), stops it on exit."""
+  fake = tmp_path / "nvidia-smi"
+  fake.write_text("#!/bin/sh\necho '1980, 650.5, 61'\necho '1755, 699.9, 64'\n"
+                  "echo '1830, 680.0, 63'\necho '[N/A], 1.0, 2'\necho '1700, 6'\nexec sleep 60\n")
+  fake.chmod(0o755)
+  monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+  t0 = time.perf_counter()
+  with cases.GpuSampler() as gpu:
+    time.sleep(0.5)
+  assert time.perf_counter() - t0 < 5  # the loop was stopped, not waited for
+  assert gpu.summary() == {"sm_MHz": 1830.0, "power_W": 680.0, "temp_C": 63.0}
+
+
+def test_gpu_sampler_without_nvidia_smi_reports_nothing(monkeypatch):
+  monkeypatch.setattr(cases.shutil, "which", lambda name: None)
+  with cases.GpuSampler() as gpu:
+    pass
+  assert gpu.summary() == {}

@@ -13,7 +13,9 @@ import json
 import math
 import os
 import re
+import shutil
 import statistics
+import subprocess
 import time
 from typing import Any, Callable
 
@@ -57,6 +59,54 @@ def median_time(fn: Callable[[], Any], iters: int = 10, warmup: int = 2,
     jax.block_until_ready(out)
     times.append((time.perf_counter() - t0) / reps)
   return statistics.median(times)
+
+
+class GpuSampler:
+  """Samples GPU 0's SM clock (MHz), power draw (W) and temperature (C) every `period_ms`
+  with `nvidia-smi` while the block runs, so a timed row says what clocks it ran at (the
+  card lowers them under its power and thermal limits, one source of the spread between
+  device sessions). `summary()` gives the medians, or {} where nvidia-smi is missing or
+  printed nothing usable.
+  """
+
+  FIELDS = (("sm_MHz", "clocks.sm"), ("power_W", "power.draw"), ("temp_C", "temperature.gpu"))
+
+  def __init__(self, period_ms: int = 200):
+    self.period_ms = period_ms
+    self._proc: subprocess.Popen | None = None
+    self._out = ""
+
+  def __enter__(self) -> "GpuSampler":
+    exe = shutil.which("nvidia-smi")
+    if exe is not None:
+      query = ",".join(q for _, q in self.FIELDS)
+      self._proc = subprocess.Popen(
+          [exe, f"--query-gpu={query}", "--format=csv,noheader,nounits", "--id=0",
+           f"--loop-ms={self.period_ms}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+          text=True)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._proc is not None:
+      self._proc.terminate()
+      try:
+        self._out = self._proc.communicate(timeout=10)[0]
+      except subprocess.TimeoutExpired:
+        self._proc.kill()
+        self._out = self._proc.communicate()[0]
+
+  def summary(self) -> dict[str, float]:
+    samples = []
+    for line in self._out.splitlines():
+      try:
+        samples.append([float(v) for v in line.split(",")])
+      except ValueError:  # "[N/A]" fields, a partial last line
+        continue
+    samples = [v for v in samples if len(v) == len(self.FIELDS)]
+    if not samples:
+      return {}
+    return {name: statistics.median(v[i] for v in samples)
+            for i, (name, _) in enumerate(self.FIELDS)}
 
 
 def peak_gib() -> float | None:
@@ -263,10 +313,13 @@ def _train_setup(arch: str, size: str, batch: int, remat: str, seq_len: int,
 
 def train_case(arch: str, size: str, batch: int, remat: str = "lean", seq_len: int = 2048,
                iters: int = 10, attention_impl: str | None = None, **model_kw) -> dict:
-  """Full train step (AdamW, clip, bf16 compute, float32 master weights) on random tokens."""
+  """Full train step (AdamW, clip, bf16 compute, float32 master weights) on random tokens;
+  on NVIDIA GPUs also the median SM clock, power and temperature during the timed steps
+  (`GpuSampler`)."""
   cfg, one, compile_s, _ = _train_setup(arch, size, batch, remat, seq_len, attention_impl,
                                         **model_kw)
-  t = median_time(one, iters)
+  with GpuSampler() as gpu:
+    t = median_time(one, iters)
   tps = batch * seq_len / t
   fl = flops_lib.train_flops_per_token(cfg, seq_len) * tps
   official = OFFICIAL.get((arch, size, batch))
@@ -274,7 +327,7 @@ def train_case(arch: str, size: str, batch: int, remat: str = "lean", seq_len: i
   row = {"case": f"train-{arch}-{size}-b{batch}-{remat}{tag}", "step_ms": t * 1e3,
          "tokens_per_s": tps, "peak_GiB": peak_gib(), "compile_s": compile_s,
          "mfu_989": fl / 989e12, "mfu_810": fl / flops_lib.H200_MEASURED_PEAK,
-         "params": param_counts(cfg)["total"]}
+         "params": param_counts(cfg)["total"], **gpu.summary()}
   if official:
     row.update(official_tokens_per_s=official[0], official_peak_GiB=official[1],
                speedup=tps / official[0])
