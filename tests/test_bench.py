@@ -103,3 +103,29 @@ def test_gpu_sampler_without_nvidia_smi_reports_nothing(monkeypatch):
   with cases.GpuSampler() as gpu:
     pass
   assert gpu.summary() == {}
+
+
+def test_kernels_are_attributed_by_their_hlo_op_annotation_or_name():
+  """Library GEMMs and Pallas calls carry their HLO instruction in the trace's `hlo_op`
+  argument; XLA fusions are named after it. CPU events are not counted."""
+  sources = {
+      "custom_call_7": {"op": "custom-call", "shape": "bf16[8,4]", "where": "bwd:LM/mlp/dot_general",
+                        "lines": ["bwd:LM/mlp/dot_general"]},
+      "custom_call_9": {"op": "custom-call", "shape": "bf16[8,8]", "where": "fwd:LM/attn/dot_general",
+                        "lines": ["fwd:LM/attn/dot_general"]},
+      "loop_add_fusion_3": {"op": "fusion", "shape": "f32[8]", "where": "fwd:LM/norm/add",
+                            "lines": ["fwd:LM/norm/add", "fwd:LM/norm/mul"]}}
+  events = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+            {"ph": "X", "pid": 1, "name": "nvjet_gemm", "dur": 3000.0, "args": {"hlo_op": "custom-call.7"}},
+            {"ph": "X", "pid": 1, "name": "nvjet_gemm", "dur": 1000.0, "args": {"hlo_op": "custom-call.9"}},
+            {"ph": "X", "pid": 1, "name": "loop_add_fusion.3", "dur": 500.0},
+            {"ph": "X", "pid": 1, "name": "mystery_kernel", "dur": 100.0},
+            {"ph": "X", "pid": 2, "name": "nvjet_gemm", "dur": 9000.0, "args": {"hlo_op": "custom-call.7"}}]
+  kernels, by_module = cases.attribute_kernels(events, sources, steps=2)
+  assert kernels["nvjet_gemm"]["ms"] == pytest.approx(2.0) and kernels["nvjet_gemm"]["calls"] == 2
+  assert kernels["nvjet_gemm"]["lines"] == ["bwd:LM/mlp/dot_general", "fwd:LM/attn/dot_general"]
+  assert kernels["loop_add_fusion.3"]["op"] == "fusion"
+  assert kernels["mystery_kernel"]["lines"] == []
+  assert by_module == pytest.approx({"bwd:LM/mlp": 1.5, "fwd:LM/attn": 0.5, "fwd:LM/norm": 0.25,
+                                     "?": 0.05})

@@ -350,12 +350,16 @@ def _short_op_name(name: str) -> str:
   return ("bwd:" if bwd else "fwd:") + "/".join(parts)
 
 
+def _hlo_name(name: str) -> str:
+  """An HLO instruction or kernel name as `hlo_sources` keys it (`[A-Za-z0-9_]` only)."""
+  return re.sub(r"[^A-Za-z0-9_]", "_", name)
+
+
 def hlo_sources(hlo_text: str) -> dict[str, dict]:
   """Per HLO instruction (name normalised to `[A-Za-z0-9_]`): its opcode, shape and the
   JAX op names (module path + primitive, by count) of everything it runs — a fusion's
   names are those of the instructions inside its fused computation. `transpose(...)`
   in a name marks backward-pass work."""
-  norm = lambda n: re.sub(r"[^A-Za-z0-9_]", "_", n)
   comp_lines: dict[str, collections.Counter] = {}
   insts: dict[str, dict] = {}
   comp = None
@@ -374,7 +378,7 @@ def hlo_sources(hlo_text: str) -> dict[str, dict]:
     if where and not where.endswith(":"):
       comp_lines[comp][where] += 1
     calls = re.search(r"calls=%?([\w.\-]+)", line)
-    insts[norm(name)] = {"op": op, "shape": shape[:40], "where": where,
+    insts[_hlo_name(name)] = {"op": op, "shape": shape[:40], "where": where,
                          "calls": calls.group(1) if calls else None}
   for inst in insts.values():
     lines = comp_lines.get(inst.pop("calls") or "", collections.Counter())
@@ -382,14 +386,46 @@ def hlo_sources(hlo_text: str) -> dict[str, dict]:
   return insts
 
 
+def attribute_kernels(events: list[dict], sources: dict[str, dict], steps: int
+                      ) -> tuple[dict[str, dict], dict[str, float]]:
+  """GPU kernel time per step from trace events: by kernel name (ms, calls, the HLO op and
+  shape of its first call, the model code its time went to, most first) and by model
+  module. A kernel is matched to its HLO instruction (`hlo_sources`) by the trace's
+  `hlo_op` annotation where there is one (library GEMMs and Pallas calls are named after
+  their kernel, not the instruction), else by its own name (XLA fusions)."""
+  pids = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+          if e.get("ph") == "M" and e.get("name") == "process_name"}
+  kernels: dict[str, dict] = {}
+  by_module: dict[str, float] = collections.defaultdict(float)
+  for e in events:
+    if e.get("ph") != "X" or "GPU" not in pids.get(e.get("pid"), ""):
+      continue
+    hlo_op = (e.get("args") or {}).get("hlo_op")
+    info = ((sources.get(_hlo_name(hlo_op)) if hlo_op else None)
+            or sources.get(_hlo_name(e["name"]), {}))
+    ms = e.get("dur", 0.0) / steps / 1e3
+    row = kernels.setdefault(e["name"][:60], {"ms": 0.0, "calls": 0, "op": info.get("op"),
+                                              "shape": info.get("shape"),
+                                              "wheres": collections.Counter()})
+    row["ms"] += ms
+    row["calls"] += 1
+    for line in info.get("lines", []):
+      row["wheres"][line] += ms
+    where = info.get("where") or "?"
+    by_module[where.rsplit("/", 1)[0] if "/" in where else where] += ms
+  for row in kernels.values():
+    row["lines"] = [w for w, _ in row.pop("wheres").most_common(4)]
+  return kernels, dict(by_module)
+
+
 def profile_case(arch: str, size: str, batch: int, remat: str = "lean", seq_len: int = 2048,
                  out_dir: str = "/tmp/profile", top: int = 40, **model_kw) -> dict:
   """Traces 3 train steps; device kernel time per step, by kernel and by model module.
 
-  Kernels are matched to HLO instructions of the compiled step, and each instruction to
-  the JAX op names it was traced from (`hlo_sources`), so the table says which model
-  code (forward or backward) the time goes to. Writes the optimised HLO and
-  `kernels.json` next to the trace.
+  Kernels are matched to HLO instructions of the compiled step (`attribute_kernels`), and
+  each instruction to the JAX op names it was traced from (`hlo_sources`), so the table
+  says which model code (forward or backward) the time goes to. Writes the optimised HLO
+  and `kernels.json` next to the trace.
   """
   import glob  # noqa: PLC0415
   import gzip  # noqa: PLC0415
@@ -408,22 +444,7 @@ def profile_case(arch: str, size: str, batch: int, remat: str = "lean", seq_len:
   with gzip.open(path) as f:
     trace = json.load(f)
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
-  pids = {e["pid"]: e.get("args", {}).get("name", "") for e in events
-          if e.get("ph") == "M" and e.get("name") == "process_name"}
-  kernels: dict[str, dict] = {}
-  by_module: dict[str, float] = collections.defaultdict(float)
-  for e in events:
-    if e.get("ph") != "X" or "GPU" not in pids.get(e.get("pid"), ""):
-      continue
-    info = sources.get(re.sub(r"[^A-Za-z0-9_]", "_", e["name"]), {})
-    ms = e.get("dur", 0.0) / 3 / 1e3
-    row = kernels.setdefault(e["name"][:60], {"ms": 0.0, "calls": 0, "op": info.get("op"),
-                                              "shape": info.get("shape"),
-                                              "lines": info.get("lines", [])})
-    row["ms"] += ms
-    row["calls"] += 1
-    where = info.get("where") or "?"
-    by_module[where.rsplit("/", 1)[0] if "/" in where else where] += ms
+  kernels, by_module = attribute_kernels(events, sources, steps=3)
   ranked = sorted(kernels.items(), key=lambda kv: -kv[1]["ms"])
   modules = sorted(by_module.items(), key=lambda kv: -kv[1])
   with open(os.path.join(out_dir, "kernels.json"), "w") as f:
