@@ -1,0 +1,70 @@
+"""MLGRU token mixer (SPEC §1.2): ternary projections around an elementwise recurrence."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from mmfree_jax.config import ModelConfig
+from mmfree_jax.layers.bitlinear import BitLinear, BitLinearWeights, bitlinear_shared, xavier_uniform
+from mmfree_jax.layers.norm import RMSNorm
+from mmfree_jax.layers.scan import linear_recurrence
+from mmfree_jax.layers import gate_scan, scan_pallas
+
+import os as _os
+_TEST = bool(_os.environ.get("GATE_SCAN_INTERPRET"))  # CPU check: interpret mode, any B*D
+_GATE_SCANS = {bd: gate_scan.make(interpret=_TEST, block_d=bd, **({"tile_t": 8} if _TEST else {}))
+               for bd in (16, 32, 64)}
+
+F32 = jnp.float32
+
+
+def lower_bounds(gamma_LxD: jax.Array) -> jax.Array:
+  """`cumsum(softmax(Gamma, 0), 0) - P[0]`: zero for layer 0, rising with depth."""
+  p = jax.nn.softmax(gamma_LxD.astype(F32), axis=0)
+  return jnp.cumsum(p, axis=0) - p[0]
+
+
+class MLGRU(nn.Module):
+  """`o(gate(g, h))` with `h_t = f_t h_{t-1} + silu(i_t) (1 - f_t)`.
+
+  Returns the block output and the float32 state after the last token, so a decode
+  step is the same call with T=1 and `h0` = the carried state.
+  """
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, a_BxTxD: jax.Array, lb_D: jax.Array | None, resets_BxT: jax.Array | None,
+               h0_BxD: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    cfg = self.cfg
+    dt = jnp.dtype(cfg.dtype)
+    d = cfg.d_model
+    init = xavier_uniform(2**-2.5)
+    # f, i and g project the same input: one group (one read of `a`, one gradient for it).
+    norms, kernels = zip(*(BitLinearWeights(d, ("embed", "state"), init, name=name)(a_BxTxD.shape[-1])
+                           for name in ("f_proj", "i_proj", "g_proj")))
+    f, i, g = (checkpoint_name(o, "proj") for o in bitlinear_shared(
+        a_BxTxD, norms, kernels, cfg.bitlinear_eps, dt, None, cfg.bitlinear_impl))
+    b, t = a_BxTxD.shape[:2]
+    if (cfg.scan_impl == "pallas" and lb_D is not None and t > 1
+        and (_TEST or (jax.default_backend() == "gpu" and b * d > 8192 and d % 64 == 0))):
+      h0 = h0_BxD if h0_BxD is not None else jnp.zeros((b, d), F32)
+      bd = 16 if _TEST else scan_pallas.block_d_for(b, d)  # the committed kernels' choice
+      h_BxTxD, h_last = _GATE_SCANS[bd](f, i, lb_D.astype(F32), h0.astype(F32), resets_BxT)
+    else:
+      f = nn.sigmoid(f.astype(F32))
+      if lb_D is not None:
+        f = lb_D + (1.0 - lb_D) * f
+      self.sow("intermediates", "forget_gate", f)  # for inspection (capture_intermediates)
+      i = (nn.silu(i.astype(F32)) * (1.0 - f)).astype(dt)
+      h_BxTxD, h_last = linear_recurrence(f, i, h0_BxD, resets_BxT, cfg.scan_impl, cfg.scan_chunk)
+    if cfg.gate == "code":
+      o = RMSNorm(cfg.norm_eps, "state", name="g_norm")(g) * nn.silu(h_BxTxD)
+    else:
+      o = nn.sigmoid(g.astype(F32)) * h_BxTxD
+    o = nn.with_logical_constraint(o.astype(dt), ("batch", "length", "state"))
+    return BitLinear(d, ("state", "embed"), cfg.bitlinear_eps, dt, kernel_init=init,
+                     impl=cfg.bitlinear_impl, name="o_proj")(o), h_last
