@@ -379,7 +379,7 @@ def hlo_sources(hlo_text: str) -> dict[str, dict]:
       comp_lines[comp][where] += 1
     calls = re.search(r"calls=%?([\w.\-]+)", line)
     insts[_hlo_name(name)] = {"op": op, "shape": shape[:40], "where": where,
-                         "calls": calls.group(1) if calls else None}
+                              "calls": calls.group(1) if calls else None}
   for inst in insts.values():
     lines = comp_lines.get(inst.pop("calls") or "", collections.Counter())
     inst["lines"] = [w for w, _ in lines.most_common(4)] or ([inst["where"]] if inst["where"] else [])
