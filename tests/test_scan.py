@@ -9,7 +9,7 @@ import pytest
 
 from mmfree_jax import sharding
 from mmfree_jax.layers import scan_pallas
-from mmfree_jax.layers.scan import IMPLS, linear_recurrence
+from mmfree_jax.layers.scan import IMPLS, linear_recurrence, mlgru_gates, mlgru_recurrence
 
 
 def np_recurrence(f, x, h0, resets):
@@ -190,3 +190,86 @@ def test_pallas_tiling_follows_each_devices_rows():
     jaxpr = str(jax.make_jaxpr(run)(f, x))
   assert set(re.findall(r"mlgru_scan_fwd\w*", jaxpr)) == {"mlgru_scan_fwd_lookback"}
   assert scan_pallas.kernel_for(16, 128, 1024) == {"block_d": 32}
+
+
+def _gate_inputs(b, t, d, with_resets, seed=0):
+  """bf16 forget/input projections, lower bounds, h0 and (optionally) document starts."""
+  rng = np.random.default_rng(seed)
+  fp, ip = (jnp.asarray(rng.normal(0.0, 2.0, (b, t, d)), jnp.bfloat16) for _ in range(2))
+  lb = jnp.asarray(rng.uniform(0.0, 0.9, d), jnp.float32)
+  h0 = jnp.asarray(rng.normal(size=(b, d)), jnp.float32)
+  resets = None
+  if with_resets:
+    r = rng.uniform(size=(b, t)) < 0.15
+    r[:, 0] = False
+    resets = jnp.asarray(r)
+  return fp, ip, lb, h0, resets
+
+
+def _two_steps(fp, ip, lb, h0, resets, impl="associative"):
+  f, x = mlgru_gates(fp, ip, lb, fp.dtype)
+  return linear_recurrence(f, x, h0, resets, impl)
+
+
+def _rel(got, want) -> float:
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  return float(np.max(np.abs(got - want)) / (np.max(np.abs(want)) + 1e-30))
+
+
+@pytest.mark.parametrize("t,with_resets", [(24, False), (21, True), (1, False)])
+def test_gate_kernels_match_the_two_steps(t, with_resets):
+  """The gate-fused kernels (interpret mode) give `mlgru_gates` + `linear_recurrence` and
+  their VJP: h, last state, d fp, d ip, d lb (per-row partial sums) and dh0."""
+  fp, ip, lb, h0, resets = _gate_inputs(2, t, 32, with_resets)
+  r = () if resets is None else (resets,)
+  kw = {"block_d": 16, "tile_t": 8, "interpret": True}
+  h, last = scan_pallas.gate_forward(fp, ip, lb, h0, *r, **kw)
+  (want_h, want_last), vjp = jax.vjp(lambda *a: _two_steps(*a, resets), fp, ip, lb, h0)
+  assert h.dtype == jnp.bfloat16 and _rel(h, want_h) < 1e-2 and _rel(last, want_last) < 1e-5
+  rng = np.random.default_rng(1)
+  dh = jnp.asarray(rng.normal(size=h.shape), jnp.bfloat16)
+  dlast = jnp.asarray(rng.normal(size=last.shape), jnp.float32)
+  dfp, dip, dlb, dh0 = scan_pallas.gate_backward(fp, ip, h, dh, lb, h0, dlast, *r, **kw)
+  for got, want in zip((dfp, dip, dlb.sum(0), dh0), vjp((dh, dlast))):
+    assert got.dtype == want.dtype and _rel(got, want) < 1e-2
+
+
+@pytest.mark.parametrize("with_resets", [False, True])
+def test_mlgru_recurrence_equals_the_two_steps(with_resets):
+  """`mlgru_recurrence` (its custom_vjp, here with the XLA side of the kernel dispatch)
+  equals the two steps in value and gradient."""
+  fp, ip, lb, h0, resets = _gate_inputs(2, 40, 32, with_resets)
+
+  def loss(fn):
+    return lambda *a: jnp.sum(fn(*a, resets)[0].astype(jnp.float32) ** 2)
+  got = jax.value_and_grad(loss(lambda *a: mlgru_recurrence(*a, impl="pallas")),
+                           argnums=(0, 1, 2, 3))(fp, ip, lb, h0)
+  want = jax.value_and_grad(loss(lambda *a: _two_steps(*a, impl="pallas")),
+                            argnums=(0, 1, 2, 3))(fp, ip, lb, h0)
+  assert float(got[0]) == float(want[0])
+  for g, w in zip(got[1], want[1]):
+    assert g.dtype == w.dtype and _rel(g, w) < 1e-5
+
+
+def test_gate_kernels_run_where_the_whole_sequence_kernels_would():
+  """Not for few lanes (the look-back kernels take f and x), decode steps or other impls."""
+  for (b, t, d), impl, expect in (((2, 16, 64), "pallas", True), ((2, 128, 64), "pallas", False),
+                                  ((2, 1, 64), "pallas", False), ((2, 16, 64), "chunked", False)):
+    fp = jnp.ones((b, t, d), jnp.bfloat16)
+    jaxpr = str(jax.make_jaxpr(lambda fp: mlgru_recurrence(fp, fp, jnp.zeros(d), impl=impl))(fp))
+    assert ("mlgru_gate_scan_fwd" in jaxpr) == expect, (b, t, d, impl)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="Pallas GPU kernels need a GPU")
+@pytest.mark.parametrize("t", [301, 2048])
+def test_gate_kernels_on_gpu_match_the_two_steps(t):
+  fp, ip, lb, h0, resets = _gate_inputs(4, t, 2048, True, seed=5)
+  fn = jax.jit(lambda *a: mlgru_recurrence(*a, resets, impl="pallas"))
+  assert "mlgru_gate_scan_fwd" in fn.lower(fp, ip, lb, h0).as_text()
+  (h, last), vjp = jax.vjp(fn, fp, ip, lb, h0)
+  (want_h, want_last), want_vjp = jax.vjp(lambda *a: _two_steps(*a, resets), fp, ip, lb, h0)
+  assert _rel(h, want_h) < 1e-2 and _rel(last, want_last) < 1e-4
+  dh = jnp.asarray(np.random.default_rng(6).normal(size=h.shape), jnp.bfloat16)
+  dlast = jnp.zeros_like(last)
+  for got, want in zip(vjp((dh, dlast)), want_vjp((dh, dlast))):
+    assert _rel(got, want) < 2e-2

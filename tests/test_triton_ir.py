@@ -11,7 +11,7 @@ import pytest
 
 from mmfree_jax.layers import bitlinear as bl
 from mmfree_jax.layers import scan_pallas
-from mmfree_jax.layers.scan import linear_recurrence
+from mmfree_jax.layers.scan import linear_recurrence, mlgru_recurrence
 
 triton_lowering = pytest.importorskip("jax._src.pallas.triton.lowering")
 registration = pytest.importorskip("jax._src.pallas.triton.pallas_call_registration")
@@ -66,6 +66,19 @@ def test_recurrence_kernels_verify(verified, t, suffix):
     atomics = re.findall(r"tt\.atomic_rmw (\w+).*?-> (\S+)", text)
     assert all(op in ("add", "or", "max") and "i32" in ty for op, ty in atomics), atomics
     assert bool(atomics) == bool(suffix)
+
+
+@pytest.mark.parametrize("with_resets", [False, True])
+def test_gate_kernels_verify(verified, with_resets):
+  b, t, d = 2, 96, 128
+  fp = jax.ShapeDtypeStruct((b, t, d), jnp.bfloat16)
+  resets = jnp.zeros((b, t), bool) if with_resets else None
+
+  def loss(fp, ip, lb):
+    return jnp.sum(mlgru_recurrence(fp, ip, lb, None, resets, "pallas")[0].astype(jnp.float32))
+
+  _lower_for_cuda(jax.grad(loss, argnums=(0, 1, 2)), fp, fp, jax.ShapeDtypeStruct((d,), jnp.float32))
+  assert verified[0] == ["mlgru_gate_scan_fwd", "mlgru_gate_scan_bwd"]
 
 
 def test_lookback_summary_only_kernels_verify(verified):

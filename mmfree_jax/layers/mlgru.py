@@ -10,7 +10,7 @@ from jax.ad_checkpoint import checkpoint_name
 from mmfree_jax.config import ModelConfig
 from mmfree_jax.layers.bitlinear import BitLinear, BitLinearWeights, bitlinear_shared, xavier_uniform
 from mmfree_jax.layers.norm import RMSNorm
-from mmfree_jax.layers.scan import linear_recurrence
+from mmfree_jax.layers.scan import mlgru_gates, mlgru_recurrence
 
 F32 = jnp.float32
 
@@ -42,12 +42,13 @@ class MLGRU(nn.Module):
                            for name in ("f_proj", "i_proj", "g_proj")))
     f, i, g = (checkpoint_name(o, "proj") for o in bitlinear_shared(
         a_BxTxD, norms, kernels, cfg.bitlinear_eps, dt, None, cfg.bitlinear_impl))
-    f = nn.sigmoid(f.astype(F32))
-    if lb_D is not None:
-      f = lb_D + (1.0 - lb_D) * f
-    self.sow("intermediates", "forget_gate", f)  # for inspection (capture_intermediates)
-    i = (nn.silu(i.astype(F32)) * (1.0 - f)).astype(dt)
-    h_BxTxD, h_last = linear_recurrence(f, i, h0_BxD, resets_BxT, cfg.scan_impl, cfg.scan_chunk)
+    lb_D = jnp.zeros((d,), F32) if lb_D is None else lb_D
+    if self.is_mutable_collection("intermediates"):  # for inspection (capture_intermediates)
+      self.sow("intermediates", "forget_gate", mlgru_gates(f, i, lb_D, dt)[0])
+    # f = lb + (1 - lb) sigmoid(f), x = silu(i) (1 - f), h_t = f_t h_{t-1} + x_t; on GPUs
+    # the recurrence kernels form f and x themselves (`mlgru_recurrence`).
+    h_BxTxD, h_last = mlgru_recurrence(f, i, lb_D, h0_BxD, resets_BxT, cfg.scan_impl,
+                                       cfg.scan_chunk)
     if cfg.gate == "code":
       o = RMSNorm(cfg.norm_eps, "state", name="g_norm")(g) * nn.silu(h_BxTxD)
     else:

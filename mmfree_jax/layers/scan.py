@@ -15,6 +15,11 @@ equally fast backward. All accumulation is float32.
   (`sharding.cuda_kernel`); `associative` on other platforms, for T = 1 (decode
   steps), when D has no power-of-two block of >= 16 channels, or under a tensor-parallel
   mesh.
+
+`mlgru_recurrence` is the MLGRU's use of it, from its forget and input projections: with
+"pallas", wherever the whole-sequence kernels run, one more `custom_vjp` whose kernels form
+the gates in registers and return the projections' gradients, so the float32 forget gate,
+the recurrence input and their gradients never cross HBM.
 """
 
 from __future__ import annotations
@@ -181,3 +186,90 @@ def linear_recurrence(f_BxTxD: jax.Array, x_BxTxD: jax.Array, h0_BxD: jax.Array 
   if h0_BxD is None:
     h0_BxD = jnp.zeros((x_BxTxD.shape[0], x_BxTxD.shape[2]), F32)
   return _scan(f_BxTxD, x_BxTxD, h0_BxD.astype(F32), impl, int(chunk))
+
+
+def mlgru_gates(fp: jax.Array, ip: jax.Array, lb: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+  """The MLGRU's recurrence inputs from its projections: the forget gate
+  `f = lb + (1 - lb) * sigmoid(fp)` (float32) and `x = silu(ip) * (1 - f)` in `dtype`."""
+  f = lb + (1.0 - lb) * jax.nn.sigmoid(fp.astype(F32))
+  return f, (jax.nn.silu(ip.astype(F32)) * (1.0 - f)).astype(dtype)
+
+
+def _masked(v, *resets):
+  """v, zero where a document starts (`resets`: () or (resets_BxT,))."""
+  return jnp.where(resets[0][..., None], jnp.zeros((), v.dtype), v) if resets else v
+
+
+def _use_gate_kernel(impl, shape) -> bool:
+  """Whether the gate-fused kernels run: where the whole-sequence recurrence kernels would
+  (the look-back kernels for few lanes take f and x as they are)."""
+  return _use_kernel(impl, shape) and "chunk_t" not in scan_pallas.kernel_for(*shape)
+
+
+def _gate_xla_forward(chunk, fp, ip, lb, h0, *resets):
+  f, x = mlgru_gates(fp, ip, lb, fp.dtype)
+  return _xla_forward("associative", _masked(f, *resets), x, h0, chunk)
+
+
+def _gate_xla_backward(chunk, fp, ip, h, dh, lb, h0, dlast, *resets):
+  b, _, d = fp.shape
+  lb_b = jnp.broadcast_to(lb, (b, 1, d))  # per batch row, as the kernel's partial sums
+  (f, _), gates_vjp = jax.vjp(lambda fp, ip, lb: mlgru_gates(fp, ip, lb, fp.dtype), fp, ip, lb_b)
+  df, dx, dh0 = _xla_backward("associative", chunk, _masked(f, *resets), h, dh, h0, dlast)
+  dfp, dip, dlb = gates_vjp((_masked(df, *resets), dx))
+  return dfp, dip, dlb[:, 0], dh0
+
+
+def _gate_forward(chunk, fp, ip, lb, h0, resets):
+  r = () if resets is None else (resets,)
+  kernel = lambda fp, ip, lb, h0, *r: scan_pallas.gate_forward(
+      fp, ip, lb, h0, *r, **scan_pallas.kernel_for(*fp.shape))
+  return sharding.cuda_kernel(kernel, functools.partial(_gate_xla_forward, chunk),
+                              fp, ip, lb, h0, *r, replicated_args=(2,))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _gate_scan(fp, ip, lb, h0, resets, chunk: int):
+  return _gate_forward(chunk, fp, ip, lb, h0, resets)
+
+
+def _gate_scan_fwd(fp, ip, lb, h0, resets, chunk):
+  out, last = _gate_forward(chunk, fp, ip, lb, h0, resets)
+  out = checkpoint_name(out, "recurrence_h")  # as in _scan_fwd
+  return (out, last), (fp, ip, lb, out, h0, resets)
+
+
+def _gate_scan_bwd(chunk, res, cot):
+  fp, ip, lb, h, h0, resets = res
+  dh, dlast = cot
+  r = () if resets is None else (resets,)
+  kernel = lambda *a: scan_pallas.gate_backward(*a, **scan_pallas.kernel_for(*fp.shape))
+  dfp, dip, dlb, dh0 = sharding.cuda_kernel(
+      kernel, functools.partial(_gate_xla_backward, chunk),
+      fp, ip, h, jnp.asarray(dh, h.dtype), lb, h0, dlast, *r, replicated_args=(4,))
+  return dfp, dip, dlb.sum(0), dh0, None
+
+
+_gate_scan.defvjp(_gate_scan_fwd, _gate_scan_bwd)
+
+
+def mlgru_recurrence(fp_BxTxD: jax.Array, ip_BxTxD: jax.Array, lb_D: jax.Array,
+                     h0_BxD: jax.Array | None = None, resets_BxT: jax.Array | None = None,
+                     impl: str = "chunked", chunk: int = 16) -> tuple[jax.Array, jax.Array]:
+  """The MLGRU's recurrence from its forget and input projections: `linear_recurrence` of
+  `mlgru_gates(fp, ip, lb)` (h in fp's dtype, the last state in float32).
+
+  With impl "pallas", where the whole-sequence kernels run, one custom_vjp whose kernels
+  form the gates in registers and return the projections' gradients (`scan_pallas.
+  gate_forward/gate_backward`): f (float32), x and df never cross HBM. Elsewhere, and for
+  the other impls, the two steps as written (`mlgru_gates`, then `linear_recurrence`).
+  """
+  if impl not in IMPLS:
+    raise ValueError(f"unknown recurrence impl {impl!r}; use one of {IMPLS}")
+  lb_D = jnp.asarray(lb_D, F32)
+  if not _use_gate_kernel(impl, fp_BxTxD.shape):
+    f, x = mlgru_gates(fp_BxTxD, ip_BxTxD, lb_D, fp_BxTxD.dtype)
+    return linear_recurrence(f, x, h0_BxD, resets_BxT, impl, chunk)
+  if h0_BxD is None:
+    h0_BxD = jnp.zeros((fp_BxTxD.shape[0], fp_BxTxD.shape[2]), F32)
+  return _gate_scan(fp_BxTxD, ip_BxTxD, lb_D, h0_BxD.astype(F32), resets_BxT, int(chunk))
