@@ -42,6 +42,16 @@ def test_recurrence_case_reports_error_against_the_reference():
   assert row["max_err"] < 1e-2 and row["fwd_ms"] > 0 and 0 < row["fwd_hbm_frac"]
 
 
+@pytest.mark.parametrize("fused,kernel", [(True, None), (False, None),
+                                          (True, {"block_d": 16, "tile_t": 4})])
+def test_gates_case_reports_error_against_the_reference(fused, kernel):
+  row = cases.gates_case(2, 12, 32, fused=fused, kernel=kernel, iters=1)
+  want = "gates-" + ("fused" if fused else "two-steps") + ("-block_d16-tile_t4" if kernel else "")
+  assert row["case"] == want + "-2x12x32"
+  assert row["max_err"] < 2e-2 and row["fwdbwd_ms"] > 0 and 0 < row["fwdbwd_hbm_frac"]
+  assert row["floor_fwdbwd_ms"] == pytest.approx(3 * row["floor_fwd_ms"])
+
+
 def test_bitlinear_bwd_case_runs_the_kernel_and_checks_it():
   row = cases.bitlinear_bwd_case(64, n=2, rows=2, tokens=32, iters=1)
   assert row["case"] == "bitlinear_bwd-k64-n2-rows2-warpsauto"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mmfree_jax import sharding
-from mmfree_jax.layers import scan_pallas
+from mmfree_jax.layers import scan, scan_pallas
 from mmfree_jax.layers.scan import IMPLS, linear_recurrence, mlgru_gates, mlgru_recurrence
 
 
@@ -235,9 +235,10 @@ def test_gate_kernels_match_the_two_steps(t, with_resets):
 
 
 @pytest.mark.parametrize("with_resets", [False, True])
-def test_mlgru_recurrence_equals_the_two_steps(with_resets):
+def test_mlgru_recurrence_equals_the_two_steps(with_resets, monkeypatch):
   """`mlgru_recurrence` (its custom_vjp, here with the XLA side of the kernel dispatch)
   equals the two steps in value and gradient."""
+  monkeypatch.setattr(scan, "GATE_KERNEL_RESETS", True)
   fp, ip, lb, h0, resets = _gate_inputs(2, 40, 32, with_resets)
 
   def loss(fn):
@@ -251,19 +252,52 @@ def test_mlgru_recurrence_equals_the_two_steps(with_resets):
     assert g.dtype == w.dtype and _rel(g, w) < 1e-5
 
 
-def test_gate_kernels_run_where_the_whole_sequence_kernels_would():
-  """Not for few lanes (the look-back kernels take f and x), decode steps or other impls."""
-  for (b, t, d), impl, expect in (((2, 16, 64), "pallas", True), ((2, 128, 64), "pallas", False),
-                                  ((2, 1, 64), "pallas", False), ((2, 16, 64), "chunked", False)):
+def test_gate_kernels_run_where_the_whole_sequence_kernels_would(monkeypatch):
+  """Not for few lanes (the look-back kernels take f and x), decode steps or other impls;
+  with document resets only once GATE_KERNEL_RESETS is set."""
+  resets = jnp.zeros((2, 16), bool)
+  for (b, t, d), impl, r, flag, expect in (
+      ((2, 16, 64), "pallas", None, False, True), ((2, 128, 64), "pallas", None, False, False),
+      ((2, 1, 64), "pallas", None, False, False), ((2, 16, 64), "chunked", None, False, False),
+      ((2, 16, 64), "pallas", resets, False, False), ((2, 16, 64), "pallas", resets, True, True)):
+    monkeypatch.setattr(scan, "GATE_KERNEL_RESETS", flag)
     fp = jnp.ones((b, t, d), jnp.bfloat16)
-    jaxpr = str(jax.make_jaxpr(lambda fp: mlgru_recurrence(fp, fp, jnp.zeros(d), impl=impl))(fp))
-    assert ("mlgru_gate_scan_fwd" in jaxpr) == expect, (b, t, d, impl)
+    run = lambda fp: mlgru_recurrence(fp, fp, jnp.zeros(d), None, r, impl=impl)
+    jaxpr = str(jax.make_jaxpr(run)(fp))
+    assert ("mlgru_gate_scan_fwd" in jaxpr) == expect, (b, t, d, impl, r is None, flag)
+
+
+def test_gate_kernel_tiling():
+  """One channel per thread, 16 steps per tile (the H200 sweep); none where the look-back
+  kernels run or no kernel does."""
+  assert scan_pallas.gate_kernel_for(16, 2048, 2048) == {
+      "block_d": 64, "num_warps": 2, "tile_t": 16}
+  assert scan_pallas.gate_kernel_for(8, 2048, 2048) == {
+      "block_d": 32, "num_warps": 1, "tile_t": 16}
+  assert scan_pallas.gate_kernel_for(8, 2048, 1024) is None  # look-back
+  assert scan_pallas.gate_kernel_for(2, 16, 24) is None  # no kernel
+
+
+def test_gate_kernels_follow_each_devices_rows():
+  """16 x 1024 globally takes the gate kernels, but under a data mesh of 8 each device's 2
+  rows are few enough for the look-back kernels: those run there, on f and x (two steps)."""
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+  fp = jnp.ones((16, 128, 1024), jnp.bfloat16)
+  loss = lambda fp: jnp.sum(mlgru_recurrence(fp, fp, jnp.zeros(1024), impl="pallas")[0])
+  assert "mlgru_gate_scan_fwd" in str(jax.make_jaxpr(jax.grad(loss))(fp))
+  with jax.set_mesh(sharding.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})):
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss))(fp))
+  assert set(re.findall(r"mlgru_\w*scan_\w+", jaxpr)) == {
+      "mlgru_scan_fwd_lookback", "mlgru_scan_bwd_lookback"}
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="Pallas GPU kernels need a GPU")
-@pytest.mark.parametrize("t", [301, 2048])
-def test_gate_kernels_on_gpu_match_the_two_steps(t):
-  fp, ip, lb, h0, resets = _gate_inputs(4, t, 2048, True, seed=5)
+@pytest.mark.parametrize("t,with_resets", [(301, False), (2048, False), (301, True)],
+                         ids=["301", "2048", "resets"])
+def test_gate_kernels_on_gpu_match_the_two_steps(t, with_resets, monkeypatch):
+  monkeypatch.setattr(scan, "GATE_KERNEL_RESETS", True)
+  fp, ip, lb, h0, resets = _gate_inputs(4, t, 2048, with_resets, seed=5)
   fn = jax.jit(lambda *a: mlgru_recurrence(*a, resets, impl="pallas"))
   assert "mlgru_gate_scan_fwd" in fn.lower(fp, ip, lb, h0).as_text()
   (h, last), vjp = jax.vjp(fn, fp, ip, lb, h0)

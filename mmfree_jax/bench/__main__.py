@@ -16,7 +16,7 @@ from absl import app, flags
 
 _SUITE = flags.DEFINE_enum("suite", "gpu", ["gpu", "quick"], "Which case list to run.")
 _ONLY = flags.DEFINE_list("only", [], "Case kinds to run (bitlinear, bitlinear_bwd, gemm, "
-                                      "recurrence, train, decode, profile).")
+                                      "recurrence, gates, train, decode, profile).")
 _FILTER = flags.DEFINE_string("filter", "", "Run only cases whose JSON spec contains this substring.")
 _OUT = flags.DEFINE_string("out", "", "Directory for bench.json / bench.md.")
 _ONE = flags.DEFINE_string("one", "", "Run one case given as JSON (e.g. a kernel tile), print JSON.")
@@ -34,6 +34,8 @@ def suite(name: str) -> list[dict]:
                for o in ("bf16", "int8")]
             + [{"kind": "recurrence", "impl": i, "b": 2, "t": 64, "d": 32, "iters": 3}
                for i in ("sequential", "associative", "chunked", "pallas")]
+            + [{"kind": "gates", "fused": f, "b": 2, "t": 64, "d": 32, "iters": 3}
+               for f in (True, False)]
             + [{"kind": "train", "arch": a, "size": "micro", "batch": 2, "seq_len": 32,
                 "remat": r, "iters": 2, "dtype": "float32"}
                for a in ("mmfree", "transformer") for r in ("lean", "full")]
@@ -61,6 +63,9 @@ def suite(name: str) -> list[dict]:
   # At the small shape "pallas" runs the look-back kernels; the whole-sequence ones beside them.
   cases.append({"kind": "recurrence", "impl": "pallas", "b": 8, "t": 2048, "d": 1024,
                 "kernel": {"block_d": 32}})
+  # The MLGRU's recurrence from its projections at the 1.3B shapes: gate kernels vs two steps.
+  cases += [{"kind": "gates", "fused": f, "b": b, "t": 2048, "d": 2048}
+            for b in (8, 16) for f in (True, False)]
   xla = {"scan_impl": "associative", "bitlinear_impl": "xla"}  # the pure-XLA model, for reference
   cases.append({"kind": "train", "arch": "mmfree", "size": "370M", "batch": 8, "remat": "lean", **xla})
   for size in ("370M", "1.3B"):

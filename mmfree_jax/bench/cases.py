@@ -28,7 +28,7 @@ from mmfree_jax import sharding
 from mmfree_jax.config import preset
 from mmfree_jax.layers import bitlinear as bl
 from mmfree_jax.layers import bitlinear_pallas
-from mmfree_jax.layers.scan import linear_recurrence
+from mmfree_jax.layers.scan import linear_recurrence, mlgru_gates, mlgru_recurrence
 from mmfree_jax.models import init_params, param_counts
 from mmfree_jax.scaling import flops as flops_lib
 
@@ -184,6 +184,60 @@ def recurrence_case(impl: str, b: int, t: int, d: int, chunk: int = 16, iters: i
   return {"case": f"scan-{name}-{b}x{t}x{d}", "fwd_ms": t_f * 1e3, "fwdbwd_ms": t_fb * 1e3,
           "floor_fwd_ms": floor_f * 1e3, "floor_fwdbwd_ms": floor_fb * 1e3,
           "fwd_hbm_frac": floor_f / t_f, "fwdbwd_hbm_frac": floor_fb / t_fb, "max_err": err}
+
+
+def gates_case(b: int, t: int, d: int, fused: bool = True, iters: int = 20,
+               kernel: dict | None = None) -> dict:
+  """The MLGRU's recurrence from its bf16 forget/input projections, forward and
+  forward+backward: `mlgru_recurrence(impl="pallas")` (`fused`: the gate kernels where they
+  run) or the two steps (`mlgru_gates` in XLA, then the plain recurrence kernels). `kernel`
+  (fused only) passes block_d / tile_t / num_warps to `scan_pallas.gate_forward/backward`
+  (off GPU in interpret mode).
+
+  HBM floor (bf16): forward reads fp, ip and writes h (3 tensors); the backward reads fp, ip,
+  h, dh and writes d fp, d ip (6). `max_err` compares h and the gradients of fp, ip and the
+  lower bounds with the float32 sequential two steps (relative to their largest magnitude).
+  """
+  k = jax.random.split(jax.random.key(2), 4)
+  fp, ip, dh = (2 * jax.random.normal(kk, (b, t, d), jnp.bfloat16) for kk in k[:3])
+  lb = jax.random.uniform(k[3], (d,), maxval=0.9)
+  h0, dlast = jnp.zeros((b, d), jnp.float32), jnp.zeros((b, d), jnp.float32)
+  if kernel:
+    from mmfree_jax.layers import scan_pallas  # noqa: PLC0415
+    kw = {**kernel, "interpret": jax.default_backend() != "gpu"}
+
+    def run(fp, ip, lb):
+      return scan_pallas.gate_forward(fp, ip, lb, h0, **kw)[0]
+
+    def vjp(fp, ip, lb, dh):
+      h = run(fp, ip, lb)
+      return scan_pallas.gate_backward(fp, ip, h, dh, lb, h0, dlast, **kw)[:3]
+  else:
+    def recurrence(fp, ip, lb, impl="pallas"):
+      if fused:
+        return mlgru_recurrence(fp, ip, lb, h0, impl=impl)[0]
+      f, x = mlgru_gates(fp, ip, lb, fp.dtype)
+      return linear_recurrence(f, x, h0, impl=impl)[0]
+    run = recurrence
+    vjp = lambda fp, ip, lb, dh: jax.vjp(run, fp, ip, lb)[1](dh)
+  fwd, fwdbwd = jax.jit(run), jax.jit(vjp)
+  t_f = median_time(lambda: fwd(fp, ip, lb), iters)
+  t_fb = median_time(lambda: fwdbwd(fp, ip, lb, dh), iters)
+
+  def ref(fp, ip, lb):
+    f, x = mlgru_gates(fp.astype(jnp.float32), ip.astype(jnp.float32), lb, jnp.float32)
+    return linear_recurrence(f, x, h0, impl="sequential")[0]
+  got = fwdbwd(fp, ip, lb, dh)
+  got = (fwd(fp, ip, lb), got[0], got[1], got[2].sum(0) if kernel else got[2])
+  want = (ref(fp, ip, lb),) + tuple(jax.vjp(ref, fp, ip, lb)[1](dh.astype(jnp.float32)))
+  n = b * t * d * 2
+  floor_f, floor_fb = 3 * n / HBM_BW, 9 * n / HBM_BW
+  name = "fused" if fused else "two-steps"
+  name += "".join(f"-{key}{v}" for key, v in (kernel or {}).items())
+  return {"case": f"gates-{name}-{b}x{t}x{d}", "fwd_ms": t_f * 1e3, "fwdbwd_ms": t_fb * 1e3,
+          "floor_fwd_ms": floor_f * 1e3, "floor_fwdbwd_ms": floor_fb * 1e3,
+          "fwd_hbm_frac": floor_f / t_f, "fwdbwd_hbm_frac": floor_fb / t_fb,
+          "max_err": _rel_err(got, want)}
 
 
 def _kernel_inputs(key, k: int, glu: bool, tokens: int) -> tuple[jax.Array, ...]:
@@ -485,5 +539,5 @@ def decode_case(arch: str, size: str, batch: int = 1, prompt: int = 128, new: in
 CASES: dict[str, Callable[..., dict]] = {
     "bitlinear": bitlinear_case, "bitlinear_bwd": bitlinear_bwd_case,
     "bitlinear_codes": bitlinear_codes_case, "gemm": gemm_case,
-    "recurrence": recurrence_case, "train": train_case, "profile": profile_case,
+    "recurrence": recurrence_case, "gates": gates_case, "train": train_case, "profile": profile_case,
     "decode": decode_case}

@@ -200,32 +200,61 @@ def _masked(v, *resets):
   return jnp.where(resets[0][..., None], jnp.zeros((), v.dtype), v) if resets else v
 
 
-def _use_gate_kernel(impl, shape) -> bool:
+# Document resets inside the gate kernels: equal to the two steps in interpret mode and
+# accepted by Triton's verifier, but not yet run on a GPU; until
+# tests/test_scan.py::test_gate_kernels_on_gpu_match_the_two_steps[resets] has passed there,
+# batches with document resets take the two steps.
+GATE_KERNEL_RESETS = False
+
+
+def _use_gate_kernel(impl, shape, resets) -> bool:
   """Whether the gate-fused kernels run: where the whole-sequence recurrence kernels would
   (the look-back kernels for few lanes take f and x as they are)."""
-  return _use_kernel(impl, shape) and "chunk_t" not in scan_pallas.kernel_for(*shape)
+  return (_use_kernel(impl, shape) and scan_pallas.gate_kernel_for(*shape) is not None
+          and (resets is None or GATE_KERNEL_RESETS))
 
 
-def _gate_xla_forward(chunk, fp, ip, lb, h0, *resets):
+def _gate_two_steps_forward(recurrence, fp, ip, lb, h0, *resets):
+  """`mlgru_gates`, then `recurrence(f, x, h0)` -> (h, last)."""
   f, x = mlgru_gates(fp, ip, lb, fp.dtype)
-  return _xla_forward("associative", _masked(f, *resets), x, h0, chunk)
+  return recurrence(_masked(f, *resets), x, h0)
 
 
-def _gate_xla_backward(chunk, fp, ip, h, dh, lb, h0, dlast, *resets):
+def _gate_two_steps_backward(recurrence_bwd, fp, ip, h, dh, lb, h0, dlast, *resets):
+  """The gate kernels' backward through `recurrence_bwd(f, h, dh, h0, dlast)` -> (df, dx,
+  dh0) and the gates' VJP: (d fp, d ip, d lb per batch row [B, D], dh0)."""
   b, _, d = fp.shape
   lb_b = jnp.broadcast_to(lb, (b, 1, d))  # per batch row, as the kernel's partial sums
   (f, _), gates_vjp = jax.vjp(lambda fp, ip, lb: mlgru_gates(fp, ip, lb, fp.dtype), fp, ip, lb_b)
-  df, dx, dh0 = _xla_backward("associative", chunk, _masked(f, *resets), h, dh, h0, dlast)
+  df, dx, dh0 = recurrence_bwd(_masked(f, *resets), h, dh, h0, dlast)
   dfp, dip, dlb = gates_vjp((_masked(df, *resets), dx))
   return dfp, dip, dlb[:, 0], dh0
 
 
+def _gate_kernel_forward(fp, ip, lb, h0, *resets):
+  """On one device's rows: the gate kernels, or where those rows are few enough for the
+  look-back kernels (which take f and x), the two steps through those."""
+  kw = scan_pallas.gate_kernel_for(*fp.shape)
+  if kw is not None:
+    return scan_pallas.gate_forward(fp, ip, lb, h0, *resets, **kw)
+  plain = functools.partial(scan_pallas.forward, **scan_pallas.kernel_for(*fp.shape))
+  return _gate_two_steps_forward(plain, fp, ip, lb, h0, *resets)
+
+
+def _gate_kernel_backward(fp, ip, h, dh, lb, h0, dlast, *resets):
+  kw = scan_pallas.gate_kernel_for(*fp.shape)
+  if kw is not None:
+    return scan_pallas.gate_backward(fp, ip, h, dh, lb, h0, dlast, *resets, **kw)
+  plain = functools.partial(scan_pallas.backward, **scan_pallas.kernel_for(*fp.shape))
+  return _gate_two_steps_backward(plain, fp, ip, h, dh, lb, h0, dlast, *resets)
+
+
 def _gate_forward(chunk, fp, ip, lb, h0, resets):
   r = () if resets is None else (resets,)
-  kernel = lambda fp, ip, lb, h0, *r: scan_pallas.gate_forward(
-      fp, ip, lb, h0, *r, **scan_pallas.kernel_for(*fp.shape))
-  return sharding.cuda_kernel(kernel, functools.partial(_gate_xla_forward, chunk),
-                              fp, ip, lb, h0, *r, replicated_args=(2,))
+  xla = functools.partial(_gate_two_steps_forward,
+                          functools.partial(_xla_forward, "associative", chunk=chunk))
+  return sharding.cuda_kernel(_gate_kernel_forward, xla, fp, ip, lb, h0, *r,
+                              replicated_args=(2,))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -243,9 +272,10 @@ def _gate_scan_bwd(chunk, res, cot):
   fp, ip, lb, h, h0, resets = res
   dh, dlast = cot
   r = () if resets is None else (resets,)
-  kernel = lambda *a: scan_pallas.gate_backward(*a, **scan_pallas.kernel_for(*fp.shape))
+  xla = functools.partial(_gate_two_steps_backward,
+                          functools.partial(_xla_backward, "associative", chunk))
   dfp, dip, dlb, dh0 = sharding.cuda_kernel(
-      kernel, functools.partial(_gate_xla_backward, chunk),
+      _gate_kernel_backward, xla,
       fp, ip, h, jnp.asarray(dh, h.dtype), lb, h0, dlast, *r, replicated_args=(4,))
   return dfp, dip, dlb.sum(0), dh0, None
 
@@ -261,13 +291,14 @@ def mlgru_recurrence(fp_BxTxD: jax.Array, ip_BxTxD: jax.Array, lb_D: jax.Array,
 
   With impl "pallas", where the whole-sequence kernels run, one custom_vjp whose kernels
   form the gates in registers and return the projections' gradients (`scan_pallas.
-  gate_forward/gate_backward`): f (float32), x and df never cross HBM. Elsewhere, and for
-  the other impls, the two steps as written (`mlgru_gates`, then `linear_recurrence`).
+  gate_forward/gate_backward`): f (float32), x and df never cross HBM. Elsewhere, for
+  the other impls, and (until `GATE_KERNEL_RESETS`) with document resets, the two steps as
+  written (`mlgru_gates`, then `linear_recurrence`).
   """
   if impl not in IMPLS:
     raise ValueError(f"unknown recurrence impl {impl!r}; use one of {IMPLS}")
   lb_D = jnp.asarray(lb_D, F32)
-  if not _use_gate_kernel(impl, fp_BxTxD.shape):
+  if not _use_gate_kernel(impl, fp_BxTxD.shape, resets_BxT):
     f, x = mlgru_gates(fp_BxTxD, ip_BxTxD, lb_D, fp_BxTxD.dtype)
     return linear_recurrence(f, x, h0_BxD, resets_BxT, impl, chunk)
   if h0_BxD is None:

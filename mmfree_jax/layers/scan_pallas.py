@@ -327,6 +327,24 @@ def _lookback_call(kernel, args, outs, *, b: int, t: int, d: int, block_d: int, 
 #   x = silu(ip) (1 - f)            (rounded to h's dtype),   h_t = f_t h_{t-1} + x_t.
 # `gate_backward` returns the projections' gradients directly (and per-lane partial sums of
 # the lower bounds' gradient), so f (float32), x and df never cross HBM.
+#
+# The gate arithmetic (two exps and divisions per element) runs inside the sequential walk,
+# so these kernels want more threads than the plain ones: one channel per thread (block_d / 32
+# warps) and 16 steps per tile. H200, 16x2048x2048 (BENCHMARKS.md, 2026-12-02 fifth
+# session): fwd + bwd 0.752 ms at 64 channels, 2 warps, 16 steps against 0.930 with one warp
+# and 1.133 for the two steps (XLA gates + the plain kernels); 64 steps per tile took ~80 s
+# to compile the backward.
+GATE_TILE_T = 16
+
+
+def gate_kernel_for(b: int, t: int, d: int) -> dict | None:
+  """Keyword arguments of `gate_forward`/`gate_backward` for a [b, t, d] recurrence: where
+  the whole-sequence kernels run (None for no kernel or the look-back kernels)."""
+  k = kernel_for(b, t, d)
+  if k is None or "chunk_t" in k:
+    return None
+  return {"block_d": k["block_d"], "num_warps": max(1, k["block_d"] // 32),
+          "tile_t": GATE_TILE_T}
 
 
 def _gates(fp, ip, lb):
@@ -412,11 +430,17 @@ def _gate_specs(t: int, bd: int, resets: bool):
 _GATE_STATIC = ("block_d", "tile_t", "num_warps", "interpret")
 
 
+def _gate_params(block_d: int, num_warps: int | None) -> pltriton.CompilerParams:
+  return pltriton.CompilerParams(num_warps=num_warps or max(1, block_d // 32), num_stages=1)
+
+
 @functools.partial(jax.jit, static_argnames=_GATE_STATIC)
 def gate_forward(fp_BxTxD, ip_BxTxD, lb_D, h0_BxD, resets_BxT=None, *, block_d: int,
-                 tile_t: int = TILE_T, num_warps: int = NUM_WARPS, interpret: bool = False):
+                 tile_t: int = GATE_TILE_T, num_warps: int | None = None,
+                 interpret: bool = False):
   """Returns (h in fp's dtype, last state float32) of the MLGRU recurrence on the gate
-  projections (see above); `resets_BxT` (bool or int, None: none) marks document starts."""
+  projections (see above); `resets_BxT` (bool or int, None: none) marks document starts.
+  `num_warps` None: one channel per thread."""
   b, t, d = fp_BxTxD.shape
   r = () if resets_BxT is None else (resets_BxT.astype(jnp.int32),)
   seq, vec, chan, row = _gate_specs(t, block_d, bool(r))
@@ -425,15 +449,15 @@ def gate_forward(fp_BxTxD, ip_BxTxD, lb_D, h0_BxD, resets_BxT=None, *, block_d: 
       grid=(b, d // block_d), in_specs=[seq, seq, chan, vec, *row], out_specs=[seq, vec],
       out_shape=[jax.ShapeDtypeStruct((b, t, d), fp_BxTxD.dtype),
                  jax.ShapeDtypeStruct((b, d), F32)],
-      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
+      compiler_params=_gate_params(block_d, num_warps),
       interpret=interpret, name="mlgru_gate_scan_fwd",
   )(fp_BxTxD, ip_BxTxD, lb_D, h0_BxD, *r)
 
 
 @functools.partial(jax.jit, static_argnames=_GATE_STATIC)
 def gate_backward(fp_BxTxD, ip_BxTxD, h_BxTxD, dh_BxTxD, lb_D, h0_BxD, dlast_BxD,
-                  resets_BxT=None, *, block_d: int, tile_t: int = TILE_T,
-                  num_warps: int = NUM_WARPS, interpret: bool = False):
+                  resets_BxT=None, *, block_d: int, tile_t: int = GATE_TILE_T,
+                  num_warps: int | None = None, interpret: bool = False):
   """Returns (d fp, d ip in their dtypes, the lower bounds' gradient summed over each
   batch row [B, D] float32, dh0 float32)."""
   b, t, d = fp_BxTxD.shape
@@ -447,6 +471,6 @@ def gate_backward(fp_BxTxD, ip_BxTxD, h_BxTxD, dh_BxTxD, lb_D, h0_BxD, dlast_BxD
       out_shape=[jax.ShapeDtypeStruct((b, t, d), fp_BxTxD.dtype),
                  jax.ShapeDtypeStruct((b, t, d), ip_BxTxD.dtype),
                  jax.ShapeDtypeStruct((b, d), F32), jax.ShapeDtypeStruct((b, d), F32)],
-      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
+      compiler_params=_gate_params(block_d, num_warps),
       interpret=interpret, name="mlgru_gate_scan_bwd",
   )(fp_BxTxD, ip_BxTxD, h_BxTxD, dh_BxTxD, lb_D, h0_BxD, dlast_BxD, *r)
