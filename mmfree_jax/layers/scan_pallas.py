@@ -63,6 +63,22 @@ def kernel_for(b: int, t: int, d: int) -> dict | None:
   return None if bd is None else {"block_d": bd}
 
 
+def _walk(rows, t: int, tile: int, h):
+  """`rows(t0, n, h)` over steps 0..t-1: in tiles of `tile` steps, then the rest singly."""
+  n_tiles = t // tile
+  h = jax.lax.fori_loop(0, n_tiles, lambda i, h: rows(i * tile, tile, h), h)
+  return jax.lax.fori_loop(n_tiles * tile, t, lambda s, h: rows(s, 1, h), h)
+
+
+def _walk_back(rows, t: int, tile: int, c):
+  """`rows(top, n, c)` (rows top, top-1, ...) over steps t-1..1, in tiles of `tile` steps
+  from the end, then the rest singly; step 0 is the caller's."""
+  n_tiles = (t - 1) // tile
+  c = jax.lax.fori_loop(0, n_tiles, lambda i, c: rows(t - 1 - i * tile, tile, c), c)
+  rest = t - 1 - n_tiles * tile
+  return jax.lax.fori_loop(0, rest, lambda i, c: rows(rest - i, 1, c), c)
+
+
 def _fwd_kernel(f_ref, x_ref, h0_ref, h_ref, hlast_ref, *, t: int, tile: int):
   def rows(t0, n, h):
     fs = [f_ref[t0 + k, :].astype(F32) for k in range(n)]
@@ -72,11 +88,7 @@ def _fwd_kernel(f_ref, x_ref, h0_ref, h_ref, hlast_ref, *, t: int, tile: int):
       h_ref[t0 + k, :] = h.astype(h_ref.dtype)
     return h
 
-  n_tiles = t // tile
-  h = jax.lax.fori_loop(0, n_tiles, lambda i, h: rows(i * tile, tile, h),
-                        h0_ref[...].astype(F32))
-  h = jax.lax.fori_loop(n_tiles * tile, t, lambda s, h: rows(s, 1, h), h)
-  hlast_ref[...] = h
+  hlast_ref[...] = _walk(rows, t, tile, h0_ref[...].astype(F32))
 
 
 def _bwd_kernel(f_ref, h_ref, dh_ref, h0_ref, dlast_ref, df_ref, dx_ref, dh0_ref, *, t: int,
@@ -94,11 +106,7 @@ def _bwd_kernel(f_ref, h_ref, dh_ref, h0_ref, dlast_ref, df_ref, dx_ref, dh0_ref
       c = fs[k] * g
     return c
 
-  n_tiles = (t - 1) // tile
-  c = jax.lax.fori_loop(0, n_tiles, lambda i, c: rows(t - 1 - i * tile, tile, c),
-                        dlast_ref[...].astype(F32))
-  rest = t - 1 - n_tiles * tile
-  c = jax.lax.fori_loop(0, rest, lambda i, c: rows(rest - i, 1, c), c)
+  c = _walk_back(rows, t, tile, dlast_ref[...].astype(F32))
   g = dh_ref[0, :].astype(F32) + c
   dx_ref[0, :] = g.astype(dx_ref.dtype)
   df_ref[0, :] = (g * h0_ref[...].astype(F32)).astype(df_ref.dtype)
@@ -375,11 +383,7 @@ def _gate_fwd_kernel(*refs, t: int, tile: int, resets: bool):
       h_ref[t0 + k, :] = h.astype(h_ref.dtype)
     return h
 
-  n_tiles = t // tile
-  h = jax.lax.fori_loop(0, n_tiles, lambda i, h: rows(i * tile, tile, h),
-                        h0_ref[...].astype(F32))
-  h = jax.lax.fori_loop(n_tiles * tile, t, lambda s, h: rows(s, 1, h), h)
-  hlast_ref[...] = h
+  hlast_ref[...] = _walk(rows, t, tile, h0_ref[...].astype(F32))
 
 
 def _gate_bwd_kernel(*refs, t: int, tile: int, resets: bool):
@@ -409,11 +413,7 @@ def _gate_bwd_kernel(*refs, t: int, tile: int, resets: bool):
       carry = step(top - k, fps[k], ips[k], dhs[k], hps[k], carry)
     return carry
 
-  n_tiles = (t - 1) // tile
-  carry = (dlast_ref[...].astype(F32), jnp.zeros(lb.shape, F32))
-  carry = jax.lax.fori_loop(0, n_tiles, lambda i, c: rows(t - 1 - i * tile, tile, c), carry)
-  rest = t - 1 - n_tiles * tile
-  carry = jax.lax.fori_loop(0, rest, lambda i, c: rows(rest - i, 1, c), carry)
+  carry = _walk_back(rows, t, tile, (dlast_ref[...].astype(F32), jnp.zeros(lb.shape, F32)))
   c, dlb = step(0, fp_ref[0, :].astype(F32), ip_ref[0, :].astype(F32),
                 dh_ref[0, :].astype(F32), h0_ref[...].astype(F32), carry)
   dlb_ref[...] = dlb
