@@ -213,12 +213,11 @@ def gates_case(b: int, t: int, d: int, fused: bool = True, iters: int = 20,
       h = run(fp, ip, lb)
       return scan_pallas.gate_backward(fp, ip, h, dh, lb, h0, dlast, **kw)[:3]
   else:
-    def recurrence(fp, ip, lb, impl="pallas"):
+    def run(fp, ip, lb):
       if fused:
-        return mlgru_recurrence(fp, ip, lb, h0, impl=impl)[0]
+        return mlgru_recurrence(fp, ip, lb, h0, impl="pallas")[0]
       f, x = mlgru_gates(fp, ip, lb, fp.dtype)
-      return linear_recurrence(f, x, h0, impl=impl)[0]
-    run = recurrence
+      return linear_recurrence(f, x, h0, impl="pallas")[0]
     vjp = lambda fp, ip, lb, dh: jax.vjp(run, fp, ip, lb)[1](dh)
   fwd, fwdbwd = jax.jit(run), jax.jit(vjp)
   t_f = median_time(lambda: fwd(fp, ip, lb), iters)

@@ -34,7 +34,7 @@ from mmfree_jax.interop import CheckpointError, hf
 from mmfree_jax.interop.checkpoint import PACKED_FILE, read_config, write_config
 from mmfree_jax.layers.bitlinear import activation_codes, glu_input, rms_normalize, weight_codes
 from mmfree_jax.layers.mlgru import lower_bounds
-from mmfree_jax.layers.scan import linear_recurrence
+from mmfree_jax.layers.scan import linear_recurrence, mlgru_gates
 from mmfree_jax.models import segment_resets
 
 F32 = jnp.float32
@@ -143,9 +143,8 @@ def forward(cfg: ModelConfig, packed: Any, tokens_BxT: jax.Array,
     lp, lb_D, h0_BxD = inp
     at, mlp = lp["attn"], lp["mlp"]
     a = _rms(x, lp["attn_norm"]["scale"], cfg.norm_eps, dt)
-    f = jax.nn.sigmoid(_bitlinear(a, at["f_proj"], d, eps, dt).astype(F32))
-    f = lb_D + (1.0 - lb_D) * f
-    i = jax.nn.silu(_bitlinear(a, at["i_proj"], d, eps, dt).astype(F32)) * (1.0 - f)
+    f, i = mlgru_gates(_bitlinear(a, at["f_proj"], d, eps, dt),
+                       _bitlinear(a, at["i_proj"], d, eps, dt), lb_D, F32)
     h, h_last = linear_recurrence(f, i, h0_BxD, resets, cfg.scan_impl, cfg.scan_chunk)
     g = _bitlinear(a, at["g_proj"], d, eps, dt)
     if cfg.gate == "code":

@@ -351,8 +351,13 @@ def gate_kernel_for(b: int, t: int, d: int) -> dict | None:
   k = kernel_for(b, t, d)
   if k is None or "chunk_t" in k:
     return None
-  return {"block_d": k["block_d"], "num_warps": max(1, k["block_d"] // 32),
+  return {"block_d": k["block_d"], "num_warps": _gate_warps(k["block_d"]),
           "tile_t": GATE_TILE_T}
+
+
+def _gate_warps(block_d: int) -> int:
+  """One channel per thread."""
+  return max(1, block_d // 32)
 
 
 def _gates(fp, ip, lb):
@@ -431,7 +436,7 @@ _GATE_STATIC = ("block_d", "tile_t", "num_warps", "interpret")
 
 
 def _gate_params(block_d: int, num_warps: int | None) -> pltriton.CompilerParams:
-  return pltriton.CompilerParams(num_warps=num_warps or max(1, block_d // 32), num_stages=1)
+  return pltriton.CompilerParams(num_warps=num_warps or _gate_warps(block_d), num_stages=1)
 
 
 @functools.partial(jax.jit, static_argnames=_GATE_STATIC)
