@@ -10,7 +10,7 @@ ARCHS = ("mmfree", "transformer")
 GATES = ("code", "paper")
 SCAN_IMPLS = ("sequential", "associative", "chunked", "pallas")
 BITLINEAR_IMPLS = ("xla", "pallas")
-REMAT_POLICIES = ("none", "lean", "full")
+REMAT_POLICIES = ("none", "lean", "lean_inputs", "full")
 
 
 def glu_hidden(d: int, ratio: int = 4) -> int:
@@ -44,7 +44,10 @@ class ModelConfig:
       elsewhere); "xla" uses XLA fusions everywhere.
     remat: "none" (keep what autodiff keeps; BitLinear already recomputes its quantized
       input), "lean" (save only matmul outputs and the recurrence output; recompute all
-      elementwise work), "full" (save only each block's input: lowest memory).
+      elementwise work), "lean_inputs" ("lean" plus the input of each projection group
+      that "lean" recomputes: the block norms' outputs, and with gate="paper" the MLGRU's
+      gated output; more memory, less recomputation), "full" (save only each block's
+      input: lowest memory).
     unroll_layers: run the L blocks as straight-line code instead of a loop (`nn.scan`
       fully unrolled; parameters keep their stacked [L, ...] layout): no per-layer copies
       of saved activations into stacked buffers, a faster step at a longer compile. The

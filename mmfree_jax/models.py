@@ -20,6 +20,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from mmfree_jax.config import PRESET_NAMES, ModelConfig, preset
 from mmfree_jax.layers.attention import Attention
@@ -33,7 +34,10 @@ ACT = ("batch", "length", "embed")
 
 # What "lean" remat saves: projection (matmul) outputs, the recurrence output and the
 # attention output; every elementwise op (norms, quantizers, gates) is recomputed.
-_LEAN_SAVED = ("proj", "recurrence_h", "attn_out")
+# "lean_inputs" also keeps each projection group's input ("block_in": the attn_norm and
+# mlp_norm outputs, the paper gate's output), so the backward pass does not rebuild them.
+_SAVED = {"lean": ("proj", "recurrence_h", "attn_out"),
+          "lean_inputs": ("proj", "recurrence_h", "attn_out", "block_in")}
 
 
 class Block(nn.Module):
@@ -49,7 +53,7 @@ class Block(nn.Module):
   def __call__(self, x_BxTxD, layer_in: dict, ctx: dict):
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
-    a = RMSNorm(cfg.norm_eps, dtype=dt, name="attn_norm")(x_BxTxD)
+    a = checkpoint_name(RMSNorm(cfg.norm_eps, dtype=dt, name="attn_norm")(x_BxTxD), "block_in")
     if cfg.arch == "mmfree":
       y, out = MLGRU(cfg, name="attn")(a, layer_in["lb"], ctx["resets"], layer_in["h0"])
       mlp = GLU(cfg, name="mlp")
@@ -58,7 +62,7 @@ class Block(nn.Module):
                                            layer_in.get("kv"), ctx["index"])
       mlp = SwiGLU(cfg, name="mlp")
     x_BxTxD = nn.with_logical_constraint(x_BxTxD + y.astype(F32), ACT)
-    m = RMSNorm(cfg.norm_eps, dtype=dt, name="mlp_norm")(x_BxTxD)
+    m = checkpoint_name(RMSNorm(cfg.norm_eps, dtype=dt, name="mlp_norm")(x_BxTxD), "block_in")
     x_BxTxD = nn.with_logical_constraint(x_BxTxD + mlp(m).astype(F32), ACT)
     return x_BxTxD, out
 
@@ -69,7 +73,7 @@ def _remat(block_cls, policy: str):
     return block_cls
   if policy == "full":
     return nn.remat(block_cls, prevent_cse=False)
-  return nn.remat(block_cls, policy=jax.checkpoint_policies.save_only_these_names(*_LEAN_SAVED),
+  return nn.remat(block_cls, policy=jax.checkpoint_policies.save_only_these_names(*_SAVED[policy]),
                   prevent_cse=False)
 
 

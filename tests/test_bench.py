@@ -1,5 +1,6 @@
 """Benchmark helpers that run on CPU: HLO-to-model attribution and a tiny recurrence case."""
 
+import json
 import os
 import time
 
@@ -52,17 +53,46 @@ def test_gates_case_reports_error_against_the_reference(fused, kernel):
   assert row["floor_fwdbwd_ms"] == pytest.approx(3 * row["floor_fwd_ms"])
 
 
-def test_bitlinear_bwd_case_runs_the_kernel_and_checks_it():
-  row = cases.bitlinear_bwd_case(64, n=2, rows=2, tokens=32, iters=1)
-  assert row["case"] == "bitlinear_bwd-k64-n2-rows2-warpsauto"
+def test_train_case_times_and_profiles_one_compiled_step(tmp_path):
+  """`profile=True` traces the step it timed: the row has both, and the step's HLO and the
+  per-kernel table land in out_dir (on CPU the trace has no GPU kernels to attribute)."""
+  row = cases.train_case("mmfree", "micro", 2, "lean_inputs", seq_len=16, iters=1,
+                         dtype="float32", profile=True, out_dir=str(tmp_path))
+  assert row["case"] == "train-mmfree-micro-b2-lean_inputs-dtype=float32"
+  assert row["step_ms"] > 0 and row["tokens_per_s"] == pytest.approx(32e3 / row["step_ms"])
+  with open(tmp_path / "kernels.json") as f:
+    table = json.load(f)
+  assert row["device_ms_per_step"] == sum(v["ms"] for _, v in table["kernels"])
+  assert "ENTRY" in (tmp_path / "step.hlo.txt").read_text()
+
+
+def test_one_case_can_patch_a_module_attribute_first(monkeypatch):
+  """`--one` specs with "patch" set a lever that is not the default (for an A/B) before
+  the case runs, and say so in the case name; a patch of nothing is an error."""
+  from mmfree_jax.bench.__main__ import _run_one
+  from mmfree_jax.layers import mlgru
+  monkeypatch.setattr(mlgru, "GATE_IN_O_PROJ", False)  # restored after the test
+  row = _run_one({"kind": "gates", "b": 2, "t": 12, "d": 32, "iters": 1,
+                  "patch": {"mmfree_jax.layers.mlgru.GATE_IN_O_PROJ": True}})
+  assert mlgru.GATE_IN_O_PROJ is True
+  assert row["case"] == "gates-fused-2x12x32-GATE_IN_O_PROJ=True"
+  with pytest.raises(SystemExit, match="does not exist"):
+    _run_one({"kind": "gates", "patch": {"mmfree_jax.layers.mlgru.NO_SUCH_LEVER": 1}})
+
+
+@pytest.mark.parametrize("n,form,tag", [(2, "x", ""), (1, "gate", "-gate")])
+def test_bitlinear_bwd_case_runs_the_kernel_and_checks_it(n, form, tag):
+  row = cases.bitlinear_bwd_case(64, n=n, form=form, rows=2, tokens=32, iters=1)
+  assert row["case"] == f"bitlinear_bwd-k64-n{n}{tag}-rows2-warpsauto"
   assert row["max_err"] < 2e-2 and row["ms"] > 0 and row["GB_per_s"] > 0
 
 
-@pytest.mark.parametrize("glu", [False, True])
-def test_bitlinear_codes_case_runs_the_kernel_and_checks_it(glu):
-  n = 1 if glu else 2
-  row = cases.bitlinear_codes_case(64, n=n, glu=glu, rows=2, tokens=32, iters=1)
-  assert row["case"] == f"bitlinear_codes-k64-n{n}{'-glu' * glu}-rows2-warpsauto"
+@pytest.mark.parametrize("form", ["x", "glu", "gate"])
+def test_bitlinear_codes_case_runs_the_kernel_and_checks_it(form):
+  n = 2 if form == "x" else 1
+  row = cases.bitlinear_codes_case(64, n=n, form=form, rows=2, tokens=32, iters=1)
+  tag = "" if form == "x" else f"-{form}"
+  assert row["case"] == f"bitlinear_codes-k64-n{n}{tag}-rows2-warpsauto"
   assert row["max_err"] < 0.02 and row["ms"] > 0 and row["GB_per_s"] > 0
 
 

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mmfree_jax import sharding
 from mmfree_jax.layers import bitlinear as bl
 from mmfree_jax.layers import bitlinear_pallas
 
@@ -94,11 +95,16 @@ def test_lean_saves_only_the_input():
   assert naive > lean
 
 
-def _group_inputs(k, rows, n, glu, dtype=jnp.bfloat16):
+def _group_inputs(k, rows, n, form, dtype=jnp.bfloat16):
+  """The kernels' inputs in `form` (as `bitlinear_pallas` takes them), n norm weights and
+  n cotangents."""
   keys = jax.random.split(jax.random.key(1), 4)
-  if glu:  # the gate/up matmul's output: p [rows, 2k] (integers) and row scales r
+  if form == "glu":  # the gate/up matmul's output: p [rows, 2k] (integers) and row scales r
     p = jnp.round(jax.random.normal(keys[0], (rows, 2 * k)) * 300).astype(dtype)
     xs = (p, jax.random.uniform(keys[1], (rows, 1), minval=0.002, maxval=0.01))
+  elif form == "gate":  # the MLGRU's g and h, and the g-norm weight [1, k]
+    g, h = (jax.random.normal(kk, (rows, k)) * 2 for kk in jax.random.split(keys[0]))
+    xs = (g.astype(dtype), h.astype(dtype), 1 + 0.1 * jax.random.normal(keys[1], (1, k)))
   else:
     xs = ((jax.random.normal(keys[0], (rows, k)) * 2).astype(dtype),)
   norm_w = 1 + 0.1 * jax.random.normal(keys[2], (n, k))
@@ -129,49 +135,64 @@ def test_backward_warps_follow_the_h200_sweeps():
   assert {kn: bitlinear_pallas.warps_for(*kn) for kn in best} == best
 
 
-@pytest.mark.parametrize("k,n,glu,dtype", [
-    (64, 1, False, jnp.int8), (96, 3, False, jnp.int8), (96, 1, False, jnp.bfloat16),
-    (80, 1, True, jnp.bfloat16), (100, 1, True, jnp.int8)])
-def test_pallas_prologue_matches_xla(k, n, glu, dtype):
+def _xla_args(xs, form):
+  """`xs` as the layer passes them to the XLA path: rows first, the gate's weight last."""
+  return (xs[:2], xs[2:]) if form == "gate" else (xs, ())
+
+
+@pytest.mark.parametrize("k,n,form,dtype", [
+    (64, 1, "x", jnp.int8), (96, 3, "x", jnp.int8), (96, 1, "x", jnp.bfloat16),
+    (80, 1, "glu", jnp.bfloat16), (100, 1, "glu", jnp.int8), (80, 1, "gate", jnp.int8),
+    (100, 1, "gate", jnp.bfloat16)])
+def test_pallas_prologue_matches_xla(k, n, form, dtype):
   """The fused norm + int8 kernel (interpret mode on CPU) gives the XLA codes and scales,
-  for groups of projections and for the GLU pair input."""
-  xs, norm_w, _ = _group_inputs(k, 8, n, glu)
-  ref, _ = bl._xla_codes(*xs, norm_w, eps=1e-8, x_dtype=jnp.bfloat16, glu=glu)
+  for groups of projections, the GLU pair input and the MLGRU's gated output."""
+  xs, norm_w, _ = _group_inputs(k, 8, n, form)
+  rows_in, aux = _xla_args(xs, form)
+  ref, _ = bl._xla_codes(*rows_in, norm_w, *aux, eps=1e-8, x_dtype=jnp.bfloat16, form=form,
+                         in_eps=1e-6)
   codes = lambda rows: jax.tree.leaves(bitlinear_pallas.activation_codes(
-      xs, norm_w, 1e-8, dtype, glu, rows=rows, interpret=True))
+      xs, norm_w, 1e-8, dtype, form, rows=rows, interpret=True, in_eps=1e-6))
   for a, b in zip(codes(2) + codes(8), codes(1) * 2):  # the tile does not change the result
     np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=1e-6)
-  qs, ss = bitlinear_pallas.activation_codes(xs, norm_w, 1e-8, dtype, glu, interpret=True)
+  qs, ss = bitlinear_pallas.activation_codes(xs, norm_w, 1e-8, dtype, form, interpret=True,
+                                             in_eps=1e-6)
   assert len(qs) == len(ss) == n
   for q, q_ref in zip(qs, ref[:n]):
     assert q.dtype == dtype and q_ref.dtype == jnp.int8 and q.shape == (8, k)
-    if glu:  # exp in the kernel vs XLA's logistic can move the bf16 product by an ulp
+    if form != "x":  # exp in the kernel vs XLA's logistic can move the bf16 product by an ulp
       diff = np.abs(np.float32(q) - np.float32(q_ref))
       assert diff.max() <= 1 and np.mean(diff > 0) < 0.03
     else:
       np.testing.assert_array_equal(np.float32(q), np.float32(q_ref))
-  for s, s_ref in zip(ss, ref[n:]):  # GLU off CPU: the product's max can move by a bf16 ulp
-    np.testing.assert_allclose(s, s_ref, rtol=1e-6 if not glu or jax.default_backend() == "cpu" else 1e-2)
+  for s, s_ref in zip(ss, ref[n:]):  # formed inputs off CPU: the max can move by a bf16 ulp
+    np.testing.assert_allclose(s, s_ref, rtol=1e-6 if form == "x" or jax.default_backend() == "cpu" else 1e-2)
 
 
-@pytest.mark.parametrize("k,rows,n,glu", [(64, 64, 1, False), (96, 48, 3, False), (80, 64, 1, True),
-                                         (112, 32, 2, False)])
-def test_pallas_backward_matches_xla(k, rows, n, glu):
-  """The backward kernel (interpret mode) gives the XLA expression's input gradients,
-  fake-quantized activations and per-block norm-weight partial sums, whatever the tile."""
-  xs, norm_w, dys = _group_inputs(k, rows, n, glu)
+@pytest.mark.parametrize("k,rows,n,form", [(64, 64, 1, "x"), (96, 48, 3, "x"), (80, 64, 1, "glu"),
+                                          (112, 32, 2, "x"), (80, 64, 1, "gate"),
+                                          (100, 32, 1, "gate")])
+def test_pallas_backward_matches_xla(k, rows, n, form):
+  """The backward kernel (interpret mode) gives the XLA expression's input gradients (of
+  x, of gate | up, or of g and h), fake-quantized activations and per-block partial sums
+  of the norm-weight gradients (and the g-norm weight's), whatever the tile."""
+  xs, norm_w, dys = _group_inputs(k, rows, n, form)
   wg = norm_w * jnp.linspace(0.5, 1.5, n)[:, None]
-  ref_rows, ref_parts = bl._xla_backward(*xs, *dys, norm_w, wg, nx=len(xs), n=n, eps=1e-8, glu=glu)
-  # On CPU the kernel's silu and the product's rounding match XLA's; elsewhere (GPU) the
-  # GLU product can move by a bf16 ulp, which the norm-weight sums carry at that size.
-  exact = not glu or jax.default_backend() == "cpu"
+  rows_in, aux = _xla_args(xs, form)
+  ref_rows, ref_parts = bl._xla_backward(*rows_in, *dys, norm_w, wg, *aux, nx=len(rows_in), n=n,
+                                         eps=1e-8, form=form, in_eps=1e-6)
+  # On CPU the kernel's silu and the formed input's rounding match XLA's; elsewhere (GPU)
+  # the input can move by a bf16 ulp, which the norm-weight sums carry at that size.
+  exact = form == "x" or jax.default_backend() == "cpu"
   tol, part_tol = (1e-2, 1e-5) if exact else (3e-2, 3e-2)
+  nd = 2 if form == "gate" else 1
   for tile in (1, 4):
-    dx, yqs, parts = bitlinear_pallas.backward(xs, dys, norm_w, wg, 1e-8, glu, rows=tile,
-                                               interpret=True)
-    assert dx.shape == xs[0].shape and len(yqs) == len(parts) == n
+    dxs, yqs, parts = bitlinear_pallas.backward(xs, dys, norm_w, wg, 1e-8, form, rows=tile,
+                                                interpret=True, in_eps=1e-6)
+    assert [dx.shape for dx in dxs] == [x.shape for x in xs[:nd]] and len(yqs) == n
+    assert len(parts) == n + (form == "gate")
     assert parts[0].shape == (rows // bitlinear_pallas.block_rows(rows), k)
-    for a, b in zip([dx, *yqs], ref_rows):
+    for a, b in zip([*dxs, *yqs], ref_rows):
       assert a.dtype == b.dtype == jnp.bfloat16
       np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tol,
                                  atol=tol * np.abs(np.float32(b)).max())
@@ -228,6 +249,58 @@ def test_glu_mlp_equals_two_bitlinears(dtype):
     np.testing.assert_allclose(a, ref, rtol=tol, atol=tol * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gated_bitlinear_equals_bitlinear_of_the_gated_input(dtype):
+  """gated_bitlinear (the MLGRU's output gate formed in o_proj's kernels, its backward
+  written out) == bitlinear(gated_input(g, h)) with autodiff through the gate: the output
+  bit for bit, the gradients of g, h and the three weights up to float32 summation order;
+  and gated_input is RMSNorm(g) * w * silu(h) rounded to the compute dtype."""
+  g, norm_w, w, c = _inputs()
+  h = jnp.flip(g, -1) * 0.7 + 0.3
+  gnorm_w = 1 + 0.1 * jax.random.normal(jax.random.key(7), (48,))
+  fused = lambda g, h, gw, nw, w: bl.gated_bitlinear(g, h, gw, nw, w, 1e-6, 1e-8, dtype, jnp.float32)
+  apart = lambda g, h, gw, nw, w: bl.bitlinear(bl.gated_input(g, h, gw, 1e-6, dtype), nw, w, 1e-8,
+                                               dtype, jnp.float32)
+  out_f, grads_f = _grads(fused, (g, h, gnorm_w, norm_w, w), c)
+  out_a, grads_a = _grads(apart, (g, h, gnorm_w, norm_w, w), c)
+  np.testing.assert_array_equal(out_f, out_a)
+  assert len(grads_f) == 5
+  for a, b in zip(grads_f, grads_a):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+  ghat = g * jax.lax.rsqrt(jnp.mean(g * g, -1, keepdims=True) + 1e-6)
+  want = (ghat * gnorm_w * h * jax.nn.sigmoid(h)).astype(dtype)
+  np.testing.assert_allclose(np.float32(bl.gated_input(g, h, gnorm_w, 1e-6, dtype)),
+                             np.float32(want), rtol=1e-6 if dtype == jnp.float32 else 1e-2)
+
+
+def test_gated_bitlinear_runs_on_each_devices_rows_under_a_data_mesh():
+  """Under an 8-device data mesh the dispatch runs per device (`sharding.cuda_kernel`: the
+  g-norm weight replicated, the per-block partial sums concatenated over devices): the
+  same output and gradients as on one device (up to a code that float32 summation order
+  moves across a rounding boundary: a row of the gradients moves with it)."""
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+  keys = jax.random.split(jax.random.key(8), 3)
+  g, h = (jax.random.normal(kk, (16, 32, 48)) for kk in keys[:2])  # 512 rows: the kernel path
+  _, norm_w, w, _ = _inputs()
+  gnorm_w = 1 + 0.1 * jax.random.normal(keys[2], (48,))
+  loss = lambda *a: jnp.sum(bl.gated_bitlinear(*a, 1e-6, 1e-8, jnp.float32, jnp.float32,
+                                               "pallas") ** 2)
+  run = jax.jit(jax.value_and_grad(loss, argnums=range(5)))
+  want = run(g, h, gnorm_w, norm_w, w)
+  mesh = sharding.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
+  with jax.set_mesh(mesh):
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    assert "shard_map" in str(jax.make_jaxpr(run)(g, h, gnorm_w, norm_w, w))
+    got = run(jax.device_put(g, rows), jax.device_put(h, rows), gnorm_w, norm_w, w)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+    if a.ndim == 3:  # dg, dh: all but the moved row's elements as on one device
+      assert np.mean(np.isclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())) > 0.99
+    np.testing.assert_allclose(a, b, rtol=3e-2, atol=3e-2 * np.abs(b).max())
+
+
 def test_glu_mlp_lean_remat_keeps_the_product_and_recomputes_no_matmul(capsys):
   """Under the "lean" policy (save only "proj") glu_mlp's backward keeps x, the params and
   the gate/up matmul's product p [..., 2I] and row scale r [..., 1]: as many matmuls as
@@ -250,7 +323,7 @@ def test_glu_mlp_lean_remat_keeps_the_product_and_recomputes_no_matmul(capsys):
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="Pallas GPU kernel needs a GPU")
-@pytest.mark.parametrize("group", ["one", "shared", "glu"])
+@pytest.mark.parametrize("group", ["one", "shared", "glu", "gate"])
 def test_pallas_bitlinear_on_gpu_matches_xla(group):
   """On the GPU: same outputs and gradients as the XLA path (codes may differ by one step
   where float32 summation order moves an activation across a rounding boundary: a few
@@ -261,7 +334,9 @@ def test_pallas_bitlinear_on_gpu_matches_xla(group):
       "shared": lambda x, nw, w, impl: bl.bitlinear_shared(
           x, (nw, 1.1 * nw), (w, -w), 1e-8, jnp.float32, jnp.float32, impl),
       "glu": lambda x, nw, w, impl: bl.glu_mlp(  # intermediate 112: pieces of 64, 32, 16
-          x, nw, w[:, :224], 1.1 * nw[:112], w[:112], 1e-8, jnp.float32, jnp.float32, impl)}
+          x, nw, w[:, :224], 1.1 * nw[:112], w[:112], 1e-8, jnp.float32, jnp.float32, impl),
+      "gate": lambda x, nw, w, impl: bl.gated_bitlinear(  # g = x, h = x reversed
+          x, jnp.flip(x, -1), 1.1 * nw, nw, w, 1e-6, 1e-8, jnp.float32, jnp.float32, impl)}
   cot = (c, 2 * c) if group == "shared" else c
   runs = {}
   for impl in ("xla", "pallas"):
@@ -273,8 +348,9 @@ def test_pallas_bitlinear_on_gpu_matches_xla(group):
     runs[impl] = _grads(f, (x, norm_w, w), cot)
   for a, b in zip(jax.tree.leaves(runs["pallas"]), jax.tree.leaves(runs["xla"])):
     # With the GLU, the kernel's silu can also move the bf16 product by an ulp; where that
-    # moves a row's absmax, the row's scale and codes move by ~1% (a few rows).
-    close, tol = (0.99, 3e-2) if group == "glu" else (0.999, 1e-2)
+    # moves a row's absmax, the row's scale and codes move by ~1% (a few rows). The gate's
+    # silu and g norm likewise.
+    close, tol = (0.99, 3e-2) if group in ("glu", "gate") else (0.999, 1e-2)
     assert np.mean(np.isclose(a, b, rtol=1e-3, atol=1e-3 * np.abs(b).max())) > close
     np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max())
 

@@ -7,8 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
 
 from mmfree_jax.config import ConfigError, from_dict, preset
+from mmfree_jax.layers import mlgru
 from mmfree_jax.layers.mlgru import lower_bounds
 from mmfree_jax.models import LM, init_cache, init_params, param_counts, segment_positions
 
@@ -122,7 +124,8 @@ def test_remat_policies_and_unrolled_layers_agree(arch):
   layer loop or unrolled."""
   toks = jax.random.randint(jax.random.key(1), (2, 8), 0, 100)
   results = []
-  for remat, unroll in (("none", False), ("lean", False), ("full", False), ("lean", True)):
+  for remat, unroll in (("none", False), ("lean", False), ("lean_inputs", False),
+                        ("full", False), ("lean", True)):
     cfg = preset("micro", arch, dtype="float32", remat=remat, unroll_layers=unroll)
     params = nn.unbox(init_params(cfg, jax.random.key(0)))
     loss = lambda p: jnp.mean(LM(cfg).apply({"params": p}, toks)[0] ** 2)
@@ -131,6 +134,49 @@ def test_remat_policies_and_unrolled_layers_agree(arch):
     np.testing.assert_allclose(other[0], results[0][0], rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8),
                  other[1], results[0][1])
+
+
+@pytest.mark.parametrize("arch,gate,in_o_proj,kept", [
+    ("mmfree", "code", False, 3), ("mmfree", "code", True, 2), ("mmfree", "paper", False, 3),
+    ("transformer", "code", False, 2)])
+def test_lean_inputs_remat_keeps_each_projection_groups_input(arch, gate, in_o_proj, kept,
+                                                              capsys, monkeypatch):
+  """remat="lean_inputs" saves, per layer, the projection groups' inputs that "lean"
+  recomputes: the attn_norm and mlp_norm outputs and the MLGRU's gated output (unless
+  o_proj forms the gate from g and h, which "lean" keeps; attention's output is kept
+  already), i.e. `kept` more [B, T, d] activations per layer, nothing else."""
+  monkeypatch.setattr(mlgru, "GATE_IN_O_PROJ", in_o_proj)
+  toks = jax.random.randint(jax.random.key(1), (2, 8), 0, 100)
+  saved = {}
+  for remat in ("lean", "lean_inputs"):
+    cfg = preset("micro", arch, dtype="float32", remat=remat, gate=gate)
+    params = nn.unbox(init_params(cfg, jax.random.key(0)))
+    print_saved_residuals(lambda p: jnp.mean(LM(cfg).apply({"params": p}, toks)[0] ** 2), params)
+    shapes = [line.split()[0] for line in capsys.readouterr().out.splitlines()
+              if "from the argument" not in line]
+    saved[remat] = sorted(shapes)
+  extra = list(saved["lean_inputs"])
+  for shape in saved["lean"]:
+    extra.remove(shape)  # everything "lean" keeps is still kept
+  assert extra == [f"f32[{cfg.n_layers},2,8,{cfg.d_model}]"] * kept
+
+
+def test_gate_in_o_proj_is_the_same_model(monkeypatch):
+  """The code's gate formed inside o_proj (`gated_bitlinear`) or by XLA before it: the
+  same parameters, logits and gradients."""
+  cfg = preset("micro", dtype="float32", remat="lean")
+  params = nn.unbox(init_params(cfg, jax.random.key(0)))
+  toks = jax.random.randint(jax.random.key(1), (2, 8), 0, 100)
+  loss = lambda p: jnp.mean(LM(cfg).apply({"params": p}, toks)[0] ** 2)
+  runs = []
+  for flag in (False, True):
+    monkeypatch.setattr(mlgru, "GATE_IN_O_PROJ", flag)
+    assert jax.tree.structure(nn.unbox(init_params(cfg, jax.random.key(0)))) == (
+        jax.tree.structure(params))
+    runs.append(jax.value_and_grad(loss)(params))
+  np.testing.assert_allclose(runs[1][0], runs[0][0], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max()),
+               runs[1][1], runs[0][1])
 
 
 def test_bad_config_is_a_clear_error():

@@ -93,14 +93,15 @@ def test_lookback_summary_only_kernels_verify(verified):
   assert verified[0] == ["mlgru_scan_fwd_lookback", "mlgru_scan_bwd_lookback"]
 
 
-@pytest.mark.parametrize("group", ["one", "shared", "glu"])
+@pytest.mark.parametrize("group", ["one", "shared", "glu", "gate"])
 def test_bitlinear_kernels_verify(verified, group):
   k, n = 256, 128
   x = jax.ShapeDtypeStruct((bl.KERNEL_MIN_ROWS, k), jnp.float32)
   vec, mat = jax.ShapeDtypeStruct((k,), jnp.float32), jax.ShapeDtypeStruct((k, n), jnp.float32)
   fns = {"one": lambda x, nw, w: bl.bitlinear(x, nw, w, impl="pallas"),
          "shared": lambda x, nw, w: bl.bitlinear_shared(x, (nw, nw), (w, w), impl="pallas"),
-         "glu": lambda x, nw, w: bl.glu_mlp(x, nw, w, nw[:64], w[:64], impl="pallas")}
+         "glu": lambda x, nw, w: bl.glu_mlp(x, nw, w, nw[:64], w[:64], impl="pallas"),
+         "gate": lambda x, nw, w: bl.gated_bitlinear(x, -x, nw, nw, w, impl="pallas")}
 
   def loss(x, nw, w):
     return sum(jnp.sum(o.astype(jnp.float32)) for o in jax.tree.leaves(fns[group](x, nw, w)))

@@ -7,6 +7,7 @@ run of the same code on tiny shapes.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -27,9 +28,9 @@ def suite(name: str) -> list[dict]:
   if name == "quick":
     return ([{"kind": "bitlinear", "variant": v, "d": 128, "tokens": 256, "iters": 3}
              for v in ("lean", "naive")]
-            + [{"kind": kind, "k": 96, "n": n, "glu": g, "tokens": 64, "iters": 2}
+            + [{"kind": kind, "k": 96, "n": n, "form": f, "tokens": 64, "iters": 2}
                for kind in ("bitlinear_codes", "bitlinear_bwd")
-               for n, g in ((3, False), (1, True))]
+               for n, f in ((3, "x"), (1, "glu"), (1, "gate"))]
             + [{"kind": "gemm", "m": 64, "k": 96, "n": 32, "operands": o, "iters": 2}
                for o in ("bf16", "int8")]
             + [{"kind": "recurrence", "impl": i, "b": 2, "t": 64, "d": 32, "iters": 3}
@@ -43,10 +44,11 @@ def suite(name: str) -> list[dict]:
                 "iters": 1} for a in ("mmfree", "transformer")])
   cases = [{"kind": "bitlinear", "variant": v, "d": d, "impl": i}
            for d in (1024, 2048) for v, i in (("lean", "pallas"), ("lean", "xla"), ("naive", "xla"))]
-  # The backward kernel per group shape of the 1.3B model (f/i/g, one projection, GLU down);
-  # add "rows"/"warps" to a spec (--one) to sweep the tile.
-  cases += [{"kind": "bitlinear_bwd", "k": k, "n": n, "glu": g}
-            for k, n, g in ((2048, 3, False), (2048, 1, False), (5632, 1, True))]
+  # The backward kernel per group shape of the 1.3B model (f/i/g, one projection, GLU down,
+  # o_proj with the MLGRU's gate); add "rows"/"warps" to a spec (--one) to sweep the tile.
+  cases += [{"kind": "bitlinear_bwd", "k": k, "n": n, "form": f}
+            for k, n, f in ((2048, 3, "x"), (2048, 1, "x"), (5632, 1, "glu"), (2048, 1, "gate"))]
+  cases += [{"kind": "bitlinear_codes", "k": 2048, "n": 1, "form": f} for f in ("x", "gate")]
   # The forward matmuls of the 1.3B model (f/i/g/o, GLU gate+up, GLU down) at batch 8 and 16.
   for m in (16384, 32768):
     for k, n in ((2048, 2048), (2048, 11264), (5632, 2048)):
@@ -73,6 +75,9 @@ def suite(name: str) -> list[dict]:
       for unroll in (False, True):  # the layer loop, and straight-line blocks (fastest)
         cases.append({"kind": "train", "arch": "mmfree", "size": size, "batch": batch,
                       "remat": "lean", **({"unroll_layers": True} if unroll else {})})
+      if size == "1.3B":  # "lean" plus each projection group's input: more memory, less recompute
+        cases.append({"kind": "train", "arch": "mmfree", "size": size, "batch": batch,
+                      "remat": "lean_inputs", "unroll_layers": True})
     cases.append({"kind": "train", "arch": "mmfree", "size": size, "batch": 16, "remat": "full"})
     if size == "370M":  # at 1.3B, keeping everything does not fit
       cases.append({"kind": "train", "arch": "mmfree", "size": size, "batch": 16, "remat": "none"})
@@ -90,9 +95,20 @@ def suite(name: str) -> list[dict]:
 
 
 def _run_one(spec: dict) -> dict:
+  """Runs one case; a spec's "patch" ({"module.attribute": value}) sets module attributes
+  first (a lever that is not the default yet, for an A/B) and tags the case name."""
   from mmfree_jax.bench import cases  # noqa: PLC0415 (imports jax)
   spec = dict(spec)
-  return cases.CASES[spec.pop("kind")](**spec)
+  patch = spec.pop("patch", {})
+  for target, value in patch.items():
+    module, _, attr = target.rpartition(".")
+    if not hasattr(importlib.import_module(module), attr):
+      raise SystemExit(f"--one: patch target {target!r} does not exist; name a module attribute")
+    setattr(importlib.import_module(module), attr, value)
+  row = cases.CASES[spec.pop("kind")](**spec)
+  if patch:
+    row["case"] += "".join(f"-{t.rpartition('.')[2]}={v}" for t, v in patch.items())
+  return row
 
 
 def _fmt(v) -> str:

@@ -239,65 +239,90 @@ def gates_case(b: int, t: int, d: int, fused: bool = True, iters: int = 20,
           "max_err": _rel_err(got, want)}
 
 
-def _kernel_inputs(key, k: int, glu: bool, tokens: int) -> tuple[jax.Array, ...]:
-  """A BitLinear kernel's input: (x [tokens, k],), or for the GLU's down projection the
-  gate/up matmul's integer product p [tokens, 2k] and row scales r [tokens, 1]."""
-  if not glu:
+def _kernel_inputs(key, k: int, form: str, tokens: int) -> tuple[jax.Array, ...]:
+  """A BitLinear kernel's input in its form (`bitlinear_pallas.FORMS`): (x [tokens, k],);
+  for the GLU's down projection the gate/up matmul's integer product p [tokens, 2k] and
+  row scales r [tokens, 1]; for o_proj the MLGRU's g, h [tokens, k] and g-norm weight."""
+  if form == "x":
     return (jax.random.normal(key, (tokens, k), jnp.bfloat16),)
-  kp, kr = jax.random.split(key)
-  return (jnp.round(jax.random.normal(kp, (tokens, 2 * k)) * 300).astype(jnp.bfloat16),
-          jax.random.uniform(kr, (tokens, 1), minval=0.002, maxval=0.01))
+  k1, k2, k3 = jax.random.split(key, 3)
+  if form == "glu":
+    return (jnp.round(jax.random.normal(k1, (tokens, 2 * k)) * 300).astype(jnp.bfloat16),
+            jax.random.uniform(k2, (tokens, 1), minval=0.002, maxval=0.01))
+  return (jax.random.normal(k1, (tokens, k), jnp.bfloat16),
+          jax.random.normal(k2, (tokens, k), jnp.bfloat16),
+          1 + 0.1 * jax.random.normal(k3, (1, k)))
 
 
-def bitlinear_bwd_case(k: int, n: int = 1, glu: bool = False, rows: int = 1, warps: int = 0,
+def _xla_parts(xs, form: str) -> tuple[tuple, tuple]:
+  """(row arrays, replicated arrays) of a kernel input as the XLA path takes them."""
+  return (xs[:2], xs[2:]) if form == "gate" else (xs, ())
+
+
+def _form_tag(form: str) -> str:
+  return "" if form == "x" else f"-{form}"
+
+
+def _input_arrays(form: str) -> int:
+  """How many [tokens, k] bf16 arrays a form's input (or its gradient) is."""
+  return {"x": 1, "glu": 2, "gate": 2}[form]
+
+
+def bitlinear_bwd_case(k: int, n: int = 1, form: str = "x", rows: int = 1, warps: int = 0,
                        tokens: int = 16384, iters: int = 20) -> dict:
-  """The BitLinear backward kernel alone (`bitlinear_pallas.backward`) for one tile choice.
+  """The BitLinear backward kernel alone (`bitlinear_pallas.backward`) for one tile choice
+  and input form (`bitlinear_pallas.FORMS`).
 
   HBM floor: read the input and the n cotangents, write the input gradient and the n
-  weight-gradient operands, once each (bf16; the GLU's input and gradient are [tokens, 2k]).
+  weight-gradient operands, once each (bf16; the GLU's input and gradient are [tokens, 2k],
+  the gate's g and h and their gradients).
   Off GPU the kernel runs in interpret mode.
   `max_err`: largest difference from the XLA expression relative to its magnitude.
   """
   keys = jax.random.split(jax.random.key(2), 2 + n)
-  xs = _kernel_inputs(keys[0], k, glu, tokens)
+  xs = _kernel_inputs(keys[0], k, form, tokens)
   dys = tuple(jax.random.normal(kk, (tokens, k), jnp.bfloat16) for kk in keys[1:-1])
   norm_w = 1 + 0.1 * jax.random.normal(keys[-1], (n, k))
   interpret = jax.default_backend() != "gpu"
   run = jax.jit(lambda xs, dys, w: bitlinear_pallas.backward(
-      xs, dys, w, 0.5 * w, 1e-8, glu, rows=rows, num_warps=warps, interpret=interpret))
+      xs, dys, w, 0.5 * w, 1e-8, form, rows=rows, num_warps=warps, interpret=interpret))
   t = median_time(lambda: run(xs, dys, norm_w), iters)
-  rows_out, parts = bl._xla_backward(*xs, *dys, norm_w, 0.5 * norm_w, nx=len(xs), n=n, eps=1e-8,
-                                     glu=glu)
+  rows_in, aux = _xla_parts(xs, form)
+  rows_out, parts = bl._xla_backward(*rows_in, *dys, norm_w, 0.5 * norm_w, *aux,
+                                     nx=len(rows_in), n=n, eps=1e-8, form=form, in_eps=1e-6)
   got = run(xs, dys, norm_w)
-  err = _rel_err([got[0], *got[1], *got[2]], [*rows_out, *parts])
-  nbytes = 2 * (1 + glu + n) * tokens * k * 2  # each [tokens, k] bf16 array read or written once
-  return {"case": f"bitlinear_bwd-k{k}-n{n}{'-glu' if glu else ''}-rows{rows}-warps{warps or 'auto'}",
+  err = _rel_err([*got[0], *got[1], *got[2]], [*rows_out, *parts])
+  # each [tokens, k] bf16 array read or written once
+  nbytes = 2 * (_input_arrays(form) + n) * tokens * k * 2
+  return {"case": f"bitlinear_bwd-k{k}-n{n}{_form_tag(form)}-rows{rows}-warps{warps or 'auto'}",
           "ms": t * 1e3, "GB_per_s": nbytes / t / 1e9, "hbm_frac": nbytes / HBM_BW / t,
           "max_err": err}
 
 
-def bitlinear_codes_case(k: int, n: int = 1, glu: bool = False, rows: int = 0, warps: int = 0,
+def bitlinear_codes_case(k: int, n: int = 1, form: str = "x", rows: int = 0, warps: int = 0,
                          tokens: int = 16384, iters: int = 20) -> dict:
   """The BitLinear prologue kernel alone (`bitlinear_pallas.activation_codes`, int8 codes)
-  for one tile choice (0 = the committed `codes_tile`).
+  for one tile choice (0 = the committed `codes_tile`) and input form.
 
-  HBM floor: read the input once (bf16; the GLU's is [tokens, 2k]), write n int8 code
+  HBM floor: read the input once (bf16; the GLU's is [tokens, 2k], the gate's g and h), write n int8 code
   arrays and n float32 scales. Off GPU the kernel runs in interpret mode. `max_err`: codes
   differing from the XLA path (an activation within an ulp of a rounding boundary may), as
   a fraction of all codes.
   """
   keys = jax.random.split(jax.random.key(4), 2)
-  xs = _kernel_inputs(keys[0], k, glu, tokens)
+  xs = _kernel_inputs(keys[0], k, form, tokens)
   norm_w = 1 + 0.1 * jax.random.normal(keys[-1], (n, k))
   interpret = jax.default_backend() != "gpu"
   run = jax.jit(lambda xs, w: bitlinear_pallas.activation_codes(
-      xs, w, 1e-8, jnp.int8, glu, rows=rows, num_warps=warps, interpret=interpret))
+      xs, w, 1e-8, jnp.int8, form, rows=rows, num_warps=warps, interpret=interpret))
   t = median_time(lambda: run(xs, norm_w), iters)
-  want, _ = bl._xla_codes(*xs, norm_w, eps=1e-8, x_dtype=jnp.bfloat16, glu=glu)
+  rows_in, aux = _xla_parts(xs, form)
+  want, _ = bl._xla_codes(*rows_in, norm_w, *aux, eps=1e-8, x_dtype=jnp.bfloat16, form=form,
+                          in_eps=1e-6)
   got, _ = run(xs, norm_w)
   err = max(float(jnp.mean(g != w)) for g, w in zip(got, want[:n]))
-  nbytes = (2 * (1 + glu) + n) * tokens * k + 4 * n * tokens
-  return {"case": f"bitlinear_codes-k{k}-n{n}{'-glu' if glu else ''}-rows{rows or 'auto'}"
+  nbytes = (2 * _input_arrays(form) + n) * tokens * k + 4 * n * tokens
+  return {"case": f"bitlinear_codes-k{k}-n{n}{_form_tag(form)}-rows{rows or 'auto'}"
                   f"-warps{warps or 'auto'}",
           "ms": t * 1e3, "GB_per_s": nbytes / t / 1e9, "hbm_frac": nbytes / HBM_BW / t,
           "max_err": err}
@@ -365,12 +390,14 @@ def _train_setup(arch: str, size: str, batch: int, remat: str, seq_len: int,
 
 
 def train_case(arch: str, size: str, batch: int, remat: str = "lean", seq_len: int = 2048,
-               iters: int = 10, attention_impl: str | None = None, **model_kw) -> dict:
+               iters: int = 10, attention_impl: str | None = None, profile: bool = False,
+               out_dir: str = "/tmp/profile", **model_kw) -> dict:
   """Full train step (AdamW, clip, bf16 compute, float32 master weights) on random tokens;
   on NVIDIA GPUs also the median SM clock, power and temperature during the timed steps
-  (`GpuSampler`)."""
-  cfg, one, compile_s, _ = _train_setup(arch, size, batch, remat, seq_len, attention_impl,
-                                        **model_kw)
+  (`GpuSampler`). `profile=True` then traces the same compiled step (`profile_case`'s
+  columns, written under `out_dir`): the timing and the profile for one compile."""
+  cfg, one, compile_s, compiled = _train_setup(arch, size, batch, remat, seq_len,
+                                               attention_impl, **model_kw)
   with GpuSampler() as gpu:
     t = median_time(one, iters)
   tps = batch * seq_len / t
@@ -384,6 +411,8 @@ def train_case(arch: str, size: str, batch: int, remat: str = "lean", seq_len: i
   if official:
     row.update(official_tokens_per_s=official[0], official_peak_GiB=official[1],
                speedup=tps / official[0])
+  if profile:
+    row.update(_trace_kernels(one, compiled, out_dir))
   return row
 
 
@@ -480,9 +509,16 @@ def profile_case(arch: str, size: str, batch: int, remat: str = "lean", seq_len:
   says which model code (forward or backward) the time goes to. Writes the optimised HLO
   and `kernels.json` next to the trace.
   """
+  _, one, _, compiled = _train_setup(arch, size, batch, remat, seq_len, None, **model_kw)
+  tag = "".join(f"-{k}={v}" for k, v in model_kw.items())
+  return {"case": f"profile-{arch}-{size}-b{batch}-{remat}{tag}",
+          **_trace_kernels(one, compiled, out_dir, top)}
+
+
+def _trace_kernels(one: Callable[[], Any], compiled, out_dir: str, top: int = 40) -> dict:
+  """Traces 3 calls of `one` (the compiled step); `profile_case`'s columns."""
   import glob  # noqa: PLC0415
   import gzip  # noqa: PLC0415
-  _, one, _, compiled = _train_setup(arch, size, batch, remat, seq_len, None, **model_kw)
   hlo = compiled.as_text()
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "step.hlo.txt"), "w") as f:
@@ -502,9 +538,7 @@ def profile_case(arch: str, size: str, batch: int, remat: str = "lean", seq_len:
   modules = sorted(by_module.items(), key=lambda kv: -kv[1])
   with open(os.path.join(out_dir, "kernels.json"), "w") as f:
     json.dump({"kernels": ranked, "by_module": modules}, f, indent=1)
-  tag = "".join(f"-{k}={v}" for k, v in model_kw.items())
-  return {"case": f"profile-{arch}-{size}-b{batch}-{remat}{tag}",
-          "device_ms_per_step": sum(v["ms"] for v in kernels.values()),
+  return {"device_ms_per_step": sum(v["ms"] for v in kernels.values()),
           "top_kernels": [(k, round(v["ms"], 2), v["calls"] // 3, v["op"], v["shape"],
                            v["lines"]) for k, v in ranked[:top]],
           "by_module": [(k, round(v, 2)) for k, v in modules[:top]]}

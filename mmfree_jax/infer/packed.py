@@ -32,7 +32,8 @@ from safetensors.numpy import load_file, save_file
 from mmfree_jax.config import ModelConfig
 from mmfree_jax.interop import CheckpointError, hf
 from mmfree_jax.interop.checkpoint import PACKED_FILE, read_config, write_config
-from mmfree_jax.layers.bitlinear import activation_codes, glu_input, rms_normalize, weight_codes
+from mmfree_jax.layers.bitlinear import (activation_codes, gated_input, glu_input, rms_normalize,
+                                         weight_codes)
 from mmfree_jax.layers.mlgru import lower_bounds
 from mmfree_jax.layers.scan import linear_recurrence, mlgru_gates
 from mmfree_jax.models import segment_resets
@@ -148,10 +149,10 @@ def forward(cfg: ModelConfig, packed: Any, tokens_BxT: jax.Array,
     h, h_last = linear_recurrence(f, i, h0_BxD, resets, cfg.scan_impl, cfg.scan_chunk)
     g = _bitlinear(a, at["g_proj"], d, eps, dt)
     if cfg.gate == "code":
-      o = _rms(g, at["g_norm"]["scale"], cfg.norm_eps) * jax.nn.silu(h)
+      o = gated_input(g, h, at["g_norm"]["scale"], cfg.norm_eps, dt)
     else:
-      o = jax.nn.sigmoid(g.astype(F32)) * h
-    x = x + _bitlinear(o.astype(dt), at["o_proj"], d, eps, dt).astype(F32)
+      o = (jax.nn.sigmoid(g.astype(F32)) * h).astype(dt)
+    x = x + _bitlinear(o, at["o_proj"], d, eps, dt).astype(F32)
     m = _rms(x, lp["mlp_norm"]["scale"], cfg.norm_eps, dt)
     gate, up = jnp.split(_bitlinear(m, mlp["gate_proj"], d, eps, dt), 2, axis=-1)
     z = glu_input(gate, up, dt)

@@ -17,7 +17,8 @@ gradient's partial sums. `bitlinear_shared` runs several projections of one inpu
 group (one read of the input, one input gradient); `glu_mlp` runs the GLU's two
 projections as one `custom_vjp`, so the down projection's kernels read the gate/up
 projection's unscaled product and row scale and never materialize gate, up or
-`silu(gate) * up`.
+`silu(gate) * up`; `gated_bitlinear` runs the MLGRU's output gate and o_proj as one, so
+its kernels read g and h and never materialize the gated output or its gradient.
 """
 
 from __future__ import annotations
@@ -97,8 +98,33 @@ def _glu_product(gu: jax.Array, dtype) -> jax.Array:
   return glu_input(*jnp.split(gu, 2, axis=-1), dtype)
 
 
-def _input(xs, glu: bool, dtype):
-  return _glu_product(glu_gate_up(*xs, dtype), dtype) if glu else xs[0]
+def gated_input(g: jax.Array, h: jax.Array, gnorm_w: jax.Array, eps: float, dtype) -> jax.Array:
+  """The MLGRU's gated output `RMSNorm(g) * gnorm_w * silu(h)` in float32 (as the official
+  fused norm-and-gate kernel computes it), rounded to `dtype` (o_proj's input)."""
+  ghat, _ = rms_normalize(g, eps)
+  return (ghat * gnorm_w.astype(F32) * jax.nn.silu(h.astype(F32))).astype(dtype)
+
+
+def _gate_grads(dz: jax.Array, g: jax.Array, h: jax.Array, gnorm_w: jax.Array, eps: float):
+  """`gated_input`'s backward from its output's gradient dz (float32): (dg, dh, the rows'
+  terms of the g-norm weight's gradient), in float32 and the kernel's arithmetic."""
+  ghat, g_rstd = rms_normalize(g, eps)
+  h = h.astype(F32)
+  sig = jax.nn.sigmoid(h)
+  dgn = dz * (h * sig)
+  dgh = dgn * gnorm_w
+  mean = jnp.mean(dgh * ghat, axis=-1, keepdims=True)
+  dh = dz * (ghat * gnorm_w) * (sig * (1.0 + h * (1.0 - sig)))
+  return g_rstd * (dgh - ghat * mean), dh, dgn * ghat
+
+
+def _input(xs, form: str, dtype, in_eps: float):
+  """The input of a group from its form's arrays (`bitlinear_pallas.FORMS`)."""
+  if form == "glu":
+    return _glu_product(glu_gate_up(*xs, dtype), dtype)
+  if form == "gate":
+    return gated_input(*xs, in_eps, dtype)
+  return xs[0]
 
 
 def _rows(fn, nx: int, n: int):
@@ -113,17 +139,24 @@ def _rows(fn, nx: int, n: int):
   return run
 
 
-def _xla_codes(*args, eps, x_dtype, glu):
-  *xs, norm_w_NxK = args
-  xhat, _ = rms_normalize(_input(xs, glu, x_dtype), eps)
+def _aux(form: str) -> int:
+  """How many replicated arrays a form adds after the group's own (the gate's g-norm weight)."""
+  return 1 if form == "gate" else 0
+
+
+def _xla_codes(*args, eps, x_dtype, form, in_eps=0.0):
+  na = _aux(form)
+  *xs, norm_w_NxK = args[:len(args) - na]
+  xhat, _ = rms_normalize(_input((*xs, *args[len(args) - na:]), form, x_dtype, in_eps), eps)
   qs, ss = zip(*(activation_codes(xhat * w) for w in norm_w_NxK.astype(F32)))
   return [*(q.astype(jnp.int8) for q in qs), *ss], []
 
 
-def _pallas_codes(*args, eps, x_dtype, glu):
-  *xs, norm_w_NxK = args
-  qs, ss = bitlinear_pallas.activation_codes(tuple(xs), norm_w_NxK, eps, jnp.int8, glu,
-                                             x_dtype)
+def _pallas_codes(*args, eps, x_dtype, form, in_eps=0.0):
+  na = _aux(form)
+  *xs, norm_w_NxK = args[:len(args) - na]
+  qs, ss = bitlinear_pallas.activation_codes((*xs, *args[len(args) - na:]), norm_w_NxK, eps,
+                                             jnp.int8, form, x_dtype, in_eps=in_eps)
   return [*qs, *ss], []
 
 
@@ -138,23 +171,25 @@ def _dispatch(kernel, xla, args, nx: int, n: int, impl: str, replicated: int):
   return sharding.cuda_kernel(kernel, xla, *args, replicated_args=tuple(range(first, len(args))))
 
 
-def _codes(xs, norm_w_NxK, eps, dtype, impl, glu):
-  """(int8 activation codes, per-token scales s [..., 1]) for each norm weight; `dtype`
-  rounds the GLU input product."""
-  kw = dict(eps=eps, x_dtype=dtype, glu=glu)
+def _codes(xs, norm_w_NxK, eps, dtype, impl, form, aux=(), in_eps=0.0):
+  """(int8 activation codes, per-token scales s [..., 1]) for each norm weight of a group
+  whose input comes as `form` from the row arrays xs and replicated arrays aux; `dtype`
+  rounds a formed input."""
+  kw = dict(eps=eps, x_dtype=dtype, form=form, in_eps=in_eps)
   out, _ = _dispatch(functools.partial(_pallas_codes, **kw), functools.partial(_xla_codes, **kw),
-                     (*xs, norm_w_NxK), len(xs), 0, impl, 1)
+                     (*xs, norm_w_NxK, *aux), len(xs), 0, impl, 1 + len(aux))
   n = norm_w_NxK.shape[0]
   return out[:n], out[n:]
 
 
-def _xla_backward(*args, nx, n, eps, glu):
-  xs, dys, (norm_w_NxK, wg_NxK) = args[:nx], args[nx:nx + n], args[nx + n:]
+def _xla_backward(*args, nx, n, eps, form, in_eps=0.0):
+  xs, dys, (norm_w_NxK, wg_NxK), aux = (args[:nx], args[nx:nx + n], args[nx + n:nx + n + 2],
+                                        args[nx + n + 2:])
   dtype = dys[0].dtype
-  if glu:  # the gradient is taken with respect to gate | up
+  if form == "glu":  # the gradient is taken with respect to gate | up
     x, glu_vjp = jax.vjp(lambda gu: _glu_product(gu, dtype), glu_gate_up(*xs, dtype))
   else:
-    x = xs[0]
+    x = _input((*xs, *aux), form, dtype, in_eps)
   xhat, rstd = rms_normalize(x, eps)
   dys32 = [dy.astype(F32) for dy in dys]
   dxhat = sum(dy * wg for dy, wg in zip(dys32, wg_NxK))
@@ -164,16 +199,25 @@ def _xla_backward(*args, nx, n, eps, glu):
     q, s = activation_codes(xhat * w)
     yqs.append((q / s).astype(dtype))
   bm = bitlinear_pallas.block_rows(x.shape[0])
-  parts = [(dy * xhat).reshape(-1, bm, x.shape[-1]).sum(1) for dy in dys32]
-  dx = glu_vjp(dx.astype(dtype))[0] if glu else dx.astype(x.dtype)
-  return [dx, *yqs], parts
+  blocks = lambda a: a.reshape(-1, bm, x.shape[-1]).sum(1)
+  parts = [blocks(dy * xhat) for dy in dys32]
+  if form == "glu":
+    dxs = [glu_vjp(dx.astype(dtype))[0]]
+  elif form == "gate":  # the formed input was rounded to dtype, so is its gradient
+    dg, dh, dgw = _gate_grads(dx.astype(dtype).astype(F32), *xs, aux[0], in_eps)
+    dxs = [dg.astype(xs[0].dtype), dh.astype(xs[1].dtype)]
+    parts.append(blocks(dgw))
+  else:
+    dxs = [dx.astype(x.dtype)]
+  return [*dxs, *yqs], parts
 
 
-def _pallas_backward(*args, nx, n, eps, glu):
-  xs, dys, (norm_w_NxK, wg_NxK) = args[:nx], args[nx:nx + n], args[nx + n:]
-  dx, yqs, parts = bitlinear_pallas.backward(tuple(xs), tuple(dys), norm_w_NxK, wg_NxK, eps,
-                                             glu, dys[0].dtype)
-  return [dx, *yqs], parts
+def _pallas_backward(*args, nx, n, eps, form, in_eps=0.0):
+  xs, dys, (norm_w_NxK, wg_NxK), aux = (args[:nx], args[nx:nx + n], args[nx + n:nx + n + 2],
+                                        args[nx + n + 2:])
+  dxs, yqs, parts = bitlinear_pallas.backward((*xs, *aux), tuple(dys), norm_w_NxK, wg_NxK, eps,
+                                              form, dys[0].dtype, in_eps=in_eps)
+  return [*dxs, *yqs], parts
 
 
 def _weights(ws):
@@ -196,16 +240,17 @@ def _int8_matmul(q: jax.Array, t: jax.Array, dtype) -> jax.Array:
                              preferred_element_type=jnp.int32).astype(dtype)
 
 
-def _forward(xs, norm_ws, ws, eps, dtype, out_dtype, impl, glu):
-  qs, ss = _codes(xs, jnp.stack(norm_ws), eps, dtype, impl, glu)
+def _forward(xs, norm_ws, ws, eps, dtype, out_dtype, impl, form, aux=(), in_eps=0.0):
+  qs, ss = _codes(xs, jnp.stack(norm_ws), eps, dtype, impl, form, aux, in_eps)
   ts, gs = _weights(ws)
   return tuple((_code_matmul(q, t, dtype).astype(F32) * (g / s)).astype(out_dtype or dtype)
                for q, s, t, g in zip(qs, ss, ts, gs))
 
 
-def _backward(xs, norm_ws, ws, g_outs, eps, dtype, impl, glu):
-  """(input gradient (with `glu`: of gate | up), norm-weight gradients, kernel gradients)
-  of a group: `_forward`'s inputs and the cotangents of its outputs."""
+def _backward(xs, norm_ws, ws, g_outs, eps, dtype, impl, form, aux=(), in_eps=0.0):
+  """(the gradients of the row arrays xs (for "glu": of gate | up), norm-weight gradients,
+  kernel gradients, the gradients of aux) of a group: `_forward`'s inputs and the
+  cotangents of its outputs."""
   ts, gs = _weights(ws)
   # STE: d(out)/d(y) = W_q^T, d(out)/d(W) = y_q^T.
   dys = [jax.lax.dot_general(go.astype(dtype), t.astype(dtype), (((go.ndim - 1,), (1,)), ((), ())),
@@ -213,32 +258,34 @@ def _backward(xs, norm_ws, ws, g_outs, eps, dtype, impl, glu):
   norm_w_NxK = jnp.stack(norm_ws).astype(F32)
   wg_NxK = norm_w_NxK * jnp.stack(gs)[:, None]
   nx, n = len(xs), len(ws)
-  kw = dict(nx=nx, n=n, eps=eps, glu=glu)
+  kw = dict(nx=nx, n=n, eps=eps, form=form, in_eps=in_eps)
   rows, parts = _dispatch(functools.partial(_pallas_backward, **kw),
                           functools.partial(_xla_backward, **kw),
-                          (*xs, *dys, norm_w_NxK, wg_NxK), nx, n, impl, 2)
-  dx, yqs = rows[0], rows[1:]
+                          (*xs, *dys, norm_w_NxK, wg_NxK, *aux), nx, n, impl, 2 + len(aux))
+  nd = len(rows) - n
+  dxs, yqs = rows[:nd], rows[nd:]
   dnorms = tuple((g * p.sum(0)).astype(nw.dtype) for g, p, nw in zip(gs, parts, norm_ws))
+  daux = tuple(p.sum(0).reshape(a.shape).astype(a.dtype) for p, a in zip(parts[n:], aux))
   flat = lambda a: a.reshape(-1, a.shape[-1])
   dws = tuple(jax.lax.dot_general(flat(yq), flat(go).astype(dtype), (((0,), (0,)), ((), ())),
                                   preferred_element_type=F32).astype(w.dtype)
               for yq, go, w in zip(yqs, g_outs, ws))
-  return dx, dnorms, dws
+  return dxs, dnorms, dws, daux
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def _group(xs, norm_ws, ws, eps, dtype, out_dtype, impl):
-  return _forward(xs, norm_ws, ws, eps, dtype, out_dtype, impl, False)
+  return _forward(xs, norm_ws, ws, eps, dtype, out_dtype, impl, "x")
 
 
 def _group_fwd(xs, norm_ws, ws, eps, dtype, out_dtype, impl):
-  return _forward(xs, norm_ws, ws, eps, dtype, out_dtype, impl, False), (xs, norm_ws, ws)
+  return _forward(xs, norm_ws, ws, eps, dtype, out_dtype, impl, "x"), (xs, norm_ws, ws)
 
 
 def _group_bwd(eps, dtype, out_dtype, impl, res, g_outs):
   del out_dtype
   xs, norm_ws, ws = res
-  dx, dnorms, dws = _backward(xs, norm_ws, ws, g_outs, eps, dtype, impl, False)
+  (dx,), dnorms, dws, _ = _backward(xs, norm_ws, ws, g_outs, eps, dtype, impl, "x")
   return (dx.astype(xs[0].dtype),), dnorms, dws
 
 
@@ -246,11 +293,11 @@ _group.defvjp(_group_fwd, _group_bwd)
 
 
 def _glu_forward(x, norm_gu, w_gu, norm_d, w_d, eps, dtype, out_dtype, impl):
-  (q,), (s,) = _codes((x,), norm_gu[None], eps, dtype, impl, False)
+  (q,), (s,) = _codes((x,), norm_gu[None], eps, dtype, impl, "x")
   t, g = weight_codes(w_gu)
   p = checkpoint_name(_code_matmul(q, t, dtype), "proj")  # what lean remat keeps
   r = checkpoint_name(g / s, "proj")
-  out, = _forward((p, r), (norm_d,), (w_d,), eps, dtype, out_dtype, impl, True)
+  out, = _forward((p, r), (norm_d,), (w_d,), eps, dtype, out_dtype, impl, "glu")
   return out, (p, r)
 
 
@@ -262,10 +309,10 @@ def _glu_fwd(x, norm_gu, w_gu, norm_d, w_d, eps, dtype, out_dtype, impl):
 def _glu_bwd(eps, dtype, out_dtype, impl, res, g_out):
   del out_dtype
   x, p, r, norm_gu, w_gu, norm_d, w_d = res
-  dgu, (dnorm_d,), (dw_d,) = _backward((p, r), (norm_d,), (w_d,), (g_out,), eps, dtype, impl,
-                                       True)
-  dx, (dnorm_gu,), (dw_gu,) = _backward((x,), (norm_gu,), (w_gu,), (dgu,), eps, dtype, impl,
-                                        False)
+  (dgu,), (dnorm_d,), (dw_d,), _ = _backward((p, r), (norm_d,), (w_d,), (g_out,), eps, dtype,
+                                             impl, "glu")
+  (dx,), (dnorm_gu,), (dw_gu,), _ = _backward((x,), (norm_gu,), (w_gu,), (dgu,), eps, dtype,
+                                              impl, "x")
   return dx.astype(x.dtype), dnorm_gu, dw_gu, dnorm_d, dw_d
 
 
@@ -275,6 +322,32 @@ def _glu(x, norm_gu, w_gu, norm_d, w_d, eps, dtype, out_dtype, impl):
 
 
 _glu.defvjp(_glu_fwd, _glu_bwd)
+
+
+def _gated_forward(g, h, gnorm_w, norm_w, w, gnorm_eps, eps, dtype, out_dtype, impl):
+  return _forward((g, h), (norm_w,), (w,), eps, dtype, out_dtype, impl, "gate",
+                  (gnorm_w[None],), gnorm_eps)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _gated(g, h, gnorm_w, norm_w, w, gnorm_eps, eps, dtype, out_dtype, impl):
+  return _gated_forward(g, h, gnorm_w, norm_w, w, gnorm_eps, eps, dtype, out_dtype, impl)
+
+
+def _gated_fwd(g, h, gnorm_w, norm_w, w, gnorm_eps, eps, dtype, out_dtype, impl):
+  out = _gated_forward(g, h, gnorm_w, norm_w, w, gnorm_eps, eps, dtype, out_dtype, impl)
+  return out, (g, h, gnorm_w, norm_w, w)
+
+
+def _gated_bwd(gnorm_eps, eps, dtype, out_dtype, impl, res, g_out):
+  del out_dtype
+  g, h, gnorm_w, norm_w, w = res
+  (dg, dh), (dnorm,), (dw,), (dgw,) = _backward((g, h), (norm_w,), (w,), (g_out,), eps, dtype,
+                                                impl, "gate", (gnorm_w[None],), gnorm_eps)
+  return dg.astype(g.dtype), dh.astype(h.dtype), dgw[0], dnorm, dw
+
+
+_gated.defvjp(_gated_fwd, _gated_bwd)
 
 
 def bitlinear(x: jax.Array, norm_w: jax.Array, w: jax.Array, eps: float = 1e-8,
@@ -319,6 +392,21 @@ def glu_mlp(x: jax.Array, norm_gu: jax.Array, w_gu: jax.Array, norm_d: jax.Array
   the gate/up projection's backward is one matmul per gradient.
   """
   return _glu(x, norm_gu, w_gu, norm_d, w_d, eps, dtype, out_dtype, impl)
+
+
+def gated_bitlinear(g: jax.Array, h: jax.Array, gnorm_w: jax.Array, norm_w: jax.Array,
+                    w: jax.Array, gnorm_eps: float = 1e-6, eps: float = 1e-8,
+                    dtype=jnp.bfloat16, out_dtype=None, impl: str = "xla") -> jax.Array:
+  """The MLGRU's output gate and o_proj as one function: the same results as
+  `bitlinear(gated_input(g, h, gnorm_w, gnorm_eps, dtype), norm_w, w, eps, dtype,
+  out_dtype, impl)`, up to float32 summation order in the backward.
+
+  One `custom_vjp` that keeps g and h (both already kept under "lean" remat): o_proj's
+  kernels form `RMSNorm(g) * gnorm_w * silu(h)` in registers, and its backward kernel
+  writes dg and dh (and the g-norm weight's partial sums) directly, so neither the gated
+  output nor its gradient is ever written to memory.
+  """
+  return _gated(g, h, gnorm_w, norm_w, w, gnorm_eps, eps, dtype, out_dtype, impl)
 
 
 def glu_mlp_reference(x, norm_gu, w_gu, norm_d, w_d, eps: float = 1e-8, dtype=jnp.bfloat16,
@@ -397,6 +485,6 @@ def ternary_stats(w: jax.Array) -> dict[str, jax.Array]:
 
 __all__: Sequence[str] = (
     "BitLinear", "BitLinearWeights", "bitlinear", "bitlinear_shared", "glu_mlp",
-    "glu_mlp_reference", "glu_input", "glu_gate_up", "bitlinear_naive", "activation_codes",
+    "glu_mlp_reference", "glu_input", "glu_gate_up", "gated_bitlinear", "gated_input", "bitlinear_naive", "activation_codes",
     "activation_quant", "weight_codes", "weight_quant", "round_half_away", "rms_normalize", "xavier_uniform",
     "ternary_stats")

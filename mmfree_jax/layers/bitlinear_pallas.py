@@ -2,11 +2,16 @@
 
 A BitLinear group is n ternary projections of ONE input row x (the MLGRU's f/i/g
 projections share theirs; most BitLinears are a group of one), each with its own input
-RMSNorm weight. The input is either an array or, with `glu=True`, the GLU's gate/up
-projection as (p [M, 2K], r [M, 1]): its unscaled product and per-row scale, from which
-the kernels form gate | up = p * r rounded to `x_dtype` and the input
-`silu(gate) * up` (rounded to `x_dtype`) in registers, so the GLU's down projection
-never materializes the scaled halves or their product.
+RMSNorm weight. The input comes in one of three forms:
+- "x": an array x [M, K];
+- "glu": the GLU's gate/up projection as (p [M, 2K], r [M, 1]): its unscaled product and
+  per-row scale, from which the kernels form gate | up = p * r rounded to `x_dtype` and
+  the input `silu(gate) * up` (rounded to `x_dtype`) in registers, so the GLU's down
+  projection never materializes the scaled halves or their product;
+- "gate": the MLGRU's output gate as (g [M, K], h [M, K], gw [1, K]): the input
+  `RMSNorm(g) * gw * silu(h)` (rounded to `x_dtype`) is formed in registers, so o_proj
+  reads g and h and the gated output is never written (nor its gradient: the backward
+  writes dg and dh).
 
 - `activation_codes`: one program per tile of rows reads the input once and writes each
   projection's int8 activation codes and per-token scale (RMSNorm, norm weight, absmax,
@@ -14,10 +19,11 @@ never materializes the scaled halves or their product.
   float32 copy of the normalized row written and read back twice.
 - `backward`: one program per block of rows reads the input and the n matmul cotangents
   dy_j = d(out_j) @ W_j^T once and writes the input's gradient (RMSNorm backward summed
-  over the group; with `glu` the gradient of gate | up as one [M, 2K] array), the
+  over the group; with "glu" the gradient of gate | up as one [M, 2K] array), the
   fake-quantized activations q_j / s_j that the weight-gradient matmuls need, and
   per-block partial sums of the norm-weight gradients (reduced over blocks by XLA: a
-  deterministic order). It walks its block a few rows at a time, loading the next rows
+  deterministic order; with "gate", also those of the g-norm weight's gradient). It walks
+  its block a few rows at a time, loading the next rows
   while it computes the current ones, with the three row reductions independent of each
   other (computed on x, then scaled by the row's rstd).
 
@@ -58,6 +64,9 @@ def warps_for(k: int, n: int = 1) -> int:
   while k > 24 // n * 32 * warps:
     warps *= 2
   return warps
+
+
+FORMS = ("x", "glu", "gate")
 
 
 def _silu_parts(a):
@@ -112,30 +121,48 @@ def _vector(ref, j: int, off: int, w: int, k: int):
                        other=None if mask is None else 0.0)
 
 
-def _load_input(x_refs, r0, rows: int, k: int, pieces, glu: bool):
+def _load_input(x_refs, r0, rows: int, k: int, pieces, form: str):
   """Rows r0 .. r0 + rows of the input as loaded, one [rows, width] tile per piece
-  (`_pieces`): (x tiles,), or the GLU's (r [rows], (gate tile, up tile) of p per piece)."""
-  if not glu:
+  (`_pieces`): (x tiles,); the GLU's (r [rows], (gate tile, up tile) of p per piece); or
+  the gate's (g tiles, h tiles, gw pieces)."""
+  if form == "x":
     return ([_load(x_refs[0], r0, rows, off, w, k) for off, w in pieces],)
-  p_ref, r_ref = x_refs
-  return (pltriton.load(r_ref.at[pl.ds(r0, rows)]),
-          [tuple(_load(p_ref, r0, rows, off, w, k, c0) for c0 in (0, k)) for off, w in pieces])
+  if form == "glu":
+    p_ref, r_ref = x_refs
+    return (pltriton.load(r_ref.at[pl.ds(r0, rows)]),
+            [tuple(_load(p_ref, r0, rows, off, w, k, c0) for c0 in (0, k)) for off, w in pieces])
+  g_ref, h_ref, gw_ref = x_refs
+  return ([_load(g_ref, r0, rows, off, w, k) for off, w in pieces],
+          [_load(h_ref, r0, rows, off, w, k) for off, w in pieces],
+          [_vector(gw_ref, 0, off, w, k) for off, w in pieces])
 
 
-def _form_input(loaded, glu: bool, x_dtype):
-  """The input in float32 from `_load_input`'s tiles: x, or silu(gate) * up rounded to
-  x_dtype where gate | up = p * r rounded to x_dtype (then also each piece's (gate, up,
-  silu(gate), sigmoid(gate)) for the backward)."""
-  if not glu:
+def _form_input(loaded, form: str, x_dtype, k: int, in_eps: float):
+  """The input in float32 from `_load_input`'s tiles, and what the backward needs to
+  take its gradient back to the form's arrays: x (nothing); silu(gate) * up rounded to
+  x_dtype where gate | up = p * r rounded to x_dtype (each piece's (gate, up,
+  silu(gate), sigmoid(gate))); or RMSNorm(g) * gw * silu(h) rounded to x_dtype (the
+  row's g rstd and each piece's (ghat, gw, h, silu(h), sigmoid(h)))."""
+  if form == "x":
     return [x.astype(F32) for x in loaded[0]], None
-  r, halves = loaded
   xs, parts = [], []
-  for pa, pb in halves:
-    a, b = ((h.astype(F32) * r[:, None]).astype(x_dtype).astype(F32) for h in (pa, pb))
-    silu, sig = _silu_parts(a)
-    xs.append((silu * b).astype(x_dtype).astype(F32))
-    parts.append((a, b, silu, sig))
-  return xs, parts
+  if form == "glu":
+    r, halves = loaded
+    for pa, pb in halves:
+      a, b = ((h.astype(F32) * r[:, None]).astype(x_dtype).astype(F32) for h in (pa, pb))
+      silu, sig = _silu_parts(a)
+      xs.append((silu * b).astype(x_dtype).astype(F32))
+      parts.append((a, b, silu, sig))
+    return xs, parts
+  gs, hs, gws = loaded
+  gs = [g.astype(F32) for g in gs]
+  g_rstd = jax.lax.rsqrt(_row_sum([g * g for g in gs]) / k + in_eps)
+  for g, h, gw in zip(gs, hs, gws):
+    ghat, h = g * g_rstd, h.astype(F32)
+    silu, sig = _silu_parts(h)
+    xs.append((ghat * gw * silu).astype(x_dtype).astype(F32))
+    parts.append((ghat, gw, h, silu, sig))
+  return xs, (g_rstd, parts)
 
 
 def _row_sum(tiles):
@@ -146,21 +173,26 @@ def _row_max(tiles):
   return functools.reduce(jnp.maximum, [jnp.max(t, axis=-1, keepdims=True) for t in tiles])
 
 
-def _width(xs, glu: bool) -> tuple[int, int]:
-  """(K, K padded to a power of two) of the input x [M, K], or the GLU's p [M, 2K]."""
-  k = xs[0].shape[1] // (1 + glu)
+def _width(xs, form: str) -> tuple[int, int]:
+  """(K, K padded to a power of two) of the input x [M, K] (g for the gate), or the GLU's
+  p [M, 2K]."""
+  k = xs[0].shape[1] // (2 if form == "glu" else 1)
   return k, pl.next_power_of_2(k)
 
 
-def _x_specs(rows: int, kp: int, glu: bool) -> list:
-  """BlockSpecs of the input for `rows`-row blocks: x, or the GLU's p (a block spans both
-  halves) and r (passed as [M] by `_x_args`)."""
-  specs = [pl.BlockSpec((rows, (1 + glu) * kp), lambda i: (i, 0))]
-  return specs + [pl.BlockSpec((rows,), lambda i: (i,))] if glu else specs
+def _x_specs(rows: int, kp: int, form: str) -> list:
+  """BlockSpecs of the input for `rows`-row blocks: x; the GLU's p (a block spans both
+  halves) and r (passed as [M] by `_x_args`); or the gate's g, h and (whole) gw."""
+  block = pl.BlockSpec((rows, kp), lambda i: (i, 0))
+  if form == "x":
+    return [block]
+  if form == "glu":
+    return [pl.BlockSpec((rows, 2 * kp), lambda i: (i, 0)), pl.BlockSpec((rows,), lambda i: (i,))]
+  return [block, block, pl.BlockSpec((1, kp), lambda i: (0, 0))]
 
 
-def _x_args(xs) -> tuple:
-  return (xs[0], xs[1][:, 0]) if len(xs) == 2 else tuple(xs)
+def _x_args(xs, form: str) -> tuple:
+  return (xs[0], xs[1][:, 0]) if form == "glu" else tuple(xs)
 
 
 def _quantize(ys, amax=None):
@@ -177,12 +209,20 @@ def _quantize(ys, amax=None):
   return codes, s
 
 
-def _fwd_kernel(*refs, n: int, k: int, eps: float, glu: bool, x_dtype):
-  x_refs, (w_ref,), outs = refs[:1 + glu], refs[1 + glu:2 + glu], refs[2 + glu:]
+def _n_inputs(form: str) -> int:
+  """How many arrays a form's input is (`FORMS`: the module docstring's three forms)."""
+  if form not in FORMS:
+    raise ValueError(f"input form {form!r} is unknown; use one of {FORMS}")
+  return FORMS.index(form) + 1
+
+
+def _fwd_kernel(*refs, n: int, k: int, eps: float, form: str, x_dtype, in_eps: float):
+  nx = _n_inputs(form)
+  x_refs, (w_ref,), outs = refs[:nx], refs[nx:nx + 1], refs[nx + 1:]
   q_refs, s_refs = outs[:n], outs[n:]
   rows = q_refs[0].shape[0]
   pieces = _pieces(k, CODES_PIECES)
-  xs, _ = _form_input(_load_input(x_refs, 0, rows, k, pieces, glu), glu, x_dtype)
+  xs, _ = _form_input(_load_input(x_refs, 0, rows, k, pieces, form), form, x_dtype, k, in_eps)
   rstd = jax.lax.rsqrt(_row_sum([x * x for x in xs]) / k + eps)
   xhats = [x * rstd for x in xs]
   for j in range(n):
@@ -192,25 +232,30 @@ def _fwd_kernel(*refs, n: int, k: int, eps: float, glu: bool, x_dtype):
     s_refs[j][...] = s[:, 0]
 
 
-def codes_tile(kp: int, n: int) -> tuple[int, int]:
-  """(rows per program, warps) of the prologue kernel for a padded row width kp and n
-  projections: the H200 sweeps' best (BENCHMARKS.md), one row and 4 warps except at
-  kp = 2048, where 2 rows (f/i/g) or 4 rows (one projection) per program are faster."""
+def codes_tile(kp: int, n: int, form: str = "x") -> tuple[int, int]:
+  """(rows per program, warps) of the prologue kernel for a padded row width kp, n
+  projections and an input form: the H200 sweeps' best (BENCHMARKS.md), one row and 4
+  warps except at kp = 2048, where 2 rows (f/i/g) or 4 rows (one projection) per program
+  are faster; the gate's two input rows (g, h) per row take half as many rows (the same
+  input bytes per program; not yet swept)."""
   if kp != 2048:
     return 1, 4
-  return (2 if n > 1 else 4), 4
+  rows = 2 if n > 1 else 4
+  return (rows // 2 if form == "gate" else rows), 4
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "out_dtype", "glu", "x_dtype", "rows",
-                                             "num_warps", "interpret"))
+@functools.partial(jax.jit, static_argnames=("eps", "out_dtype", "form", "x_dtype", "rows",
+                                             "num_warps", "interpret", "in_eps"))
 def activation_codes(xs, norm_w_NxK: jax.Array, eps: float, out_dtype=jnp.bfloat16,
-                     glu: bool = False, x_dtype=jnp.bfloat16, rows: int = 0, num_warps: int = 0,
-                     interpret: bool = False):
+                     form: str = "x", x_dtype=jnp.bfloat16, rows: int = 0, num_warps: int = 0,
+                     interpret: bool = False, in_eps: float = 1e-6):
   """Codes of each projection's normalized input row.
 
   Args:
-    xs: (x [M, K],), or with `glu` (p [M, 2K], r [M, 1]): the input is
-      `silu(gate) * up` with gate | up = p * r, each rounded to x_dtype.
+    xs: the input in its form: (x [M, K],); "glu": (p [M, 2K], r [M, 1]), the input is
+      `silu(gate) * up` with gate | up = p * r, each rounded to x_dtype; "gate": (g [M, K],
+      h [M, K], gw [1, K]), the input is `RMSNorm(g) * gw * silu(h)` rounded to x_dtype,
+      the RMSNorm's epsilon `in_eps`.
     norm_w_NxK: the n input-RMSNorm weights.
     rows, num_warps: rows per program (a [rows, K] tile; a power of two, capped by the
       largest one dividing M) and warps per program; 0 = `codes_tile`.
@@ -221,28 +266,62 @@ def activation_codes(xs, norm_w_NxK: jax.Array, eps: float, out_dtype=jnp.bfloat
   """
   n = norm_w_NxK.shape[0]
   m = xs[0].shape[0]
-  k, kp = _width(xs, glu)
-  tile_rows, tile_warps = codes_tile(kp, n)
+  assert len(xs) == _n_inputs(form), (form, len(xs))
+  k, kp = _width(xs, form)
+  tile_rows, tile_warps = codes_tile(kp, n, form)
   rows = min(rows or tile_rows, m & -m)
   outs = pl.pallas_call(
-      functools.partial(_fwd_kernel, n=n, k=k, eps=eps, glu=glu, x_dtype=x_dtype),
+      functools.partial(_fwd_kernel, n=n, k=k, eps=eps, form=form, x_dtype=x_dtype,
+                        in_eps=in_eps),
       grid=(m // rows,),
-      in_specs=_x_specs(rows, kp, glu) + [pl.BlockSpec((n, kp), lambda i: (0, 0))],
+      in_specs=_x_specs(rows, kp, form) + [pl.BlockSpec((n, kp), lambda i: (0, 0))],
       out_specs=([pl.BlockSpec((rows, kp), lambda i: (i, 0))] * n
                  + [pl.BlockSpec((rows,), lambda i: (i,))] * n),
       out_shape=([jax.ShapeDtypeStruct((m, k), out_dtype)] * n
                  + [jax.ShapeDtypeStruct((m,), F32)] * n),
       compiler_params=pltriton.CompilerParams(num_warps=num_warps or tile_warps, num_stages=1),
       interpret=interpret, name="bitlinear_act_codes",
-  )(*_x_args(xs), norm_w_NxK)
+  )(*_x_args(xs, form), norm_w_NxK)
   return list(outs[:n]), [s[:, None] for s in outs[n:]]
 
 
-def _bwd_kernel(*refs, n: int, k: int, eps: float, glu: bool, x_dtype, bm: int, rows: int):
-  nx = 1 + glu
+def _store_input_grad(dx_refs, r0, rows: int, k: int, pieces, form: str, x_dtype, dxs,
+                      formed) -> list:
+  """Stores the gradient of the form's arrays, from the input's gradient dxs (float32 tiles
+  per piece) and `_form_input`'s parts (`formed`); returns the rows' terms of the form's
+  own weight gradient (the gate's: d(gw) = dgn * ghat per piece), or none. The formed
+  input was rounded to x_dtype, so its gradient is too (as the XLA path's is)."""
+  if form == "x":
+    for dx, (off, w) in zip(dxs, pieces):
+      _store(dx_refs[0], r0, rows, off, w, k, dx)
+    return []
+  dzs = [dx.astype(x_dtype).astype(F32) for dx in dxs]
+  if form == "glu":
+    for dz, (a, b, silu, sig), (off, w) in zip(dzs, formed, pieces):
+      _store(dx_refs[0], r0, rows, off, w, k, dz * b * sig * (1.0 + a * (1.0 - sig)))
+      _store(dx_refs[0], r0, rows, off, w, k, dz * silu, k)
+    return []
+  g_rstd, parts = formed
+  dgns = [dz * silu for dz, (_, _, _, silu, _) in zip(dzs, parts)]
+  dghats = [dgn * gw for dgn, (_, gw, _, _, _) in zip(dgns, parts)]
+  mean = _row_sum([dgh * ghat for dgh, (ghat, *_) in zip(dghats, parts)]) / k
+  for dz, dgh, (ghat, gw, h, _, sig), (off, w) in zip(dzs, dghats, parts, pieces):
+    _store(dx_refs[0], r0, rows, off, w, k, g_rstd * (dgh - ghat * mean))
+    _store(dx_refs[1], r0, rows, off, w, k, dz * (ghat * gw) * (sig * (1.0 + h * (1.0 - sig))))
+  return [[dgn * ghat for dgn, (ghat, *_) in zip(dgns, parts)]]
+
+
+def _n_grads(form: str) -> tuple[int, int]:
+  """(input-gradient arrays, extra weight-gradient partial sums) of a form."""
+  return (2, 1) if form == "gate" else (1, 0)
+
+
+def _bwd_kernel(*refs, n: int, k: int, eps: float, form: str, x_dtype, bm: int, rows: int,
+                in_eps: float):
+  nx, (nd, _) = _n_inputs(form), _n_grads(form)
   x_refs, dy_refs, (w_ref, wg_ref) = refs[:nx], refs[nx:nx + n], refs[nx + n:nx + n + 2]
-  dx_ref, yq_refs = refs[nx + n + 2], refs[nx + n + 3:nx + 2 * n + 3]
-  part_refs = refs[nx + 2 * n + 3:]
+  rest = refs[nx + n + 2:]
+  dx_refs, yq_refs, part_refs = rest[:nd], rest[nd:nd + n], rest[nd + n:]
   pieces = _pieces(k, BWD_PIECES)
   ws = [[_vector(w_ref, j, off, w, k) for off, w in pieces] for j in range(n)]
   wgs = [[_vector(wg_ref, j, off, w, k) for off, w in pieces] for j in range(n)]
@@ -250,14 +329,14 @@ def _bwd_kernel(*refs, n: int, k: int, eps: float, glu: bool, x_dtype, bm: int, 
 
   def load(i):  # step i's input and cotangent tiles, as loaded
     r0 = i * rows
-    return (_load_input(x_refs, r0, rows, k, pieces, glu),
+    return (_load_input(x_refs, r0, rows, k, pieces, form),
             [[_load(ref, r0, rows, off, w, k) for off, w in pieces] for ref in dy_refs])
 
   def body(i, carry):  # `rows` rows at a time: [rows, width] tiles, per-row reductions
     parts, loaded = carry
     nxt = load(jnp.minimum(i + 1, steps - 1))  # in flight while this step computes
     r0 = i * rows
-    xs, glu_parts = _form_input(loaded[0], glu, x_dtype)
+    xs, formed = _form_input(loaded[0], form, x_dtype, k, in_eps)
     dys = [[t.astype(F32) for t in dy] for dy in loaded[1]]
     dxhats = [sum(dy[p] * wg[p] for dy, wg in zip(dys, wgs)) for p in range(len(pieces))]
     # The row reductions depend only on the loads, not on each other: with xhat = x * rstd,
@@ -270,34 +349,29 @@ def _bwd_kernel(*refs, n: int, k: int, eps: float, glu: bool, x_dtype, bm: int, 
       qs, s = _quantize([xh * wj for xh, wj in zip(xhats, ws[j])], amaxes[j])
       for q, (off, w) in zip(qs, pieces):
         _store(yq_refs[j], r0, rows, off, w, k, q / s)
-    for p, (off, w) in enumerate(pieces):
-      dx = rstd * (dxhats[p] - xhats[p] * mean)
-      if glu:
-        a, b, silu, sig = glu_parts[p]
-        dz = dx.astype(x_dtype).astype(F32)  # the product is rounded to x_dtype
-        _store(dx_ref, r0, rows, off, w, k, dz * b * sig * (1.0 + a * (1.0 - sig)))
-        _store(dx_ref, r0, rows, off, w, k, dz * silu, k)
-      else:
-        _store(dx_ref, r0, rows, off, w, k, dx)
-    parts = tuple(tuple(acc + jnp.sum(dy[p] * xhats[p], axis=0) for p, acc in enumerate(part))
-                  for part, dy in zip(parts, dys))
+    dxs = [rstd * (dxh - xh * mean) for dxh, xh in zip(dxhats, xhats)]
+    terms = [[dy[p] * xhats[p] for p in range(len(pieces))] for dy in dys]
+    terms += _store_input_grad(dx_refs, r0, rows, k, pieces, form, x_dtype, dxs, formed)
+    parts = tuple(tuple(acc + jnp.sum(t, axis=0) for acc, t in zip(part, ts))
+                  for part, ts in zip(parts, terms))
     return parts, nxt
 
-  zeros = tuple(tuple(jnp.zeros((w,), F32) for _, w in pieces) for _ in range(n))
+  zeros = tuple(tuple(jnp.zeros((w,), F32) for _, w in pieces) for _ in part_refs)
   parts, _ = jax.lax.fori_loop(0, steps, body, (zeros, load(0)))
   for ref, part in zip(part_refs, parts):
     for acc, (off, w) in zip(part, pieces):
       pltriton.store(ref.at[off + jnp.arange(w)], acc, mask=_mask(off, w, k))
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "glu", "x_dtype", "rows", "num_warps",
-                                             "interpret"))
-def backward(xs, dys, norm_w_NxK: jax.Array, wg_NxK: jax.Array, eps: float, glu: bool = False,
-             x_dtype=jnp.bfloat16, rows: int = 1, num_warps: int = 0, interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("eps", "form", "x_dtype", "rows", "num_warps",
+                                             "interpret", "in_eps"))
+def backward(xs, dys, norm_w_NxK: jax.Array, wg_NxK: jax.Array, eps: float, form: str = "x",
+             x_dtype=jnp.bfloat16, rows: int = 1, num_warps: int = 0, interpret: bool = False,
+             in_eps: float = 1e-6):
   """The group's backward prologue.
 
   Args:
-    xs: the forward inputs, (x [M, K],) or (p [M, 2K], r [M, 1]) with `glu`.
+    xs: the forward inputs in their form (`activation_codes`).
     dys: n cotangents [M, K] of the normalized, quantized inputs (the transposed matmuls'
       outputs, before the weight scale).
     norm_w_NxK: the norm weights w_j; wg_NxK: w_j times each weight scale g_j.
@@ -305,30 +379,33 @@ def backward(xs, dys, norm_w_NxK: jax.Array, wg_NxK: jax.Array, eps: float, glu:
       One row and `warps_for` were the fastest in the H200 sweep (BENCHMARKS.md).
 
   Returns:
-    (the input gradient: [M, K] in x's dtype, or with `glu` that of gate | up, [M, 2K] in
-    p's dtype; yq: n arrays [M, K] in dys' dtype, the fake-quantized activations; partial
-    sums of dy_j * xhat over each block of `block_rows(M)` rows: n arrays
-    [M / block_rows(M), K] float32).
+    (the input's gradients: [x's, in its dtype], with "glu" [that of gate | up, [M, 2K] in
+    p's dtype], with "gate" [g's, h's]; yq: n arrays [M, K] in dys' dtype, the
+    fake-quantized activations; partial sums over each block of `block_rows(M)` rows, as
+    [M / block_rows(M), K] float32 arrays: of dy_j * xhat for each projection, then with
+    "gate" of the g-norm weight's gradient).
   """
   n = norm_w_NxK.shape[0]
   m = xs[0].shape[0]
   bm = block_rows(m)
   rows = min(rows, bm)
-  k, kp = _width(xs, glu)
-  x_specs = _x_specs(bm, kp, glu)
+  assert len(xs) == _n_inputs(form), (form, len(xs))
+  k, kp = _width(xs, form)
+  nd, extra = _n_grads(form)
+  x_specs = _x_specs(bm, kp, form)
   block = pl.BlockSpec((bm, kp), lambda i: (i, 0))
   part = pl.BlockSpec((pl.squeezed, kp), lambda i: (i, 0))
   full = pl.BlockSpec((n, kp), lambda i: (0, 0))
   outs = pl.pallas_call(
-      functools.partial(_bwd_kernel, n=n, k=k, eps=eps, glu=glu, x_dtype=x_dtype, bm=bm,
-                        rows=rows),
+      functools.partial(_bwd_kernel, n=n, k=k, eps=eps, form=form, x_dtype=x_dtype, bm=bm,
+                        rows=rows, in_eps=in_eps),
       grid=(m // bm,), in_specs=x_specs + [block] * n + [full, full],
-      out_specs=x_specs[:1] + [block] * n + [part] * n,
-      out_shape=([jax.ShapeDtypeStruct(xs[0].shape, xs[0].dtype)]
+      out_specs=x_specs[:nd] + [block] * n + [part] * (n + extra),
+      out_shape=([jax.ShapeDtypeStruct(x.shape, x.dtype) for x in xs[:nd]]
                  + [jax.ShapeDtypeStruct((m, k), dys[0].dtype)] * n
-                 + [jax.ShapeDtypeStruct((m // bm, k), F32)] * n),
-      compiler_params=pltriton.CompilerParams(num_warps=num_warps or warps_for(k, n),
+                 + [jax.ShapeDtypeStruct((m // bm, k), F32)] * (n + extra)),
+      compiler_params=pltriton.CompilerParams(num_warps=num_warps or warps_for(k, n + extra),
                                               num_stages=1),
       interpret=interpret, name="bitlinear_bwd",
-  )(*_x_args(xs), *dys, norm_w_NxK, wg_NxK)
-  return outs[0], list(outs[1:1 + n]), list(outs[1 + n:])
+  )(*_x_args(xs, form), *dys, norm_w_NxK, wg_NxK)
+  return list(outs[:nd]), list(outs[nd:nd + n]), list(outs[nd + n:])

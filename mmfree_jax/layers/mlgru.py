@@ -8,8 +8,9 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from mmfree_jax.config import ModelConfig
-from mmfree_jax.layers.bitlinear import BitLinear, BitLinearWeights, bitlinear_shared, xavier_uniform
-from mmfree_jax.layers.norm import RMSNorm
+from mmfree_jax.layers.bitlinear import (BitLinear, BitLinearWeights, bitlinear_shared,
+                                         gated_bitlinear, gated_input, xavier_uniform)
+from mmfree_jax.layers.norm import RMSNormScale
 from mmfree_jax.layers.scan import mlgru_gates, mlgru_recurrence
 
 F32 = jnp.float32
@@ -21,8 +22,17 @@ def lower_bounds(gamma_LxD: jax.Array) -> jax.Array:
   return jnp.cumsum(p, axis=0) - p[0]
 
 
+# The code's gate formed inside o_proj's kernels (`gated_bitlinear`: neither the gated
+# output nor its gradient is written to memory) instead of by XLA before o_proj. The same
+# results either way (tests/test_models.py); off until its GPU test
+# (`test_pallas_bitlinear_on_gpu_matches_xla[gate]`) passes and a same-session A/B on the
+# H200 shows the step faster (BENCHMARKS.md, "Remaining levers").
+GATE_IN_O_PROJ = False
+
+
 class MLGRU(nn.Module):
-  """`o(gate(g, h))` with `h_t = f_t h_{t-1} + silu(i_t) (1 - f_t)`.
+  """`o(gate(g, h))` with `h_t = f_t h_{t-1} + silu(i_t) (1 - f_t)`; gate = RMSNorm(g) * silu(h)
+  ("code") or sigmoid(g) * h ("paper").
 
   Returns the block output and the float32 state after the last token, so a decode
   step is the same call with T=1 and `h0` = the carried state.
@@ -50,9 +60,16 @@ class MLGRU(nn.Module):
     h_BxTxD, h_last = mlgru_recurrence(f, i, lb_D, h0_BxD, resets_BxT, cfg.scan_impl,
                                        cfg.scan_chunk)
     if cfg.gate == "code":
-      o = RMSNorm(cfg.norm_eps, "state", name="g_norm")(g) * nn.silu(h_BxTxD)
+      gnorm_w = RMSNormScale("state", name="g_norm")(d)
+      if GATE_IN_O_PROJ:  # o_proj(RMSNorm(g) * silu(h)) as one function
+        norm_w, w = BitLinearWeights(d, ("state", "embed"), init, name="o_proj")(d)
+        out = gated_bitlinear(g, h_BxTxD, gnorm_w, norm_w, w, cfg.norm_eps, cfg.bitlinear_eps,
+                              dt, None, cfg.bitlinear_impl)
+        return checkpoint_name(out, "proj"), h_last
+      o = gated_input(g, h_BxTxD, gnorm_w, cfg.norm_eps, dt)
     else:
-      o = nn.sigmoid(g.astype(F32)) * h_BxTxD
-    o = nn.with_logical_constraint(o.astype(dt), ("batch", "length", "state"))
+      o = (nn.sigmoid(g.astype(F32)) * h_BxTxD).astype(dt)
+    o = checkpoint_name(nn.with_logical_constraint(o, ("batch", "length", "state")),
+                        "block_in")  # o_proj's input: kept by remat="lean_inputs"
     return BitLinear(d, ("state", "embed"), cfg.bitlinear_eps, dt, kernel_init=init,
                      impl=cfg.bitlinear_impl, name="o_proj")(o), h_last

@@ -9,6 +9,11 @@ import jax.numpy as jnp
 from mmfree_jax.layers.bitlinear import rms_normalize
 
 
+def _scale(module: nn.Module, d: int, axis_name: str) -> jax.Array:
+  return module.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (axis_name,)),
+                      (d,), jnp.float32)
+
+
 class RMSNorm(nn.Module):
   """`x * rsqrt(mean(x^2) + eps) * w`; returns float32 unless `dtype` is given."""
 
@@ -18,7 +23,16 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    w = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
-                   (x.shape[-1],), jnp.float32)
-    y = rms_normalize(x, self.eps)[0] * w
+    y = rms_normalize(x, self.eps)[0] * _scale(self, x.shape[-1], self.axis_name)
     return y.astype(self.dtype) if self.dtype is not None else y
+
+
+class RMSNormScale(nn.Module):
+  """The weight of an `RMSNorm` (same name and layout) without the norm: for a parent that
+  applies it inside a fused function (`bitlinear.gated_bitlinear`)."""
+
+  axis_name: str = "embed"
+
+  @nn.compact
+  def __call__(self, d: int) -> jax.Array:
+    return _scale(self, d, self.axis_name)
