@@ -76,8 +76,9 @@ def test_one_case_can_patch_a_module_attribute_first(monkeypatch):
                   "patch": {"mmfree_jax.layers.mlgru.GATE_IN_O_PROJ": True}})
   assert mlgru.GATE_IN_O_PROJ is True
   assert row["case"] == "gates-fused-2x12x32-GATE_IN_O_PROJ=True"
-  with pytest.raises(SystemExit, match="does not exist"):
-    _run_one({"kind": "gates", "patch": {"mmfree_jax.layers.mlgru.NO_SUCH_LEVER": 1}})
+  for target in ("mmfree_jax.layers.mlgru.NO_SUCH_LEVER", "mmfree_jax.no_such_module.LEVER"):
+    with pytest.raises(SystemExit, match="does not exist"):
+      _run_one({"kind": "gates", "patch": {target: 1}})
 
 
 @pytest.mark.parametrize("n,form,tag", [(2, "x", ""), (1, "gate", "-gate")])

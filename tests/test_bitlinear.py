@@ -166,7 +166,8 @@ def test_pallas_prologue_matches_xla(k, n, form, dtype):
     else:
       np.testing.assert_array_equal(np.float32(q), np.float32(q_ref))
   for s, s_ref in zip(ss, ref[n:]):  # formed inputs off CPU: the max can move by a bf16 ulp
-    np.testing.assert_allclose(s, s_ref, rtol=1e-6 if form == "x" or jax.default_backend() == "cpu" else 1e-2)
+    exact = form == "x" or jax.default_backend() == "cpu"
+    np.testing.assert_allclose(s, s_ref, rtol=1e-6 if exact else 1e-2)
 
 
 @pytest.mark.parametrize("k,rows,n,form", [(64, 64, 1, "x"), (96, 48, 3, "x"), (80, 64, 1, "glu"),
@@ -258,7 +259,8 @@ def test_gated_bitlinear_equals_bitlinear_of_the_gated_input(dtype):
   g, norm_w, w, c = _inputs()
   h = jnp.flip(g, -1) * 0.7 + 0.3
   gnorm_w = 1 + 0.1 * jax.random.normal(jax.random.key(7), (48,))
-  fused = lambda g, h, gw, nw, w: bl.gated_bitlinear(g, h, gw, nw, w, 1e-6, 1e-8, dtype, jnp.float32)
+  fused = lambda g, h, gw, nw, w: bl.gated_bitlinear(g, h, gw, nw, w, 1e-6, 1e-8, dtype,
+                                                     jnp.float32)
   apart = lambda g, h, gw, nw, w: bl.bitlinear(bl.gated_input(g, h, gw, 1e-6, dtype), nw, w, 1e-8,
                                                dtype, jnp.float32)
   out_f, grads_f = _grads(fused, (g, h, gnorm_w, norm_w, w), c)

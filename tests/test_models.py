@@ -175,8 +175,8 @@ def test_gate_in_o_proj_is_the_same_model(monkeypatch):
         jax.tree.structure(params))
     runs.append(jax.value_and_grad(loss)(params))
   np.testing.assert_allclose(runs[1][0], runs[0][0], rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max()),
-               runs[1][1], runs[0][1])
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+  jax.tree.map(close, runs[1][1], runs[0][1])
 
 
 def test_bad_config_is_a_clear_error():

@@ -101,10 +101,14 @@ def _run_one(spec: dict) -> dict:
   spec = dict(spec)
   patch = spec.pop("patch", {})
   for target, value in patch.items():
-    module, _, attr = target.rpartition(".")
-    if not hasattr(importlib.import_module(module), attr):
+    module_name, _, attr = target.rpartition(".")
+    try:
+      module = importlib.import_module(module_name)
+    except ImportError:
+      module = None
+    if not hasattr(module, attr):
       raise SystemExit(f"--one: patch target {target!r} does not exist; name a module attribute")
-    setattr(importlib.import_module(module), attr, value)
+    setattr(module, attr, value)
   row = cases.CASES[spec.pop("kind")](**spec)
   if patch:
     row["case"] += "".join(f"-{t.rpartition('.')[2]}={v}" for t, v in patch.items())

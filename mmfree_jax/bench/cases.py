@@ -304,8 +304,8 @@ def bitlinear_codes_case(k: int, n: int = 1, form: str = "x", rows: int = 0, war
   """The BitLinear prologue kernel alone (`bitlinear_pallas.activation_codes`, int8 codes)
   for one tile choice (0 = the committed `codes_tile`) and input form.
 
-  HBM floor: read the input once (bf16; the GLU's is [tokens, 2k], the gate's g and h), write n int8 code
-  arrays and n float32 scales. Off GPU the kernel runs in interpret mode. `max_err`: codes
+  HBM floor: read the input once (bf16; the GLU's is [tokens, 2k], the gate's g and h),
+  write n int8 code arrays and n float32 scales. Off GPU the kernel runs in interpret mode. `max_err`: codes
   differing from the XLA path (an activation within an ulp of a rounding boundary may), as
   a fraction of all codes.
   """

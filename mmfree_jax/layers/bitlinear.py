@@ -485,6 +485,6 @@ def ternary_stats(w: jax.Array) -> dict[str, jax.Array]:
 
 __all__: Sequence[str] = (
     "BitLinear", "BitLinearWeights", "bitlinear", "bitlinear_shared", "glu_mlp",
-    "glu_mlp_reference", "glu_input", "glu_gate_up", "gated_bitlinear", "gated_input", "bitlinear_naive", "activation_codes",
-    "activation_quant", "weight_codes", "weight_quant", "round_half_away", "rms_normalize", "xavier_uniform",
-    "ternary_stats")
+    "glu_mlp_reference", "glu_input", "glu_gate_up", "gated_bitlinear", "gated_input",
+    "bitlinear_naive", "activation_codes", "activation_quant", "weight_codes", "weight_quant",
+    "round_half_away", "rms_normalize", "xavier_uniform", "ternary_stats")
