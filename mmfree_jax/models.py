@@ -35,7 +35,7 @@ ACT = ("batch", "length", "embed")
 # What "lean" remat saves: projection (matmul) outputs, the recurrence output and the
 # attention output; every elementwise op (norms, quantizers, gates) is recomputed.
 # "lean_inputs" also keeps each projection group's input ("block_in": the attn_norm and
-# mlp_norm outputs, the paper gate's output), so the backward pass does not rebuild them.
+# mlp_norm outputs, the MLGRU's gated output), so the backward pass does not rebuild them.
 _SAVED = {"lean": ("proj", "recurrence_h", "attn_out"),
           "lean_inputs": ("proj", "recurrence_h", "attn_out", "block_in")}
 

@@ -26,7 +26,7 @@ def lower_bounds(gamma_LxD: jax.Array) -> jax.Array:
 # output nor its gradient is written to memory) instead of by XLA before o_proj. The same
 # results either way (tests/test_models.py); off until its GPU test
 # (`test_pallas_bitlinear_on_gpu_matches_xla[gate]`) passes and a same-session A/B on the
-# H200 shows the step faster (BENCHMARKS.md, "Remaining levers").
+# H200 shows the step faster (BENCHMARKS.md, section "2026-12-04").
 GATE_IN_O_PROJ = False
 
 
