@@ -293,11 +293,13 @@ def test_gate_kernels_follow_each_devices_rows():
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="Pallas GPU kernels need a GPU")
-@pytest.mark.parametrize("t,with_resets", [(301, False), (2048, False), (301, True)],
+@pytest.mark.parametrize("b,t,with_resets", [(4, 301, False), (8, 2048, False), (4, 301, True)],
                          ids=["301", "2048", "resets"])
-def test_gate_kernels_on_gpu_match_the_two_steps(t, with_resets, monkeypatch):
+def test_gate_kernels_on_gpu_match_the_two_steps(b, t, with_resets, monkeypatch):
+  """8 rows at 2048 steps: 4 would be few enough lanes for the look-back kernels."""
+  assert scan_pallas.gate_kernel_for(b, t, 2048) is not None
   monkeypatch.setattr(scan, "GATE_KERNEL_RESETS", True)
-  fp, ip, lb, h0, resets = _gate_inputs(4, t, 2048, with_resets, seed=5)
+  fp, ip, lb, h0, resets = _gate_inputs(b, t, 2048, with_resets, seed=5)
   fn = jax.jit(lambda *a: mlgru_recurrence(*a, resets, impl="pallas"))
   assert "mlgru_gate_scan_fwd" in fn.lower(fp, ip, lb, h0).as_text()
   (h, last), vjp = jax.vjp(fn, fp, ip, lb, h0)
