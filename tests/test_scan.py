@@ -235,10 +235,9 @@ def test_gate_kernels_match_the_two_steps(t, with_resets):
 
 
 @pytest.mark.parametrize("with_resets", [False, True])
-def test_mlgru_recurrence_equals_the_two_steps(with_resets, monkeypatch):
+def test_mlgru_recurrence_equals_the_two_steps(with_resets):
   """`mlgru_recurrence` (its custom_vjp, here with the XLA side of the kernel dispatch)
   equals the two steps in value and gradient."""
-  monkeypatch.setattr(scan, "GATE_KERNEL_RESETS", True)
   fp, ip, lb, h0, resets = _gate_inputs(2, 40, 32, with_resets)
 
   def loss(fn):
@@ -252,19 +251,18 @@ def test_mlgru_recurrence_equals_the_two_steps(with_resets, monkeypatch):
     assert g.dtype == w.dtype and _rel(g, w) < 1e-5
 
 
-def test_gate_kernels_run_where_the_whole_sequence_kernels_would(monkeypatch):
+def test_gate_kernels_run_where_the_whole_sequence_kernels_would():
   """Not for few lanes (the look-back kernels take f and x), decode steps or other impls;
-  with document resets only once GATE_KERNEL_RESETS is set."""
+  with or without document resets."""
   resets = jnp.zeros((2, 16), bool)
-  for (b, t, d), impl, r, flag, expect in (
-      ((2, 16, 64), "pallas", None, False, True), ((2, 128, 64), "pallas", None, False, False),
-      ((2, 1, 64), "pallas", None, False, False), ((2, 16, 64), "chunked", None, False, False),
-      ((2, 16, 64), "pallas", resets, False, False), ((2, 16, 64), "pallas", resets, True, True)):
-    monkeypatch.setattr(scan, "GATE_KERNEL_RESETS", flag)
+  for (b, t, d), impl, r, expect in (
+      ((2, 16, 64), "pallas", None, True), ((2, 128, 64), "pallas", None, False),
+      ((2, 1, 64), "pallas", None, False), ((2, 16, 64), "chunked", None, False),
+      ((2, 16, 64), "pallas", resets, True), ((2, 16, 64), "chunked", resets, False)):
     fp = jnp.ones((b, t, d), jnp.bfloat16)
     run = lambda fp: mlgru_recurrence(fp, fp, jnp.zeros(d), None, r, impl=impl)
     jaxpr = str(jax.make_jaxpr(run)(fp))
-    assert ("mlgru_gate_scan_fwd" in jaxpr) == expect, (b, t, d, impl, r is None, flag)
+    assert ("mlgru_gate_scan_fwd" in jaxpr) == expect, (b, t, d, impl, r is None)
 
 
 def test_gate_kernel_tiling():
@@ -295,10 +293,9 @@ def test_gate_kernels_follow_each_devices_rows():
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="Pallas GPU kernels need a GPU")
 @pytest.mark.parametrize("b,t,with_resets", [(4, 301, False), (8, 2048, False), (4, 301, True)],
                          ids=["301", "2048", "resets"])
-def test_gate_kernels_on_gpu_match_the_two_steps(b, t, with_resets, monkeypatch):
+def test_gate_kernels_on_gpu_match_the_two_steps(b, t, with_resets):
   """8 rows at 2048 steps: 4 would be few enough lanes for the look-back kernels."""
   assert scan_pallas.gate_kernel_for(b, t, 2048) is not None
-  monkeypatch.setattr(scan, "GATE_KERNEL_RESETS", True)
   fp, ip, lb, h0, resets = _gate_inputs(b, t, 2048, with_resets, seed=5)
   fn = jax.jit(lambda *a: mlgru_recurrence(*a, resets, impl="pallas"))
   assert "mlgru_gate_scan_fwd" in fn.lower(fp, ip, lb, h0).as_text()

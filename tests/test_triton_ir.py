@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from mmfree_jax.layers import bitlinear as bl
-from mmfree_jax.layers import scan, scan_pallas
+from mmfree_jax.layers import scan_pallas
 from mmfree_jax.layers.scan import linear_recurrence, mlgru_recurrence
 
 triton_lowering = pytest.importorskip("jax._src.pallas.triton.lowering")
@@ -69,8 +69,7 @@ def test_recurrence_kernels_verify(verified, t, suffix):
 
 
 @pytest.mark.parametrize("with_resets", [False, True])
-def test_gate_kernels_verify(verified, with_resets, monkeypatch):
-  monkeypatch.setattr(scan, "GATE_KERNEL_RESETS", True)
+def test_gate_kernels_verify(verified, with_resets):
   b, t, d = 2, 96, 128
   fp = jax.ShapeDtypeStruct((b, t, d), jnp.bfloat16)
   resets = jnp.zeros((b, t), bool) if with_resets else None

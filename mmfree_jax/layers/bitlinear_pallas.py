@@ -59,7 +59,9 @@ def warps_for(k: int, n: int = 1) -> int:
   """Warps per backward program for rows of K and n projections: 4, or more to keep
   <= 24 / n columns per thread (each projection adds a cotangent and its reductions per
   column). The H200 sweeps' best for one projection or the GLU at K = 1024, 2048, 2816,
-  5632 and for f/i/g (n = 3) at K = 1024 (4 warps) and 2048 (8 warps; BENCHMARKS.md)."""
+  5632 and for f/i/g (n = 3) at K = 1024 (4 warps) and 2048 (8 warps; BENCHMARKS.md). The
+  output gate's g-norm partial sums count for nothing: at K = 2048 its backward took 0.398
+  ms at 4 warps, 0.507 at 8 and 16."""
   warps = 4
   while k > 24 // n * 32 * warps:
     warps *= 2
@@ -404,7 +406,7 @@ def backward(xs, dys, norm_w_NxK: jax.Array, wg_NxK: jax.Array, eps: float, form
       out_shape=([jax.ShapeDtypeStruct(x.shape, x.dtype) for x in xs[:nd]]
                  + [jax.ShapeDtypeStruct((m, k), dys[0].dtype)] * n
                  + [jax.ShapeDtypeStruct((m // bm, k), F32)] * (n + extra)),
-      compiler_params=pltriton.CompilerParams(num_warps=num_warps or warps_for(k, n + extra),
+      compiler_params=pltriton.CompilerParams(num_warps=num_warps or warps_for(k, n),
                                               num_stages=1),
       interpret=interpret, name="bitlinear_bwd",
   )(*_x_args(xs, form), *dys, norm_w_NxK, wg_NxK)

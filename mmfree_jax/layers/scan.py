@@ -200,18 +200,10 @@ def _masked(v, *resets):
   return jnp.where(resets[0][..., None], jnp.zeros((), v.dtype), v) if resets else v
 
 
-# Document resets inside the gate kernels: equal to the two steps in interpret mode and
-# accepted by Triton's verifier, but not yet run on a GPU; until
-# tests/test_scan.py::test_gate_kernels_on_gpu_match_the_two_steps[resets] has passed there,
-# batches with document resets take the two steps.
-GATE_KERNEL_RESETS = False
-
-
 def _use_gate_kernel(impl, shape, resets) -> bool:
   """Whether the gate-fused kernels run: where the whole-sequence recurrence kernels would
   (the look-back kernels for few lanes take f and x as they are)."""
-  return (_use_kernel(impl, shape) and scan_pallas.gate_kernel_for(*shape) is not None
-          and (resets is None or GATE_KERNEL_RESETS))
+  return _use_kernel(impl, shape) and scan_pallas.gate_kernel_for(*shape) is not None
 
 
 def _gate_two_steps_forward(recurrence, fp, ip, lb, h0, *resets):
@@ -292,7 +284,7 @@ def mlgru_recurrence(fp_BxTxD: jax.Array, ip_BxTxD: jax.Array, lb_D: jax.Array,
   With impl "pallas", where the whole-sequence kernels run, one custom_vjp whose kernels
   form the gates in registers and return the projections' gradients (`scan_pallas.
   gate_forward/gate_backward`): f (float32), x and df never cross HBM. Elsewhere, for
-  the other impls, and (until `GATE_KERNEL_RESETS`) with document resets, the two steps as
+  the other impls, the two steps as
   written (`mlgru_gates`, then `linear_recurrence`).
   """
   if impl not in IMPLS:
