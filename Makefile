@@ -22,7 +22,7 @@ demo: setup
 
 # The whole test suite on 8 fake CPU devices (tests/conftest.py sets XLA_FLAGS).
 test: setup
-	$(PYBIN) -m pytest -q -p no:cacheprovider tests
+	$(PYBIN) -m pytest -q -p no:cacheprovider --durations=15 tests
 
 bench: setup
 	$(PYBIN) -m mmfree_jax.bench
