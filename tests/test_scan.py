@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mmfree_jax import sharding
-from mmfree_jax.layers import scan, scan_pallas
+from mmfree_jax.layers import scan_pallas
 from mmfree_jax.layers.scan import IMPLS, linear_recurrence, mlgru_gates, mlgru_recurrence
 
 

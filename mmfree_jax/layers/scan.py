@@ -283,9 +283,9 @@ def mlgru_recurrence(fp_BxTxD: jax.Array, ip_BxTxD: jax.Array, lb_D: jax.Array,
 
   With impl "pallas", where the whole-sequence kernels run, one custom_vjp whose kernels
   form the gates in registers and return the projections' gradients (`scan_pallas.
-  gate_forward/gate_backward`): f (float32), x and df never cross HBM. Elsewhere, for
-  the other impls, the two steps as
-  written (`mlgru_gates`, then `linear_recurrence`).
+  gate_forward/gate_backward`): f (float32), x and df never cross HBM. Elsewhere (the
+  look-back kernels' few lanes, decode steps, the other impls) the two steps as written
+  (`mlgru_gates`, then `linear_recurrence`).
   """
   if impl not in IMPLS:
     raise ValueError(f"unknown recurrence impl {impl!r}; use one of {IMPLS}")
