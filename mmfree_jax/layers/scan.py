@@ -200,7 +200,7 @@ def _masked(v, *resets):
   return jnp.where(resets[0][..., None], jnp.zeros((), v.dtype), v) if resets else v
 
 
-def _use_gate_kernel(impl, shape, resets) -> bool:
+def _use_gate_kernel(impl, shape) -> bool:
   """Whether the gate-fused kernels run: where the whole-sequence recurrence kernels would
   (the look-back kernels for few lanes take f and x as they are)."""
   return _use_kernel(impl, shape) and scan_pallas.gate_kernel_for(*shape) is not None
@@ -290,7 +290,7 @@ def mlgru_recurrence(fp_BxTxD: jax.Array, ip_BxTxD: jax.Array, lb_D: jax.Array,
   if impl not in IMPLS:
     raise ValueError(f"unknown recurrence impl {impl!r}; use one of {IMPLS}")
   lb_D = jnp.asarray(lb_D, F32)
-  if not _use_gate_kernel(impl, fp_BxTxD.shape, resets_BxT):
+  if not _use_gate_kernel(impl, fp_BxTxD.shape):
     f, x = mlgru_gates(fp_BxTxD, ip_BxTxD, lb_D, fp_BxTxD.dtype)
     return linear_recurrence(f, x, h0_BxD, resets_BxT, impl, chunk)
   if h0_BxD is None:
