@@ -1,5 +1,7 @@
 """Quantizers and BitLinear: exact values, STE gradients, lean == naive."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -199,6 +201,27 @@ def test_pallas_backward_matches_xla(k, rows, n, form):
                                  atol=tol * np.abs(np.float32(b)).max())
     for a, b in zip(parts, ref_parts):
       np.testing.assert_allclose(a, b, rtol=part_tol, atol=part_tol * np.abs(b).max())
+
+
+
+@pytest.mark.parametrize("k,rows,n,form", [(96, 48, 3, "x"), (80, 64, 1, "glu"), (100, 32, 1, "gate")])
+def test_backward_reload_changes_the_kernel_not_the_results(monkeypatch, k, rows, n, form):
+  """`BWD_RELOAD` (norm weights loaded per row, cotangents loaded again for the partial
+  sums) gives bit-identical outputs in every form, from a different kernel program."""
+  xs, norm_w, dys = _group_inputs(k, rows, n, form)
+  wg = norm_w * jnp.linspace(0.5, 1.5, n)[:, None]
+  outs, kernels = {}, {}
+  for reload in (False, True):
+    monkeypatch.setattr(bitlinear_pallas, "BWD_RELOAD", reload)
+    # Unjitted and a new function each time, so nothing is reused from the other setting's
+    # trace (the flag is read when the kernel is traced).
+    run = functools.partial(bitlinear_pallas.backward.__wrapped__, eps=1e-8, form=form, rows=2,
+                            in_eps=1e-6)
+    outs[reload] = run(xs, dys, norm_w, wg, interpret=True)
+    kernels[reload] = str(jax.make_jaxpr(run)(xs, dys, norm_w, wg))  # the kernel's program
+  assert kernels[True] != kernels[False]
+  for a, b in zip(jax.tree.leaves(outs[True]), jax.tree.leaves(outs[False])):
+    np.testing.assert_array_equal(np.float32(a), np.float32(b))
 
 
 def _grads(f, args, cot):

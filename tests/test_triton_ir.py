@@ -3,14 +3,17 @@ Triton's own verifier: the check the GPU runs first when it compiles the module 
 operand type, for one, fails there). What the GPU does after that (register allocation,
 the results) is tested on a GPU by the `*_on_gpu_*` tests."""
 
+import collections
 import re
 
 import jax
 import jax.numpy as jnp
 import pytest
 
+from mmfree_jax.bench import triton_report
+from mmfree_jax.config import preset
 from mmfree_jax.layers import bitlinear as bl
-from mmfree_jax.layers import scan_pallas
+from mmfree_jax.layers import bitlinear_pallas, scan_pallas
 from mmfree_jax.layers.scan import linear_recurrence, mlgru_recurrence
 
 triton_lowering = pytest.importorskip("jax._src.pallas.triton.lowering")
@@ -107,3 +110,30 @@ def test_bitlinear_kernels_verify(verified, group):
 
   _lower_for_cuda(jax.value_and_grad(loss, argnums=(0, 1, 2)), x, vec, mat)
   assert sorted(set(verified[0])) == ["bitlinear_act_codes", "bitlinear_bwd"]
+
+
+def test_triton_report_lowers_every_kernel_of_a_layer():
+  """`bench.triton_report` finds each Pallas kernel of one layer's training step (and the
+  head's), with its first operand and warps; with the `triton` package installed it also
+  compiles one for sm_90 and reads ptxas's registers and the SASS."""
+  cfg = preset("micro", "mmfree", n_layers=1)
+  try:
+    found = triton_report.triton_modules(cfg, 2, 128)  # 256 rows: the kernels run
+  except SystemExit as e:
+    pytest.skip(str(e))
+  assert collections.Counter(name for name, *_ in found) == {
+      "bitlinear_act_codes": 5, "bitlinear_bwd": 5,  # f/i/g, o (gated), gate/up, down, head
+      "mlgru_gate_scan_fwd": 1, "mlgru_gate_scan_bwd": 1}
+  # the GLU's down projection reads the gate/up product [rows, 2I] in both of its kernels
+  glu = [name for name, operand, *_ in found if operand == f"bfloat16[256,{2 * cfg.ffn}]"]
+  assert glu == ["bitlinear_act_codes", "bitlinear_bwd"]
+  for name, _, warps, text in found:
+    assert text.startswith(f"module @{name} ")
+    if name.startswith("bitlinear"):  # all rows are narrower than 24 columns per thread
+      assert warps == bitlinear_pallas.warps_for(cfg.ffn) == 4
+  pytest.importorskip("triton")
+  name, _, warps, text = found[-1]
+  r = triton_report.resources(text, warps)
+  assert 0 < r["registers"] <= 255 and r["spill_stores"] >= 0
+  assert r["instructions"] == sum(r["opcodes"].values()) > 0
+  assert r["opcodes"]["LDG"] > 0 and r["opcodes"]["STG"] > 0

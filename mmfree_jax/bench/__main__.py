@@ -7,7 +7,6 @@ run of the same code on tiny shapes.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -97,18 +96,10 @@ def suite(name: str) -> list[dict]:
 def _run_one(spec: dict) -> dict:
   """Runs one case; a spec's "patch" ({"module.attribute": value}) sets module attributes
   first (a lever that is not the default yet, for an A/B) and tags the case name."""
-  from mmfree_jax.bench import cases  # noqa: PLC0415 (imports jax)
+  from mmfree_jax.bench import cases, patch_attributes  # noqa: PLC0415 (imports jax)
   spec = dict(spec)
   patch = spec.pop("patch", {})
-  for target, value in patch.items():
-    module_name, _, attr = target.rpartition(".")
-    try:
-      module = importlib.import_module(module_name)
-    except ImportError:
-      module = None
-    if not hasattr(module, attr):
-      raise SystemExit(f"--one: patch target {target!r} does not exist; name a module attribute")
-    setattr(module, attr, value)
+  patch_attributes(patch, "--one")
   row = cases.CASES[spec.pop("kind")](**spec)
   if patch:
     row["case"] += "".join(f"-{t.rpartition('.')[2]}={v}" for t, v in patch.items())

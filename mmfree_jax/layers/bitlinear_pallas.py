@@ -82,6 +82,14 @@ def _silu_parts(a):
 # pieces, K = 2816 0.66 / 0.57 / 0.90; BENCHMARKS.md).
 CODES_PIECES, BWD_PIECES = 8, 2
 
+# The backward kernel loads the norm weights for each row and loads the cotangent tiles a
+# second time for the norm-weight partial sums (from L1/L2: the same lines it has just
+# read), instead of holding both in registers across the row's reductions. The same
+# results; fewer registers: at K = 5632 (the GLU's down projection, 8 warps), ptxas for
+# sm_90 reports 12 instead of 180 bytes of spills per thread and 2,136 instead of 2,160
+# instructions (`python -m mmfree_jax.bench.triton_report`). Off until timed on a GPU.
+BWD_RELOAD = False
+
 
 def _pieces(k: int, most: int) -> tuple[tuple[int, int], ...]:
   """(offset, width) column pieces of a row of K: the powers of two in K rounded up to a
@@ -325,8 +333,11 @@ def _bwd_kernel(*refs, n: int, k: int, eps: float, form: str, x_dtype, bm: int, 
   rest = refs[nx + n + 2:]
   dx_refs, yq_refs, part_refs = rest[:nd], rest[nd:nd + n], rest[nd + n:]
   pieces = _pieces(k, BWD_PIECES)
-  ws = [[_vector(w_ref, j, off, w, k) for off, w in pieces] for j in range(n)]
-  wgs = [[_vector(wg_ref, j, off, w, k) for off, w in pieces] for j in range(n)]
+
+  def vectors(ref):  # the n norm weights (or wg), one [width] vector per piece
+    return [[_vector(ref, j, off, w, k) for off, w in pieces] for j in range(n)]
+
+  held = None if BWD_RELOAD else (vectors(w_ref), vectors(wg_ref))
   steps = bm // rows
 
   def load(i):  # step i's input and cotangent tiles, as loaded
@@ -338,6 +349,7 @@ def _bwd_kernel(*refs, n: int, k: int, eps: float, form: str, x_dtype, bm: int, 
     parts, loaded = carry
     nxt = load(jnp.minimum(i + 1, steps - 1))  # in flight while this step computes
     r0 = i * rows
+    ws, wgs = held or (vectors(w_ref), vectors(wg_ref))
     xs, formed = _form_input(loaded[0], form, x_dtype, k, in_eps)
     dys = [[t.astype(F32) for t in dy] for dy in loaded[1]]
     dxhats = [sum(dy[p] * wg[p] for dy, wg in zip(dys, wgs)) for p in range(len(pieces))]
@@ -352,6 +364,8 @@ def _bwd_kernel(*refs, n: int, k: int, eps: float, form: str, x_dtype, bm: int, 
       for q, (off, w) in zip(qs, pieces):
         _store(yq_refs[j], r0, rows, off, w, k, q / s)
     dxs = [rstd * (dxh - xh * mean) for dxh, xh in zip(dxhats, xhats)]
+    if BWD_RELOAD:
+      dys = [[_load(ref, r0, rows, off, w, k).astype(F32) for off, w in pieces] for ref in dy_refs]
     terms = [[dy[p] * xhats[p] for p in range(len(pieces))] for dy in dys]
     terms += _store_input_grad(dx_refs, r0, rows, k, pieces, form, x_dtype, dxs, formed)
     parts = tuple(tuple(acc + jnp.sum(t, axis=0) for acc, t in zip(part, ts))
