@@ -115,6 +115,11 @@ def _group_inputs(k, rows, n, form, dtype=jnp.bfloat16):
   return xs, norm_w, dys
 
 
+def test_unknown_input_form_is_a_clear_error():
+  with pytest.raises(ValueError, match=r"input form 'nope' is unknown; use one of \('x', 'glu', 'gate'\)"):
+    bitlinear_pallas.split_input((jnp.ones((4, 8)),), "nope")
+
+
 def test_column_pieces_cover_the_row():
   """A row's pieces are contiguous power-of-two tiles from column 0 covering K (past K
   only in the last one, by < 16 columns unless `most` merged the tail into one tile)."""
@@ -137,11 +142,6 @@ def test_backward_warps_follow_the_h200_sweeps():
   assert {kn: bitlinear_pallas.warps_for(*kn) for kn in best} == best
 
 
-def _xla_args(xs, form):
-  """`xs` as the layer passes them to the XLA path: rows first, the gate's weight last."""
-  return (xs[:2], xs[2:]) if form == "gate" else (xs, ())
-
-
 @pytest.mark.parametrize("k,n,form,dtype", [
     (64, 1, "x", jnp.int8), (96, 3, "x", jnp.int8), (96, 1, "x", jnp.bfloat16),
     (80, 1, "glu", jnp.bfloat16), (100, 1, "glu", jnp.int8), (80, 1, "gate", jnp.int8),
@@ -150,7 +150,7 @@ def test_pallas_prologue_matches_xla(k, n, form, dtype):
   """The fused norm + int8 kernel (interpret mode on CPU) gives the XLA codes and scales,
   for groups of projections, the GLU pair input and the MLGRU's gated output."""
   xs, norm_w, _ = _group_inputs(k, 8, n, form)
-  rows_in, aux = _xla_args(xs, form)
+  rows_in, aux = bitlinear_pallas.split_input(xs, form)
   ref, _ = bl._xla_codes(*rows_in, norm_w, *aux, eps=1e-8, x_dtype=jnp.bfloat16, form=form,
                          in_eps=1e-6)
   codes = lambda rows: jax.tree.leaves(bitlinear_pallas.activation_codes(
@@ -181,7 +181,7 @@ def test_pallas_backward_matches_xla(k, rows, n, form):
   of the norm-weight gradients (and the g-norm weight's), whatever the tile."""
   xs, norm_w, dys = _group_inputs(k, rows, n, form)
   wg = norm_w * jnp.linspace(0.5, 1.5, n)[:, None]
-  rows_in, aux = _xla_args(xs, form)
+  rows_in, aux = bitlinear_pallas.split_input(xs, form)
   ref_rows, ref_parts = bl._xla_backward(*rows_in, *dys, norm_w, wg, *aux, nx=len(rows_in), n=n,
                                          eps=1e-8, form=form, in_eps=1e-6)
   # On CPU the kernel's silu and the formed input's rounding match XLA's; elsewhere (GPU)

@@ -254,18 +254,8 @@ def _kernel_inputs(key, k: int, form: str, tokens: int) -> tuple[jax.Array, ...]
           1 + 0.1 * jax.random.normal(k3, (1, k)))
 
 
-def _xla_parts(xs, form: str) -> tuple[tuple, tuple]:
-  """(row arrays, replicated arrays) of a kernel input as the XLA path takes them."""
-  return (xs[:2], xs[2:]) if form == "gate" else (xs, ())
-
-
 def _form_tag(form: str) -> str:
   return "" if form == "x" else f"-{form}"
-
-
-def _input_arrays(form: str) -> int:
-  """How many [tokens, k] bf16 arrays a form's input (or its gradient) is."""
-  return {"x": 1, "glu": 2, "gate": 2}[form]
 
 
 def bitlinear_bwd_case(k: int, n: int = 1, form: str = "x", rows: int = 1, warps: int = 0,
@@ -287,13 +277,13 @@ def bitlinear_bwd_case(k: int, n: int = 1, form: str = "x", rows: int = 1, warps
   run = jax.jit(lambda xs, dys, w: bitlinear_pallas.backward(
       xs, dys, w, 0.5 * w, 1e-8, form, rows=rows, num_warps=warps, interpret=interpret))
   t = median_time(lambda: run(xs, dys, norm_w), iters)
-  rows_in, aux = _xla_parts(xs, form)
+  rows_in, aux = bitlinear_pallas.split_input(xs, form)
   rows_out, parts = bl._xla_backward(*rows_in, *dys, norm_w, 0.5 * norm_w, *aux,
                                      nx=len(rows_in), n=n, eps=1e-8, form=form, in_eps=1e-6)
   got = run(xs, dys, norm_w)
   err = _rel_err([*got[0], *got[1], *got[2]], [*rows_out, *parts])
   # each [tokens, k] bf16 array read or written once
-  nbytes = 2 * (_input_arrays(form) + n) * tokens * k * 2
+  nbytes = 2 * (bitlinear_pallas.form_of(form).mk_arrays + n) * tokens * k * 2
   return {"case": f"bitlinear_bwd-k{k}-n{n}{_form_tag(form)}-rows{rows}-warps{warps or 'auto'}",
           "ms": t * 1e3, "GB_per_s": nbytes / t / 1e9, "hbm_frac": nbytes / HBM_BW / t,
           "max_err": err}
@@ -316,12 +306,12 @@ def bitlinear_codes_case(k: int, n: int = 1, form: str = "x", rows: int = 0, war
   run = jax.jit(lambda xs, w: bitlinear_pallas.activation_codes(
       xs, w, 1e-8, jnp.int8, form, rows=rows, num_warps=warps, interpret=interpret))
   t = median_time(lambda: run(xs, norm_w), iters)
-  rows_in, aux = _xla_parts(xs, form)
+  rows_in, aux = bitlinear_pallas.split_input(xs, form)
   want, _ = bl._xla_codes(*rows_in, norm_w, *aux, eps=1e-8, x_dtype=jnp.bfloat16, form=form,
                           in_eps=1e-6)
   got, _ = run(xs, norm_w)
   err = max(float(jnp.mean(g != w)) for g, w in zip(got, want[:n]))
-  nbytes = (2 * _input_arrays(form) + n) * tokens * k + 4 * n * tokens
+  nbytes = (2 * bitlinear_pallas.form_of(form).mk_arrays + n) * tokens * k + 4 * n * tokens
   return {"case": f"bitlinear_codes-k{k}-n{n}{_form_tag(form)}-rows{rows or 'auto'}"
                   f"-warps{warps or 'auto'}",
           "ms": t * 1e3, "GB_per_s": nbytes / t / 1e9, "hbm_frac": nbytes / HBM_BW / t,

@@ -139,13 +139,8 @@ def _rows(fn, nx: int, n: int):
   return run
 
 
-def _aux(form: str) -> int:
-  """How many replicated arrays a form adds after the group's own (the gate's g-norm weight)."""
-  return 1 if form == "gate" else 0
-
-
 def _xla_codes(*args, eps, x_dtype, form, in_eps=0.0):
-  na = _aux(form)
+  na = bitlinear_pallas.form_of(form).replicated
   *xs, norm_w_NxK = args[:len(args) - na]
   xhat, _ = rms_normalize(_input((*xs, *args[len(args) - na:]), form, x_dtype, in_eps), eps)
   qs, ss = zip(*(activation_codes(xhat * w) for w in norm_w_NxK.astype(F32)))
@@ -153,7 +148,7 @@ def _xla_codes(*args, eps, x_dtype, form, in_eps=0.0):
 
 
 def _pallas_codes(*args, eps, x_dtype, form, in_eps=0.0):
-  na = _aux(form)
+  na = bitlinear_pallas.form_of(form).replicated
   *xs, norm_w_NxK = args[:len(args) - na]
   qs, ss = bitlinear_pallas.activation_codes((*xs, *args[len(args) - na:]), norm_w_NxK, eps,
                                              jnp.int8, form, x_dtype, in_eps=in_eps)

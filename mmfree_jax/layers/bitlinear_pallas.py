@@ -39,6 +39,7 @@ an ulp of a rounding boundary can land on the neighbouring code).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -68,7 +69,35 @@ def warps_for(k: int, n: int = 1) -> int:
   return warps
 
 
-FORMS = ("x", "glu", "gate")
+@dataclasses.dataclass(frozen=True)
+class Form:
+  """The arrays of an input form (the module docstring's three): `rows` per-row arrays
+  (x; p, r; g, h), then `replicated` ones (the gate's g-norm weight); `mk_arrays`: how
+  many [M, K] arrays the rows amount to (the GLU's p is [M, 2K]; its r is negligible);
+  `grads`: input-gradient arrays the backward writes; `extra_parts`: its partial sums
+  beyond the n projections'."""
+
+  rows: int
+  replicated: int
+  mk_arrays: int
+  grads: int
+  extra_parts: int
+
+
+FORMS = {"x": Form(1, 0, 1, 1, 0), "glu": Form(2, 0, 2, 1, 0), "gate": Form(2, 1, 2, 2, 1)}
+
+
+def form_of(form: str) -> Form:
+  """The `Form` named `form`; an unknown name is an error listing the known ones."""
+  if form not in FORMS:
+    raise ValueError(f"input form {form!r} is unknown; use one of {tuple(FORMS)}")
+  return FORMS[form]
+
+
+def split_input(xs, form: str) -> tuple[tuple, tuple]:
+  """(per-row arrays, replicated arrays) of a form's input, as the XLA path takes them."""
+  rows = form_of(form).rows
+  return tuple(xs[:rows]), tuple(xs[rows:])
 
 
 def _silu_parts(a):
@@ -220,10 +249,9 @@ def _quantize(ys, amax=None):
 
 
 def _n_inputs(form: str) -> int:
-  """How many arrays a form's input is (`FORMS`: the module docstring's three forms)."""
-  if form not in FORMS:
-    raise ValueError(f"input form {form!r} is unknown; use one of {FORMS}")
-  return FORMS.index(form) + 1
+  """How many arrays a form's input is."""
+  f = form_of(form)
+  return f.rows + f.replicated
 
 
 def _fwd_kernel(*refs, n: int, k: int, eps: float, form: str, x_dtype, in_eps: float):
@@ -321,14 +349,9 @@ def _store_input_grad(dx_refs, r0, rows: int, k: int, pieces, form: str, x_dtype
   return [[dgn * ghat for dgn, (ghat, *_) in zip(dgns, parts)]]
 
 
-def _n_grads(form: str) -> tuple[int, int]:
-  """(input-gradient arrays, extra weight-gradient partial sums) of a form."""
-  return (2, 1) if form == "gate" else (1, 0)
-
-
 def _bwd_kernel(*refs, n: int, k: int, eps: float, form: str, x_dtype, bm: int, rows: int,
                 in_eps: float):
-  nx, (nd, _) = _n_inputs(form), _n_grads(form)
+  nx, nd = _n_inputs(form), form_of(form).grads
   x_refs, dy_refs, (w_ref, wg_ref) = refs[:nx], refs[nx:nx + n], refs[nx + n:nx + n + 2]
   rest = refs[nx + n + 2:]
   dx_refs, yq_refs, part_refs = rest[:nd], rest[nd:nd + n], rest[nd + n:]
@@ -407,7 +430,7 @@ def backward(xs, dys, norm_w_NxK: jax.Array, wg_NxK: jax.Array, eps: float, form
   rows = min(rows, bm)
   assert len(xs) == _n_inputs(form), (form, len(xs))
   k, kp = _width(xs, form)
-  nd, extra = _n_grads(form)
+  nd, extra = form_of(form).grads, form_of(form).extra_parts
   x_specs = _x_specs(bm, kp, form)
   block = pl.BlockSpec((bm, kp), lambda i: (i, 0))
   part = pl.BlockSpec((pl.squeezed, kp), lambda i: (i, 0))
