@@ -130,15 +130,20 @@ def test_pallas_impl_falls_back_off_gpu():
     np.testing.assert_array_equal(a, b)
 
 
+def _recurrence_arrays(b, t, d, seed):
+  """float32 f in [0.5, 1), x and dh [b, t, d]; h0 and dlast [b, d]."""
+  rng = np.random.default_rng(seed)
+  f = rng.uniform(0.5, 1.0, (b, t, d)).astype(np.float32)
+  x, dh = (rng.normal(size=(b, t, d)).astype(np.float32) for _ in range(2))
+  h0, dlast = (rng.normal(size=(b, d)).astype(np.float32) for _ in range(2))
+  return f, x, dh, h0, dlast
+
+
 @pytest.mark.parametrize("inclusive", [True, False])
 def test_lookback_h_first_changes_the_kernel_not_the_results(monkeypatch, inclusive):
   """`LOOKBACK_H_FIRST` (the look-back backward loads h before its look-back) gives
   bit-identical gradients from a different kernel program (interpret mode)."""
-  b, t, d = 2, 128, 64
-  rng = np.random.default_rng(5)
-  f = rng.uniform(0.5, 1.0, (b, t, d)).astype(np.float32)
-  h, dh = (rng.normal(size=(b, t, d)).astype(np.float32) for _ in range(2))
-  h0, dlast = (rng.normal(size=(b, d)).astype(np.float32) for _ in range(2))
+  f, h, dh, h0, dlast = _recurrence_arrays(2, 128, 64, seed=5)  # h: any states will do
   kw = {"block_d": 32, "chunk_t": 32, "publish_inclusive": inclusive}
   outs, kernels = {}, {}
   for first in (False, True):
@@ -158,11 +163,7 @@ def test_lookback_kernels_on_gpu_match_numpy(monkeypatch, inclusive, h_first):
   other's published carries: h, last state and all gradients (also with the states loaded
   before the backward's look-back, `LOOKBACK_H_FIRST`)."""
   monkeypatch.setattr(scan_pallas, "LOOKBACK_H_FIRST", h_first)
-  b, t, d = 4, 1024, 512
-  rng = np.random.default_rng(4)
-  f = rng.uniform(0.5, 1.0, (b, t, d)).astype(np.float32)
-  x, dh = (rng.normal(size=(b, t, d)).astype(np.float32) for _ in range(2))
-  h0, dlast = (rng.normal(size=(b, d)).astype(np.float32) for _ in range(2))
+  f, x, dh, h0, dlast = _recurrence_arrays(4, 1024, 512, seed=4)
   kw = {"block_d": 32, "chunk_t": 64, "publish_inclusive": inclusive}
   h, last = scan_pallas.forward(f, x, h0, **kw)
   want = np_recurrence(f.astype(np.float64), x.astype(np.float64), h0.astype(np.float64), None)
