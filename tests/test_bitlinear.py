@@ -204,14 +204,17 @@ def test_pallas_backward_matches_xla(k, rows, n, form):
 
 
 
-@pytest.mark.parametrize("k,rows,n,form", [(96, 48, 3, "x"), (80, 64, 1, "glu"), (100, 32, 1, "gate")])
-def test_backward_reload_changes_the_kernel_not_the_results(monkeypatch, k, rows, n, form):
-  """`BWD_RELOAD` (norm weights loaded per row, cotangents loaded again for the partial
-  sums) gives bit-identical outputs in every form, from a different kernel program."""
+@pytest.mark.parametrize("k,rows,n,form,reload", [
+    (96, 48, 3, "x", ("cotangents", "weights")), (100, 32, 1, "gate", ("cotangents", "weights")),
+    (80, 64, 1, "glu", ("cotangents", "weights")), (80, 64, 1, "glu", ("cotangents",)),
+    (80, 64, 1, "glu", ("weights",))])
+def test_backward_reload_changes_the_kernel_not_the_results(monkeypatch, k, rows, n, form, reload):
+  """`BWD_RELOAD` (cotangents loaded again for the partial sums, norm weights loaded per
+  row) gives bit-identical outputs in every form, from a different kernel program."""
   xs, norm_w, dys = _group_inputs(k, rows, n, form)
   wg = norm_w * jnp.linspace(0.5, 1.5, n)[:, None]
   outs, kernels = {}, {}
-  for reload in (False, True):
+  for reload in ((), reload):
     monkeypatch.setattr(bitlinear_pallas, "BWD_RELOAD", reload)
     # Unjitted and a new function each time, so nothing is reused from the other setting's
     # trace (the flag is read when the kernel is traced).
@@ -219,8 +222,8 @@ def test_backward_reload_changes_the_kernel_not_the_results(monkeypatch, k, rows
                             in_eps=1e-6)
     outs[reload] = run(xs, dys, norm_w, wg, interpret=True)
     kernels[reload] = str(jax.make_jaxpr(run)(xs, dys, norm_w, wg))  # the kernel's program
-  assert kernels[True] != kernels[False]
-  for a, b in zip(jax.tree.leaves(outs[True]), jax.tree.leaves(outs[False])):
+  assert kernels[reload] != kernels[()]
+  for a, b in zip(jax.tree.leaves(outs[reload]), jax.tree.leaves(outs[()])):
     np.testing.assert_array_equal(np.float32(a), np.float32(b))
 
 
@@ -233,11 +236,11 @@ def test_backward_reload_on_gpu_matches_the_default(monkeypatch, k, n, form):
   xs, norm_w, dys = _group_inputs(k, 1024, n, form)
   wg = norm_w * jnp.linspace(0.5, 1.5, n)[:, None]
   outs = {}
-  for reload in (False, True):
+  for reload in ((), ("cotangents", "weights")):
     monkeypatch.setattr(bitlinear_pallas, "BWD_RELOAD", reload)
     outs[reload] = jax.tree.leaves(bitlinear_pallas.backward.__wrapped__(  # traced afresh
         xs, dys, norm_w, wg, 1e-8, form, in_eps=1e-6))
-  for a, b in zip(outs[True], outs[False]):
+  for a, b in zip(*outs.values()):
     a, b = np.float32(a), np.float32(b)
     assert np.mean(a == b) > 0.999
     np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2 * np.abs(b).max())

@@ -140,4 +140,29 @@ def test_triton_report_lowers_every_kernel_of_a_layer():
   r = triton_report.resources(text, warps)
   assert 0 < r["registers"] <= 255 and r["spill_stores"] >= 0
   assert r["instructions"] == sum(r["opcodes"].values()) > 0
+  assert 0 < r["loop_instructions"] < r["instructions"]  # the backward's row loop
   assert r["opcodes"]["LDG"] > 0 and r["opcodes"]["STG"] > 0
+
+
+def test_triton_report_counts_the_largest_loop():
+  """`_largest_loop` on nvdisasm's layout (`nvdisasm -c`): labels on their own lines,
+  branches back to them; a branch forward and EXIT's trailing self-branch are no loops."""
+  sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   BRA `(.L_x_2) ;
+.L_x_0:
+        /*0020*/                   FADD R2, R2, R3 ;
+.L_x_1:
+        /*0030*/                   FMUL R2, R2, R3 ;
+        /*0040*/               @P0 BRA `(.L_x_1) ;
+        /*0050*/                   ISETP.NE.AND P1, PT, R4, RZ, PT ;
+        /*0060*/               @P1 BRA `(.L_x_0) ;
+.L_x_2:
+        /*0070*/                   EXIT ;
+.L_x_3:
+        /*0080*/                   BRA `(.L_x_3);
+.L_x_4:
+        /*0090*/                   NOP;
+"""
+  assert triton_report._largest_loop(sass) == 5  # .L_x_0 .. its branch back (nested loop inside)
+  assert triton_report._largest_loop(sass.split(".L_x_0:")[0]) == 0

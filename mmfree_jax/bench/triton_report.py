@@ -6,7 +6,8 @@ for CUDA on this machine, then compiles each kernel's Triton module for sm_90 wi
 `triton` package's own pipeline and `ptxas` (`pip install triton`; its compiler is a
 newer or older Triton than the GPU's jaxlib carries, so the numbers are a proxy: they
 show spills and register pressure, not time). Use it to check a kernel change before
-spending GPU time on it, e.g. `--patch='{"mmfree_jax.layers.bitlinear_pallas.BWD_RELOAD": true}'`.
+spending GPU time on it, e.g.
+`--patch='{"mmfree_jax.layers.bitlinear_pallas.BWD_RELOAD": ["cotangents"]}'`.
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ def triton_modules(cfg, batch: int, seq_len: int) -> list[tuple[str, str, int, s
 
 def resources(ttir: str, warps: int, sm: int = SM) -> dict:
   """ptxas's registers and spill bytes per thread and the SASS instruction count (with a
-  count per opcode) of one Triton module compiled for `sm` by the `triton` package."""
+  count per opcode, and in its largest loop) of one Triton module compiled for `sm` by the
+  `triton` package."""
   try:
     import triton  # noqa: PLC0415
     from triton.backends.compiler import GPUTarget  # noqa: PLC0415
@@ -92,10 +94,31 @@ def resources(ttir: str, warps: int, sm: int = SM) -> dict:
     sass = subprocess.run([os.path.join(tools, "nvdisasm"), "-c", cubin], capture_output=True,
                           text=True, check=True).stdout
   spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-  ops = collections.Counter(re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass))
+  ops = collections.Counter(re.findall(_OPCODE, sass))
   return {"registers": int(re.search(r"Used (\d+) registers", log).group(1)),
           "spill_stores": int(spills.group(1)), "spill_loads": int(spills.group(2)),
-          "instructions": sum(ops.values()), "opcodes": dict(ops)}
+          "instructions": sum(ops.values()), "loop_instructions": _largest_loop(sass),
+          "opcodes": dict(ops)}
+
+
+_OPCODE = r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)"
+
+
+def _largest_loop(sass: str) -> int:
+  """Instructions in the largest span from a label to a branch back to it (a kernel's row
+  or time loop: what runs once per iteration); 0 without a loop."""
+  labels, order, pending = {}, [], []
+  for line in sass.splitlines():
+    if m := re.match(r"\s*\.(L_x_\d+):", line):
+      pending.append(m.group(1))
+    elif re.search(_OPCODE, line):
+      for name in pending:
+        labels[name] = len(order)
+      pending = []
+      order.append(line)
+  spans = [i - labels[m.group(1)] + 1 for i, line in enumerate(order)
+           if (m := re.search(r"\bBRA\b.*?\.(L_x_\d+)", line)) and labels.get(m.group(1), i) < i]
+  return max(spans, default=0)
 
 
 def main(argv):
@@ -108,13 +131,13 @@ def main(argv):
   print(f"{_SIZE.value} (one layer), batch {_BATCH.value} x {_SEQ.value}, sm_{SM}"
         + (f", patch {_PATCH.value}" if _PATCH.value else ""), flush=True)
   print("| # | kernel | first operand | warps | registers | spill bytes (st/ld) | instructions "
-        "| LDG | STG | MUFU | BAR |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|")
+        "| in its loop | LDG | STG | MUFU | BAR |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
   for i, (name, operand, warps, ttir) in enumerate(triton_modules(cfg, _BATCH.value, _SEQ.value), 1):
     r = resources(ttir, warps)
     ops = r["opcodes"]
     print(f"| {i} | {name} | {operand} | {warps} | {r['registers']} | {r['spill_stores']}/{r['spill_loads']} "
-          f"| {r['instructions']} | {ops.get('LDG', 0)} | {ops.get('STG', 0)} "
+          f"| {r['instructions']} | {r['loop_instructions'] or ''} | {ops.get('LDG', 0)} | {ops.get('STG', 0)} "
           f"| {ops.get('MUFU', 0)} | {ops.get('BAR', 0)} |", flush=True)
 
 

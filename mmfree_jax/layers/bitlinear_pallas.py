@@ -111,13 +111,15 @@ def _silu_parts(a):
 # pieces, K = 2816 0.66 / 0.57 / 0.90; BENCHMARKS.md).
 CODES_PIECES, BWD_PIECES = 8, 2
 
-# The backward kernel loads the norm weights for each row and loads the cotangent tiles a
-# second time for the norm-weight partial sums (from L1/L2: the same lines it has just
-# read), instead of holding both in registers across the row's reductions. The same
-# results; fewer registers: at K = 5632 (the GLU's down projection, 8 warps), ptxas for
-# sm_90 reports 12 instead of 180 bytes of spills per thread and 2,136 instead of 2,160
-# instructions (`python -m mmfree_jax.bench.triton_report`). Off until timed on a GPU.
-BWD_RELOAD = False
+# What the backward kernel loads again where it uses it instead of holding it in registers
+# across the row's reductions: "cotangents" (the dy tiles, for the norm-weight partial sums:
+# the lines it has just read, so from L1/L2) and/or "weights" (the norm weights, per row).
+# The same results; fewer registers, more instructions per row (sm_90, ptxas of the
+# `triton` package, `python -m mmfree_jax.bench.triton_report`): GLU down backward spills
+# 180 -> 64 bytes per thread with "cotangents" (1,919 -> 1,890 instructions per row), -> 12
+# with both (1,949); one projection 142 -> 128 registers (4 programs per SM, +3%
+# instructions). Empty (off) until timed on a GPU (BENCHMARKS.md, "2026-12-05, second session").
+BWD_RELOAD: tuple[str, ...] = ()
 
 
 def _pieces(k: int, most: int) -> tuple[tuple[int, int], ...]:
@@ -360,7 +362,7 @@ def _bwd_kernel(*refs, n: int, k: int, eps: float, form: str, x_dtype, bm: int, 
   def vectors(ref):  # the n norm weights (or wg), one [width] vector per piece
     return [[_vector(ref, j, off, w, k) for off, w in pieces] for j in range(n)]
 
-  held = None if BWD_RELOAD else (vectors(w_ref), vectors(wg_ref))
+  held = None if "weights" in BWD_RELOAD else (vectors(w_ref), vectors(wg_ref))
   steps = bm // rows
 
   def load(i):  # step i's input and cotangent tiles, as loaded
@@ -387,7 +389,7 @@ def _bwd_kernel(*refs, n: int, k: int, eps: float, form: str, x_dtype, bm: int, 
       for q, (off, w) in zip(qs, pieces):
         _store(yq_refs[j], r0, rows, off, w, k, q / s)
     dxs = [rstd * (dxh - xh * mean) for dxh, xh in zip(dxhats, xhats)]
-    if BWD_RELOAD:
+    if "cotangents" in BWD_RELOAD:
       dys = [[_load(ref, r0, rows, off, w, k).astype(F32) for off, w in pieces] for ref in dy_refs]
     terms = [[dy[p] * xhats[p] for p in range(len(pieces))] for dy in dys]
     terms += _store_input_grad(dx_refs, r0, rows, k, pieces, form, x_dtype, dxs, formed)
