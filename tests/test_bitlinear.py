@@ -203,7 +203,6 @@ def test_pallas_backward_matches_xla(k, rows, n, form):
       np.testing.assert_allclose(a, b, rtol=part_tol, atol=part_tol * np.abs(b).max())
 
 
-
 @pytest.mark.parametrize("k,rows,n,form,reload", [
     (96, 48, 3, "x", ("cotangents", "weights")), (100, 32, 1, "gate", ("cotangents", "weights")),
     (80, 64, 1, "glu", ("cotangents", "weights")), (80, 64, 1, "glu", ("cotangents",)),
@@ -227,7 +226,6 @@ def test_backward_reload_changes_the_kernel_not_the_results(monkeypatch, k, rows
     np.testing.assert_array_equal(np.float32(a), np.float32(b))
 
 
-
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="Pallas GPU kernel needs a GPU")
 @pytest.mark.parametrize("k,n,form", [(5632, 1, "glu"), (2048, 3, "x"), (2048, 1, "gate")])
 def test_backward_reload_on_gpu_matches_the_default(monkeypatch, k, n, form):
@@ -244,6 +242,7 @@ def test_backward_reload_on_gpu_matches_the_default(monkeypatch, k, n, form):
     a, b = np.float32(a), np.float32(b)
     assert np.mean(a == b) > 0.999
     np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2 * np.abs(b).max())
+
 
 def _grads(f, args, cot):
   out, vjp = jax.vjp(f, *args)

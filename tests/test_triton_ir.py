@@ -16,30 +16,25 @@ from mmfree_jax.layers import bitlinear as bl
 from mmfree_jax.layers import bitlinear_pallas, scan_pallas
 from mmfree_jax.layers.scan import linear_recurrence, mlgru_recurrence
 
-triton_lowering = pytest.importorskip("jax._src.pallas.triton.lowering")
-registration = pytest.importorskip("jax._src.pallas.triton.pallas_call_registration")
+pytest.importorskip("jax._src.pallas.triton.pallas_call_registration")
 
 
 @pytest.fixture
-def verified(monkeypatch):
+def verified():
   """(names, texts) of the Triton modules lowered so far, each verified as it is built."""
   seen, texts = [], {}
-  lower = triton_lowering.lower_jaxpr_to_triton_module
 
-  def lower_and_verify(*args, **kwargs):
-    result = lower(*args, **kwargs)
-    name = result.module.operation.attributes["sym_name"].value
-    with result.module.context:
+  def verify(name, _operand, _warps, module):
+    with module.context:
       try:
-        result.module.operation.verify()
+        module.operation.verify()
       except Exception as e:  # noqa: BLE001 - the verifier's message is the test's
         pytest.fail(f"Triton module {name} fails verification: {str(e)[:2000]}")
     seen.append(name)
-    texts[name] = str(result.module)
-    return result
+    texts[name] = str(module)
 
-  monkeypatch.setattr(registration.lowering, "lower_jaxpr_to_triton_module", lower_and_verify)
-  return seen, texts
+  with triton_report.capturing_modules(verify):
+    yield seen, texts
 
 
 def _lower_for_cuda(fn, *args):

@@ -13,6 +13,7 @@ spending GPU time on it, e.g.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import re
@@ -31,16 +32,12 @@ _PATCH = flags.DEFINE_string("patch", "", 'Module attributes to set first, as JS
 SM = 90  # the H100 / H200
 
 
-def triton_modules(cfg, batch: int, seq_len: int) -> list[tuple[str, str, int, str]]:
-  """(kernel name, its first operand's type, warps, Triton IR text) of every Pallas kernel
-  in the gradient of the model `cfg`'s loss, in lowering order, lowered for CUDA on
-  whatever machine this is."""
-  import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
+@contextlib.contextmanager
+def capturing_modules(check=None):
+  """Within the block, every Pallas Triton module lowered is appended to the yielded list as
+  (kernel name, its first operand's type, warps, the MLIR module); `check(*entry)` runs on
+  each as it is built."""
   from jax._src.pallas.triton import lowering, pallas_call_registration  # noqa: PLC0415
-
-  from mmfree_jax.models import LM  # noqa: PLC0415
-  from mmfree_jax.train.step import loss_sums  # noqa: PLC0415
 
   found, lower = [], lowering.lower_jaxpr_to_triton_module
 
@@ -48,26 +45,45 @@ def triton_modules(cfg, batch: int, seq_len: int) -> list[tuple[str, str, int, s
     result = lower(*args, **kwargs)
     # The caller (Pallas' Triton lowering rule) holds the kernel's operands and warps.
     caller = sys._getframe(1).f_locals  # noqa: SLF001
-    found.append((result.module.operation.attributes["sym_name"].value,
-                  caller["ctx"].avals_in[0].str_short(), caller["num_warps"], str(result.module)))
+    ctx = caller.get("ctx")
+    entry = (result.module.operation.attributes["sym_name"].value,
+             ctx.avals_in[0].str_short() if ctx else None, caller.get("num_warps"), result.module)
+    if check:
+      check(*entry)
+    found.append(entry)
     return result
+
+  pallas_call_registration.lowering.lower_jaxpr_to_triton_module = keep
+  try:
+    yield found
+  finally:
+    pallas_call_registration.lowering.lower_jaxpr_to_triton_module = lower
+
+
+def triton_modules(cfg, batch: int, seq_len: int) -> list[tuple[str, str, int, str]]:
+  """(kernel name, its first operand's type, warps, Triton IR text) of every Pallas kernel
+  in the gradient of the model `cfg`'s loss, in lowering order, lowered for CUDA on
+  whatever machine this is."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from mmfree_jax.models import LM  # noqa: PLC0415
+  from mmfree_jax.train.step import loss_sums  # noqa: PLC0415
 
   tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
   batch_spec = {"inputs": tokens, "targets": tokens,
                 "weights": jax.ShapeDtypeStruct((batch, seq_len), jnp.float32)}
   params = jax.eval_shape(lambda: LM(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
   grad = jax.grad(lambda p, b: loss_sums(cfg, p, b)[0])
-  pallas_call_registration.lowering.lower_jaxpr_to_triton_module = keep
-  try:
-    jax.jit(grad).trace(params["params"], batch_spec).lower(lowering_platforms=("cuda",))
-  except RuntimeError as e:  # jax >= 0.11 reads the GPU's model while lowering
-    if "No supported GPU devices found" not in str(e):
-      raise
-    raise SystemExit("triton_report: this jax lowers Pallas Triton kernels only with a GPU "
-                     "present; run it with the jax of requirements.txt") from None
-  finally:
-    pallas_call_registration.lowering.lower_jaxpr_to_triton_module = lower
-  return found
+  with capturing_modules() as found:
+    try:
+      jax.jit(grad).trace(params["params"], batch_spec).lower(lowering_platforms=("cuda",))
+    except RuntimeError as e:  # jax >= 0.11 reads the GPU's model while lowering
+      if "No supported GPU devices found" not in str(e):
+        raise
+      raise SystemExit("triton_report: this jax lowers Pallas Triton kernels only with a GPU "
+                       "present; run it with the jax of requirements.txt") from None
+  return [(name, operand, warps, str(module)) for name, operand, warps, module in found]
 
 
 def resources(ttir: str, warps: int, sm: int = SM) -> dict:

@@ -432,7 +432,8 @@ def backward(xs, dys, norm_w_NxK: jax.Array, wg_NxK: jax.Array, eps: float, form
   rows = min(rows, bm)
   assert len(xs) == _n_inputs(form), (form, len(xs))
   k, kp = _width(xs, form)
-  nd, extra = form_of(form).grads, form_of(form).extra_parts
+  f = form_of(form)
+  nd, extra = f.grads, f.extra_parts
   x_specs = _x_specs(bm, kp, form)
   block = pl.BlockSpec((bm, kp), lambda i: (i, 0))
   part = pl.BlockSpec((pl.squeezed, kp), lambda i: (i, 0))
