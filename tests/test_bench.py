@@ -66,6 +66,12 @@ def test_train_case_times_and_profiles_one_compiled_step(tmp_path):
   assert "ENTRY" in (tmp_path / "step.hlo.txt").read_text()
 
 
+def test_transformer_train_rows_name_their_attention():
+  """A Transformer++ row says which attention it timed (XLA's unless "cudnn" was asked)."""
+  row = cases.train_case("transformer", "micro", 2, seq_len=16, iters=1, dtype="float32")
+  assert row["case"] == "train-transformer-micro-b2-lean-attention=xla-dtype=float32"
+
+
 def test_one_case_can_patch_a_module_attribute_first(monkeypatch):
   """`--one` specs with "patch" set a lever that is not the default (for an A/B) before
   the case runs, and say so in the case name; a patch of nothing is an error."""

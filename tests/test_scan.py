@@ -1,6 +1,5 @@
 """Every recurrence variant against a float64 NumPy loop, values and gradients."""
 
-import functools
 import re
 
 import jax
@@ -130,40 +129,16 @@ def test_pallas_impl_falls_back_off_gpu():
     np.testing.assert_array_equal(a, b)
 
 
-def _recurrence_arrays(b, t, d, seed):
-  """float32 f in [0.5, 1), x and dh [b, t, d]; h0 and dlast [b, d]."""
-  rng = np.random.default_rng(seed)
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="Pallas GPU kernels need a GPU")
+@pytest.mark.parametrize("inclusive", [True, False])
+def test_lookback_kernels_on_gpu_match_numpy(inclusive):
+  """The look-back kernels compiled for the GPU, 1,024 programs at once waiting on each
+  other's published carries: h, last state and all gradients."""
+  b, t, d = 4, 1024, 512
+  rng = np.random.default_rng(4)
   f = rng.uniform(0.5, 1.0, (b, t, d)).astype(np.float32)
   x, dh = (rng.normal(size=(b, t, d)).astype(np.float32) for _ in range(2))
   h0, dlast = (rng.normal(size=(b, d)).astype(np.float32) for _ in range(2))
-  return f, x, dh, h0, dlast
-
-
-@pytest.mark.parametrize("inclusive", [True, False])
-def test_lookback_h_first_changes_the_kernel_not_the_results(monkeypatch, inclusive):
-  """`LOOKBACK_H_FIRST` (the look-back backward loads h before its look-back) gives
-  bit-identical gradients from a different kernel program (interpret mode)."""
-  f, h, dh, h0, dlast = _recurrence_arrays(2, 128, 64, seed=5)  # h: any states will do
-  kw = {"block_d": 32, "chunk_t": 32, "publish_inclusive": inclusive}
-  outs, kernels = {}, {}
-  for first in (False, True):
-    monkeypatch.setattr(scan_pallas, "LOOKBACK_H_FIRST", first)
-    run = functools.partial(scan_pallas.backward.__wrapped__, **kw)  # traced afresh
-    outs[first] = run(f, h, dh, h0, dlast, interpret=True)
-    kernels[first] = str(jax.make_jaxpr(run)(f, h, dh, h0, dlast))
-  assert kernels[True] != kernels[False]
-  for a, b_ in zip(outs[True], outs[False]):
-    np.testing.assert_array_equal(a, b_)
-
-
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="Pallas GPU kernels need a GPU")
-@pytest.mark.parametrize("inclusive,h_first", [(True, False), (False, False), (True, True)])
-def test_lookback_kernels_on_gpu_match_numpy(monkeypatch, inclusive, h_first):
-  """The look-back kernels compiled for the GPU, 1,024 programs at once waiting on each
-  other's published carries: h, last state and all gradients (also with the states loaded
-  before the backward's look-back, `LOOKBACK_H_FIRST`)."""
-  monkeypatch.setattr(scan_pallas, "LOOKBACK_H_FIRST", h_first)
-  f, x, dh, h0, dlast = _recurrence_arrays(4, 1024, 512, seed=4)
   kw = {"block_d": 32, "chunk_t": 64, "publish_inclusive": inclusive}
   h, last = scan_pallas.forward(f, x, h0, **kw)
   want = np_recurrence(f.astype(np.float64), x.astype(np.float64), h0.astype(np.float64), None)
@@ -173,8 +148,7 @@ def test_lookback_kernels_on_gpu_match_numpy(monkeypatch, inclusive, h_first):
   dh_total[:, -1] += dlast
   exp = np_recurrence_grads(f.astype(np.float64), x.astype(np.float64), h0.astype(np.float64),
                             None, dh_total)
-  # unjitted, so the flag is read here rather than reused from another case's trace
-  for got, e in zip(scan_pallas.backward.__wrapped__(f, h, dh, h0, dlast, **kw), exp):
+  for got, e in zip(scan_pallas.backward(f, h, dh, h0, dlast, **kw), exp):
     np.testing.assert_allclose(got, e, rtol=1e-3, atol=1e-3)
 
 

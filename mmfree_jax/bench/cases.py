@@ -393,7 +393,10 @@ def train_case(arch: str, size: str, batch: int, remat: str = "lean", seq_len: i
   tps = batch * seq_len / t
   fl = flops_lib.train_flops_per_token(cfg, seq_len) * tps
   official = OFFICIAL.get((arch, size, batch))
-  tag = "".join(f"-{k}={v}" for k, v in model_kw.items())
+  # attention's implementation is part of a Transformer++ row's name: XLA's attention is
+  # ~3x slower than cuDNN's at 370M (BENCHMARKS.md), so a row must say which one it timed
+  attn = {"attention": attention_impl or "xla"} if arch == "transformer" else {}
+  tag = "".join(f"-{k}={v}" for k, v in {**attn, **model_kw}.items())
   row = {"case": f"train-{arch}-{size}-b{batch}-{remat}{tag}", "step_ms": t * 1e3,
          "tokens_per_s": tps, "peak_GiB": peak_gib(), "compile_s": compile_s,
          "mfu_989": fl / 989e12, "mfu_810": fl / flops_lib.H200_MEASURED_PEAK,

@@ -111,16 +111,6 @@ def _silu_parts(a):
 # pieces, K = 2816 0.66 / 0.57 / 0.90; BENCHMARKS.md).
 CODES_PIECES, BWD_PIECES = 8, 2
 
-# What the backward kernel loads again where it uses it instead of holding it in registers
-# across the row's reductions: "cotangents" (the dy tiles, for the norm-weight partial sums:
-# the lines it has just read, so from L1/L2) and/or "weights" (the norm weights, per row).
-# The same results; fewer registers, more instructions per row (sm_90, ptxas of the
-# `triton` package, `python -m mmfree_jax.bench.triton_report`): GLU down backward spills
-# 180 -> 64 bytes per thread with "cotangents" (1,919 -> 1,890 instructions per row), -> 12
-# with both (1,949); one projection 142 -> 128 registers (4 programs per SM, +3%
-# instructions). Empty (off) until timed on a GPU (BENCHMARKS.md, "2026-12-05, second session").
-BWD_RELOAD: tuple[str, ...] = ()
-
 
 def _pieces(k: int, most: int) -> tuple[tuple[int, int], ...]:
   """(offset, width) column pieces of a row of K: the powers of two in K rounded up to a
@@ -358,11 +348,8 @@ def _bwd_kernel(*refs, n: int, k: int, eps: float, form: str, x_dtype, bm: int, 
   rest = refs[nx + n + 2:]
   dx_refs, yq_refs, part_refs = rest[:nd], rest[nd:nd + n], rest[nd + n:]
   pieces = _pieces(k, BWD_PIECES)
-
-  def vectors(ref):  # the n norm weights (or wg), one [width] vector per piece
-    return [[_vector(ref, j, off, w, k) for off, w in pieces] for j in range(n)]
-
-  held = None if "weights" in BWD_RELOAD else (vectors(w_ref), vectors(wg_ref))
+  ws = [[_vector(w_ref, j, off, w, k) for off, w in pieces] for j in range(n)]
+  wgs = [[_vector(wg_ref, j, off, w, k) for off, w in pieces] for j in range(n)]
   steps = bm // rows
 
   def load(i):  # step i's input and cotangent tiles, as loaded
@@ -374,7 +361,6 @@ def _bwd_kernel(*refs, n: int, k: int, eps: float, form: str, x_dtype, bm: int, 
     parts, loaded = carry
     nxt = load(jnp.minimum(i + 1, steps - 1))  # in flight while this step computes
     r0 = i * rows
-    ws, wgs = held or (vectors(w_ref), vectors(wg_ref))
     xs, formed = _form_input(loaded[0], form, x_dtype, k, in_eps)
     dys = [[t.astype(F32) for t in dy] for dy in loaded[1]]
     dxhats = [sum(dy[p] * wg[p] for dy, wg in zip(dys, wgs)) for p in range(len(pieces))]
@@ -389,8 +375,6 @@ def _bwd_kernel(*refs, n: int, k: int, eps: float, form: str, x_dtype, bm: int, 
       for q, (off, w) in zip(qs, pieces):
         _store(yq_refs[j], r0, rows, off, w, k, q / s)
     dxs = [rstd * (dxh - xh * mean) for dxh, xh in zip(dxhats, xhats)]
-    if "cotangents" in BWD_RELOAD:
-      dys = [[_load(ref, r0, rows, off, w, k).astype(F32) for off, w in pieces] for ref in dy_refs]
     terms = [[dy[p] * xhats[p] for p in range(len(pieces))] for dy in dys]
     terms += _store_input_grad(dx_refs, r0, rows, k, pieces, form, x_dtype, dxs, formed)
     parts = tuple(tuple(acc + jnp.sum(t, axis=0) for acc, t in zip(part, ts))

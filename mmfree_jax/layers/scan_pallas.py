@@ -188,13 +188,6 @@ def backward(f_BxTxD, h_BxTxD, dh_BxTxD, h0_BxD, dlast_BxD, *, block_d: int,
 
 AGGREGATE, INCLUSIVE = 1, 2  # flag values; INCLUSIVE must be AGGREGATE + 1 (_publish)
 
-# The look-back backward loads the chunk's states h (for df) with f and dh, before its
-# look-back, so their latency overlaps the wait instead of following it. The same results;
-# more registers: ptxas for sm_90 reports 544 bytes of spills per thread at 1 warp (172
-# before) and none at 2 warps (220 registers; `num_warps=2` in the kernel spec). Off until
-# timed on a GPU (BENCHMARKS.md, section "2026-12-05, second session").
-LOOKBACK_H_FIRST = False
-
 
 def _ticket(ctr_ref, n_chunks: int, n_blk: int, reverse: bool):
   ticket = pltriton.atomic_add(ctr_ref, jnp.int32(0), jnp.int32(1))
@@ -297,21 +290,16 @@ def _lookback_bwd_kernel(f_ref, h_ref, dh_ref, h0_ref, dlast_ref, _ctr, _flags, 
     s, a = fk * (s + dk.astype(F32)), a * fk
   first = c == n_chunks - 1
   dlast = dlast_ref[b, cols].astype(F32)
-
-  def states_before():  # h entering each step of the chunk (h0 before the first), as loaded
-    before = jnp.where(c == 0, h0_ref[b, cols].astype(F32),
-                       h_ref[b, jnp.maximum(t0 - 1, 0), cols].astype(F32))
-    return [before] + [h_ref[b, t0 + k, cols] for k in range(chunk - 1)]
-
-  early = states_before() if LOOKBACK_H_FIRST else None
   carry = _chain(flag_ref, a_ref, s_ref, incl_ref, a=a, s=s, init=dlast, step=-1,
                  inclusive=inclusive, lane=lane, b=b, c=c, cols=cols, first=first,
                  n_chunks=n_chunks)
-  h_prev = early or states_before()
+  h_before = jnp.where(c == 0, h0_ref[b, cols].astype(F32),
+                       h_ref[b, jnp.maximum(t0 - 1, 0), cols].astype(F32))
+  h_prev = [h_before] + [h_ref[b, t0 + k, cols].astype(F32) for k in range(chunk - 1)]
   for k in range(chunk - 1, -1, -1):
     g = dhs[k].astype(F32) + carry
     dx_ref[b, t0 + k, cols] = g.astype(dx_ref.dtype)
-    df_ref[b, t0 + k, cols] = (g * h_prev[k].astype(F32)).astype(df_ref.dtype)
+    df_ref[b, t0 + k, cols] = (g * h_prev[k]).astype(df_ref.dtype)
     carry = fs[k].astype(F32) * g
 
   @pl.when(c == 0)
