@@ -37,10 +37,25 @@ def test_short_op_name():
       "fwd:LM/layers/mlp/dot_general")
 
 
-def test_recurrence_case_reports_error_against_the_reference():
+@pytest.mark.parametrize("card,bw", [(None, 3.3e12), ("H100", 2.5e12)])
+def test_recurrence_case_reports_error_against_the_reference(card, bw, monkeypatch):
+  """The HBM floor counts the card's own copy bandwidth (the H200's off the known cards)."""
+  monkeypatch.setattr(cases, "card", lambda: card)
   row = cases.recurrence_case("pallas", 2, 16, 32, iters=1)
   assert row["case"] == "scan-pallas-2x16x32"
   assert row["max_err"] < 1e-2 and row["fwd_ms"] > 0 and 0 < row["fwd_hbm_frac"]
+  assert row["floor_fwd_ms"] == pytest.approx(3 * 2 * 16 * 32 * 2 / bw * 1e3)
+
+
+@pytest.mark.parametrize("card", ["H200", "H100", None])
+def test_speedup_over_the_official_code_only_on_its_card(card, monkeypatch):
+  """The official numbers were measured on an H200: elsewhere a ratio would compare two
+  GPUs, so the row keeps their numbers and leaves the speed-up out."""
+  monkeypatch.setattr(cases, "card", lambda: card)
+  row = cases.vs_official("mmfree", "1.3B", 16, 72_696.0)
+  assert row["official_tokens_per_s"] == 48_464 and row["official_peak_GiB"] == 96.5
+  assert row["speedup"] == (pytest.approx(1.5) if card == "H200" else None)
+  assert cases.vs_official("mmfree", "micro", 2, 1.0) == {}
 
 
 @pytest.mark.parametrize("fused,kernel", [(True, None), (False, None),

@@ -32,13 +32,37 @@ from mmfree_jax.layers.scan import linear_recurrence, mlgru_gates, mlgru_recurre
 from mmfree_jax.models import init_params, param_counts
 from mmfree_jax.scaling import flops as flops_lib
 
-# Official PyTorch/Triton code on one H200, SPEC §5: (tokens/s, peak GiB).
+# Official PyTorch/Triton code on one H200 (OFFICIAL_CARD), SPEC §5: (tokens/s, peak GiB).
+OFFICIAL_CARD = "H200"
 OFFICIAL = {
     ("mmfree", "370M", 8): (74_170, 25.1), ("mmfree", "370M", 16): (105_436, 45.3),
     ("mmfree", "1.3B", 8): (43_177, 57.2), ("mmfree", "1.3B", 16): (48_464, 96.5),
     ("transformer", "370M", 8): (89_932, 36.1), ("transformer", "1.3B", 8): (38_353, 73.1),
 }
-HBM_BW = 3.3e12  # measured elementwise copy bandwidth on the H200 (SPEC §5), bytes/s
+# Measured elementwise copy bandwidth (bytes read + written per second): the H200's from
+# SPEC §5, the H100's from a 1 GiB bf16 scaling on the device machine (2.50 TB/s,
+# BENCHMARKS.md "2026-12-05, fourth session"). Other devices are counted as an H200.
+HBM_BW = {"H200": 3.3e12, "H100": 2.5e12}
+
+
+def card() -> str | None:
+  """The card ("H200" or "H100") when the first device's kind names one, else None."""
+  kind = jax.devices()[0].device_kind
+  return next((c for c in HBM_BW if c in kind), None)
+
+
+def hbm_bw() -> float:
+  return HBM_BW[card() or OFFICIAL_CARD]
+
+
+def vs_official(arch: str, size: str, batch: int, tokens_per_s: float) -> dict:
+  """The official code's numbers for this shape, if measured, and our speed-up over them;
+  on another card than theirs the speed-up would compare two GPUs, so it is None."""
+  if (arch, size, batch) not in OFFICIAL:
+    return {}
+  tps, peak = OFFICIAL[(arch, size, batch)]
+  return {"official_tokens_per_s": tps, "official_peak_GiB": peak,
+          "speedup": tokens_per_s / tps if card() == OFFICIAL_CARD else None}
 
 
 def median_time(fn: Callable[[], Any], iters: int = 10, warmup: int = 2,
@@ -178,7 +202,7 @@ def recurrence_case(impl: str, b: int, t: int, d: int, chunk: int = 16, iters: i
   want = (ref(f, x),) + tuple(jax.vjp(ref, f, x)[1](dh.astype(jnp.float32)))
   err = _rel_err(got, want)
   n = b * t * d * 2
-  floor_f, floor_fb = 3 * n / HBM_BW, 6 * n / HBM_BW
+  floor_f, floor_fb = 3 * n / hbm_bw(), 6 * n / hbm_bw()
   name = f"{impl}{chunk}" if impl == "chunked" else impl
   name += "".join(f"-{key}{v}" for key, v in (kernel or {}).items())
   return {"case": f"scan-{name}-{b}x{t}x{d}", "fwd_ms": t_f * 1e3, "fwdbwd_ms": t_fb * 1e3,
@@ -230,7 +254,7 @@ def gates_case(b: int, t: int, d: int, fused: bool = True, iters: int = 20,
   got = (fwd(fp, ip, lb), got[0], got[1], got[2].sum(0) if kernel else got[2])
   want = (ref(fp, ip, lb),) + tuple(jax.vjp(ref, fp, ip, lb)[1](dh.astype(jnp.float32)))
   n = b * t * d * 2
-  floor_f, floor_fb = 3 * n / HBM_BW, 9 * n / HBM_BW
+  floor_f, floor_fb = 3 * n / hbm_bw(), 9 * n / hbm_bw()
   name = "fused" if fused else "two-steps"
   name += "".join(f"-{key}{v}" for key, v in (kernel or {}).items())
   return {"case": f"gates-{name}-{b}x{t}x{d}", "fwd_ms": t_f * 1e3, "fwdbwd_ms": t_fb * 1e3,
@@ -285,7 +309,7 @@ def bitlinear_bwd_case(k: int, n: int = 1, form: str = "x", rows: int = 1, warps
   # each [tokens, k] bf16 array read or written once
   nbytes = 2 * (bitlinear_pallas.form_of(form).mk_arrays + n) * tokens * k * 2
   return {"case": f"bitlinear_bwd-k{k}-n{n}{_form_tag(form)}-rows{rows}-warps{warps or 'auto'}",
-          "ms": t * 1e3, "GB_per_s": nbytes / t / 1e9, "hbm_frac": nbytes / HBM_BW / t,
+          "ms": t * 1e3, "GB_per_s": nbytes / t / 1e9, "hbm_frac": nbytes / hbm_bw() / t,
           "max_err": err}
 
 
@@ -314,7 +338,7 @@ def bitlinear_codes_case(k: int, n: int = 1, form: str = "x", rows: int = 0, war
   nbytes = (2 * bitlinear_pallas.form_of(form).mk_arrays + n) * tokens * k + 4 * n * tokens
   return {"case": f"bitlinear_codes-k{k}-n{n}{_form_tag(form)}-rows{rows or 'auto'}"
                   f"-warps{warps or 'auto'}",
-          "ms": t * 1e3, "GB_per_s": nbytes / t / 1e9, "hbm_frac": nbytes / HBM_BW / t,
+          "ms": t * 1e3, "GB_per_s": nbytes / t / 1e9, "hbm_frac": nbytes / hbm_bw() / t,
           "max_err": err}
 
 
@@ -392,7 +416,6 @@ def train_case(arch: str, size: str, batch: int, remat: str = "lean", seq_len: i
     t = median_time(one, iters)
   tps = batch * seq_len / t
   fl = flops_lib.train_flops_per_token(cfg, seq_len) * tps
-  official = OFFICIAL.get((arch, size, batch))
   # attention's implementation is part of a Transformer++ row's name: XLA's attention is
   # ~3x slower than cuDNN's at 370M (BENCHMARKS.md), so a row must say which one it timed
   attn = {"attention": attention_impl or "xla"} if arch == "transformer" else {}
@@ -400,10 +423,8 @@ def train_case(arch: str, size: str, batch: int, remat: str = "lean", seq_len: i
   row = {"case": f"train-{arch}-{size}-b{batch}-{remat}{tag}", "step_ms": t * 1e3,
          "tokens_per_s": tps, "peak_GiB": peak_gib(), "compile_s": compile_s,
          "mfu_989": fl / 989e12, "mfu_810": fl / flops_lib.H200_MEASURED_PEAK,
-         "params": param_counts(cfg)["total"], **gpu.summary()}
-  if official:
-    row.update(official_tokens_per_s=official[0], official_peak_GiB=official[1],
-               speedup=tps / official[0])
+         "params": param_counts(cfg)["total"], **gpu.summary(),
+         **vs_official(arch, size, batch, tps)}
   if profile:
     row.update(_trace_kernels(one, compiled, out_dir))
   return row
@@ -559,7 +580,8 @@ def decode_case(arch: str, size: str, batch: int = 1, prompt: int = 128, new: in
   ms = (times[new] - times[short]) / (new - short) * 1e3
   return {"case": f"decode-{arch}-{size}-b{batch}-p{prompt}{'-packed' if packed else ''}",
           "ms_per_token": ms, "tokens_per_s": batch * 1e3 / ms, "peak_GiB": peak_gib(),
-          "speedup_vs_official_80ms": 80.0 / ms if batch == 1 else None}
+          "speedup_vs_official_80ms": (80.0 / ms if batch == 1 and card() == OFFICIAL_CARD
+                                       else None)}
 
 
 CASES: dict[str, Callable[..., dict]] = {
