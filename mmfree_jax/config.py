@@ -54,7 +54,8 @@ class ModelConfig:
       remat policy is applied without CSE barriers, so outside the loop XLA may keep what
       "lean" would recompute (more memory than "lean" in the loop); "full" (the
       memory-saving mode) therefore needs the loop.
-    attention_impl: passed to `jax.nn.dot_product_attention` (None = XLA, "cudnn").
+    attention_impl: passed to `jax.nn.dot_product_attention` (None = XLA, "cudnn"), with
+      or without packed documents (cuDNN takes their mask as a bias).
     init_std: std of the Normal init (embedding, GLU, head).
   """
 

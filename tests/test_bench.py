@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from mmfree_jax import models
 from mmfree_jax.bench import cases
 
 
@@ -85,6 +86,22 @@ def test_transformer_train_rows_name_their_attention():
   """A Transformer++ row says which attention it timed (XLA's unless "cudnn" was asked)."""
   row = cases.train_case("transformer", "micro", 2, seq_len=16, iters=1, dtype="float32")
   assert row["case"] == "train-transformer-micro-b2-lean-attention=xla-dtype=float32"
+
+
+def test_train_rows_with_packed_documents_feed_segment_ids(monkeypatch):
+  """`docs` > 1 trains on rows of that many documents (the step sees their segment ids),
+  names it in the case and leaves out the official numbers (measured without resets)."""
+  seen = []
+  apply = models.LM.apply
+  monkeypatch.setattr(models.LM, "apply", lambda self, v, toks, seg=None, **kw: (
+      seen.append(seg), apply(self, v, toks, seg, **kw))[1])
+  monkeypatch.setattr(cases, "OFFICIAL", {("transformer", "micro", 2): (1.0, 1.0)})
+  row = cases.train_case("transformer", "micro", 2, seq_len=16, iters=1, docs=4)
+  assert row["case"] == "train-transformer-micro-b2-lean-attention=xla-docs=4"
+  assert "speedup" not in row and "official_tokens_per_s" not in row
+  assert seen[0].shape == (2, 16) and seen[0].dtype == jnp.int32  # traced: shape only
+  with pytest.raises(ValueError, match="docs=3 must be >= 1 and divide seq_len=16"):
+    cases.train_case("transformer", "micro", 2, seq_len=16, iters=1, docs=3)
 
 
 def test_one_case_can_patch_a_module_attribute_first(monkeypatch):

@@ -377,8 +377,11 @@ def gemm_case(m: int, k: int, n: int, operands: str = "bf16", epilogue: bool = T
 
 
 def _train_setup(arch: str, size: str, batch: int, remat: str, seq_len: int,
-                 attention_impl: str | None, **model_kw):
-  """Compiled train step, a donated state and two random batches."""
+                 attention_impl: str | None, docs: int = 1, **model_kw):
+  """Compiled train step, a donated state and two random batches (`docs` > 1: each row
+  packs that many equal documents, as `segment_ids`)."""
+  if docs < 1 or seq_len % docs:
+    raise ValueError(f"docs={docs} must be >= 1 and divide seq_len={seq_len}")
   from experiments import base  # noqa: PLC0415 (ml_collections only needed here)
   from mmfree_jax.train.optim import make_optimizer  # noqa: PLC0415
   from mmfree_jax.train.step import init_state, make_train_step  # noqa: PLC0415
@@ -392,6 +395,10 @@ def _train_setup(arch: str, size: str, batch: int, remat: str, seq_len: int,
     batches = [{"inputs": jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, seq_len)), jnp.int32),
                 "targets": jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, seq_len)), jnp.int32),
                 "weights": jnp.ones((batch, seq_len), jnp.float32)} for _ in range(2)]
+    if docs > 1:
+      seg = jnp.repeat(jnp.arange(1, docs + 1, dtype=jnp.int32), seq_len // docs)
+      for bt in batches:
+        bt["segment_ids"] = jnp.broadcast_to(seg, (batch, seq_len))
     t0 = time.perf_counter()
     step = jax.jit(make_train_step(cfg, tx, 1, sched), donate_argnums=0)
     compiled = step.lower(state, batches[0]).compile()
@@ -405,13 +412,15 @@ def _train_setup(arch: str, size: str, batch: int, remat: str, seq_len: int,
 
 def train_case(arch: str, size: str, batch: int, remat: str = "lean", seq_len: int = 2048,
                iters: int = 10, attention_impl: str | None = None, profile: bool = False,
-               out_dir: str = "/tmp/profile", **model_kw) -> dict:
+               out_dir: str = "/tmp/profile", docs: int = 1, **model_kw) -> dict:
   """Full train step (AdamW, clip, bf16 compute, float32 master weights) on random tokens;
   on NVIDIA GPUs also the median SM clock, power and temperature during the timed steps
   (`GpuSampler`). `profile=True` then traces the same compiled step (`profile_case`'s
-  columns, written under `out_dir`): the timing and the profile for one compile."""
+  columns, written under `out_dir`): the timing and the profile for one compile. `docs` > 1
+  packs that many documents per row (document resets, as training on a corpus does; the
+  official numbers are without, so such rows carry no speed-up over them)."""
   cfg, one, compile_s, compiled = _train_setup(arch, size, batch, remat, seq_len,
-                                               attention_impl, **model_kw)
+                                               attention_impl, docs, **model_kw)
   with GpuSampler() as gpu:
     t = median_time(one, iters)
   tps = batch * seq_len / t
@@ -419,12 +428,13 @@ def train_case(arch: str, size: str, batch: int, remat: str = "lean", seq_len: i
   # attention's implementation is part of a Transformer++ row's name: XLA's attention is
   # ~3x slower than cuDNN's at 370M (BENCHMARKS.md), so a row must say which one it timed
   attn = {"attention": attention_impl or "xla"} if arch == "transformer" else {}
-  tag = "".join(f"-{k}={v}" for k, v in {**attn, **model_kw}.items())
+  packed = {"docs": docs} if docs > 1 else {}
+  tag = "".join(f"-{k}={v}" for k, v in {**attn, **packed, **model_kw}.items())
   row = {"case": f"train-{arch}-{size}-b{batch}-{remat}{tag}", "step_ms": t * 1e3,
          "tokens_per_s": tps, "peak_GiB": peak_gib(), "compile_s": compile_s,
          "mfu_989": fl / 989e12, "mfu_810": fl / flops_lib.H200_MEASURED_PEAK,
          "params": param_counts(cfg)["total"], **gpu.summary(),
-         **vs_official(arch, size, batch, tps)}
+         **({} if packed else vs_official(arch, size, batch, tps))}
   if profile:
     row.update(_trace_kernels(one, compiled, out_dir))
   return row

@@ -51,13 +51,12 @@ class Attention(nn.Module):
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
     new_kv = None
     if kv is None:
-      if segment_ids_BxT is None:
-        o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=cfg.attention_impl)
-      else:
-        same = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
-        t = x.shape[1]
-        causal = jnp.tril(jnp.ones((t, t), bool))
-        o = jax.nn.dot_product_attention(q, k, v, mask=(same & causal)[:, None])
+      # Packed documents: causal inside each document. The mask goes to the configured
+      # implementation too (cuDNN applies it as a bias on top of its causal mask).
+      same = None if segment_ids_BxT is None else (
+          segment_ids_BxT[:, None, :, None] == segment_ids_BxT[:, None, None, :])
+      o = jax.nn.dot_product_attention(q, k, v, mask=same, is_causal=True,
+                                       implementation=cfg.attention_impl)
     else:
       t, s = x.shape[1], kv["k"].shape[1]
       ck = jax.lax.dynamic_update_slice(kv["k"], k.astype(kv["k"].dtype), (0, index, 0, 0))
