@@ -75,13 +75,13 @@ def test_unknown_impl_is_a_clear_error():
     linear_recurrence(jnp.ones((1, 2, 1)), jnp.ones((1, 2, 1)), impl="fast")
 
 
-@pytest.mark.parametrize("block_d,tile_t,chunk_t,inclusive,t", [
-    (32, 8, 0, True, 37), (64, 64, 0, True, 37), (32, 64, 8, True, 40), (16, 64, 20, True, 40),
-    (32, 64, 8, False, 40)])
-def test_pallas_kernels_match_numpy(block_d, tile_t, chunk_t, inclusive, t):
+@pytest.mark.parametrize("block_d,tile_t,chunk_t,t", [
+    (32, 8, 0, 37), (64, 64, 0, 37), (32, 64, 8, 40), (16, 64, 20, 40), (32, 4, 8, 40),
+    (16, 5, 20, 40)])
+def test_pallas_kernels_match_numpy(block_d, tile_t, chunk_t, t):
   """The Pallas kernels (interpret mode on CPU): h, last state, df, dx, dh0 incl. dlast;
-  whole-sequence programs and time chunks with the look-back (carries from predecessors'
-  inclusive states, or composed from their summaries back to the first chunk)."""
+  whole-sequence programs, and time chunks (summaries, then each chunk from its
+  predecessors' composed summaries), each chunk read in one tile or several."""
   b, d = 2, 64
   rng = np.random.default_rng(1)
   f = rng.uniform(0.5, 1.0, (b, t, d)).astype(np.float32)
@@ -89,8 +89,7 @@ def test_pallas_kernels_match_numpy(block_d, tile_t, chunk_t, inclusive, t):
   h0 = rng.normal(size=(b, d)).astype(np.float32)
   dh = rng.normal(size=(b, t, d)).astype(np.float32)
   dlast = rng.normal(size=(b, d)).astype(np.float32)
-  kw = {"block_d": block_d, "tile_t": tile_t, "chunk_t": chunk_t,
-        "publish_inclusive": inclusive, "interpret": True}
+  kw = {"block_d": block_d, "tile_t": tile_t, "chunk_t": chunk_t, "interpret": True}
   h, last = scan_pallas.forward(f, x, h0, **kw)
   want = np_recurrence(f.astype(np.float64), x.astype(np.float64), h0.astype(np.float64), None)
   np.testing.assert_allclose(h, want, rtol=1e-5, atol=1e-5)
@@ -104,12 +103,21 @@ def test_pallas_kernels_match_numpy(block_d, tile_t, chunk_t, inclusive, t):
     np.testing.assert_allclose(got, exp, rtol=1e-4, atol=1e-4)
 
 
+def test_chunk_tiles_must_divide_chunks():
+  f = jnp.ones((1, 16, 16))
+  with pytest.raises(ValueError, match="tile_t=3 must divide chunk_t=8"):
+    scan_pallas.forward(f, f, jnp.zeros((1, 16)), block_d=16, chunk_t=8, tile_t=3,
+                        interpret=True)
+
+
 def test_pallas_block_choice():
   assert scan_pallas.block_d_for(8, 1024) == 32 and scan_pallas.block_d_for(16, 2048) == 64
   assert scan_pallas.block_d_for(64, 96) == 32 and scan_pallas.block_d_for(1, 48) == 16
   assert scan_pallas.block_d_for(2, 5) is None  # falls back to the associative scan
-  # Few lanes: time chunks with a look-back, when T has >= 2 chunks and D whole blocks.
-  assert scan_pallas.kernel_for(8, 2048, 1024) == {"block_d": 64, "chunk_t": 64}
+  # Few lanes: time chunks (the longest of 256, 128, 64 giving >= 2), D in whole blocks.
+  assert scan_pallas.kernel_for(8, 2048, 1024) == {"block_d": 64, "chunk_t": 256, "tile_t": 16}
+  assert scan_pallas.kernel_for(8, 256, 1024) == {"block_d": 64, "chunk_t": 128, "tile_t": 16}
+  assert scan_pallas.kernel_for(8, 192, 1024) == {"block_d": 64, "chunk_t": 64, "tile_t": 16}
   assert scan_pallas.kernel_for(16, 2048, 1024) == {"block_d": 32}
   assert scan_pallas.kernel_for(8, 64, 1024) == {"block_d": 32}
   assert scan_pallas.kernel_for(8, 2000, 1024) == {"block_d": 32}
@@ -130,16 +138,15 @@ def test_pallas_impl_falls_back_off_gpu():
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="Pallas GPU kernels need a GPU")
-@pytest.mark.parametrize("inclusive", [True, False])
-def test_lookback_kernels_on_gpu_match_numpy(inclusive):
-  """The look-back kernels compiled for the GPU, 1,024 programs at once waiting on each
-  other's published carries: h, last state and all gradients."""
+@pytest.mark.parametrize("chunk_t,tile_t", [(64, 16), (256, 16), (128, 32)])
+def test_chunked_kernels_on_gpu_match_numpy(chunk_t, tile_t):
+  """The time-chunked kernels compiled for the GPU: h, last state and all gradients."""
   b, t, d = 4, 1024, 512
   rng = np.random.default_rng(4)
   f = rng.uniform(0.5, 1.0, (b, t, d)).astype(np.float32)
   x, dh = (rng.normal(size=(b, t, d)).astype(np.float32) for _ in range(2))
   h0, dlast = (rng.normal(size=(b, d)).astype(np.float32) for _ in range(2))
-  kw = {"block_d": 32, "chunk_t": 64, "publish_inclusive": inclusive}
+  kw = {"block_d": 32, "chunk_t": chunk_t, "tile_t": tile_t}
   h, last = scan_pallas.forward(f, x, h0, **kw)
   want = np_recurrence(f.astype(np.float64), x.astype(np.float64), h0.astype(np.float64), None)
   np.testing.assert_allclose(h, want, rtol=1e-4, atol=1e-4)
@@ -153,7 +160,7 @@ def test_lookback_kernels_on_gpu_match_numpy(inclusive):
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="Pallas GPU kernels need a GPU")
-@pytest.mark.parametrize("t", [301, 320])  # whole-sequence kernels; look-back kernels
+@pytest.mark.parametrize("t", [301, 320])  # whole-sequence kernels; time-chunked kernels
 def test_pallas_on_gpu_matches_numpy(t):
   b, d = 3, 128
   rng = np.random.default_rng(3)
@@ -172,23 +179,24 @@ def test_pallas_on_gpu_matches_numpy(t):
 
 
 def test_pallas_kernel_is_used_for_sequences_not_decode_steps():
-  for t, expect in ((16, "mlgru_scan_fwd"), (128, "mlgru_scan_fwd_lookback"), (1, None)):
+  chunked = {"mlgru_scan_fwd_summary", "mlgru_scan_fwd_chunks"}
+  for t, expect in ((16, {"mlgru_scan_fwd"}), (128, chunked), (1, set())):
     f = x = jnp.ones((2, t, 64))
     jaxpr = str(jax.make_jaxpr(lambda f, x: linear_recurrence(f, x, impl="pallas"))(f, x))
-    names = set(re.findall(r"mlgru_scan_fwd\w*", jaxpr))
-    assert names == ({expect} if expect else set())
+    assert set(re.findall(r"mlgru_scan_fwd\w*", jaxpr)) == expect
 
 
 def test_pallas_tiling_follows_each_devices_rows():
   """Under a data mesh the kernels see each device's rows: 16 rows over 8 devices are 2 per
-  device, few enough lanes for the look-back kernels (16 x 1024 globally would not be)."""
+  device, few enough lanes for the time-chunked kernels (16 x 1024 globally would not be)."""
   if jax.device_count() < 8:
     pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
   f = x = jnp.ones((16, 128, 1024))
   run = lambda f, x: linear_recurrence(f, x, impl="pallas")
   with jax.set_mesh(sharding.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})):
     jaxpr = str(jax.make_jaxpr(run)(f, x))
-  assert set(re.findall(r"mlgru_scan_fwd\w*", jaxpr)) == {"mlgru_scan_fwd_lookback"}
+  assert set(re.findall(r"mlgru_scan_fwd\w*", jaxpr)) == {
+      "mlgru_scan_fwd_summary", "mlgru_scan_fwd_chunks"}
   assert scan_pallas.kernel_for(16, 128, 1024) == {"block_d": 32}
 
 
@@ -252,7 +260,7 @@ def test_mlgru_recurrence_equals_the_two_steps(with_resets):
 
 
 def test_gate_kernels_run_where_the_whole_sequence_kernels_would():
-  """Not for few lanes (the look-back kernels take f and x), decode steps or other impls;
+  """Not for few lanes (the time-chunked kernels take f and x), decode steps or other impls;
   with or without document resets."""
   resets = jnp.zeros((2, 16), bool)
   for (b, t, d), impl, r, expect in (
@@ -266,19 +274,19 @@ def test_gate_kernels_run_where_the_whole_sequence_kernels_would():
 
 
 def test_gate_kernel_tiling():
-  """One channel per thread, 16 steps per tile (the H200 sweep); none where the look-back
+  """One channel per thread, 16 steps per tile (the H200 sweep); none where the time-chunked
   kernels run or no kernel does."""
   assert scan_pallas.gate_kernel_for(16, 2048, 2048) == {
       "block_d": 64, "num_warps": 2, "tile_t": 16}
   assert scan_pallas.gate_kernel_for(8, 2048, 2048) == {
       "block_d": 32, "num_warps": 1, "tile_t": 16}
-  assert scan_pallas.gate_kernel_for(8, 2048, 1024) is None  # look-back
+  assert scan_pallas.gate_kernel_for(8, 2048, 1024) is None  # time chunks
   assert scan_pallas.gate_kernel_for(2, 16, 24) is None  # no kernel
 
 
 def test_gate_kernels_follow_each_devices_rows():
   """16 x 1024 globally takes the gate kernels, but under a data mesh of 8 each device's 2
-  rows are few enough for the look-back kernels: those run there, on f and x (two steps)."""
+  rows are few enough for the time-chunked kernels: those run there, on f and x (two steps)."""
   if jax.device_count() < 8:
     pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
   fp = jnp.ones((16, 128, 1024), jnp.bfloat16)
@@ -287,14 +295,14 @@ def test_gate_kernels_follow_each_devices_rows():
   with jax.set_mesh(sharding.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})):
     jaxpr = str(jax.make_jaxpr(jax.grad(loss))(fp))
   assert set(re.findall(r"mlgru_\w*scan_\w+", jaxpr)) == {
-      "mlgru_scan_fwd_lookback", "mlgru_scan_bwd_lookback"}
+      f"mlgru_scan_{d}_{k}" for d in ("fwd", "bwd") for k in ("summary", "chunks")}
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="Pallas GPU kernels need a GPU")
 @pytest.mark.parametrize("b,t,with_resets", [(4, 301, False), (8, 2048, False), (4, 301, True)],
                          ids=["301", "2048", "resets"])
 def test_gate_kernels_on_gpu_match_the_two_steps(b, t, with_resets):
-  """8 rows at 2048 steps: 4 would be few enough lanes for the look-back kernels."""
+  """8 rows at 2048 steps: 4 would be few enough lanes for the time-chunked kernels."""
   fp, ip, lb, h0, resets = _gate_inputs(b, t, 2048, with_resets, seed=5)
   fn = jax.jit(lambda *a: mlgru_recurrence(*a, resets, impl="pallas"))
   assert "mlgru_gate_scan_fwd" in fn.lower(fp, ip, lb, h0).as_text()

@@ -61,7 +61,7 @@ def suite(name: str) -> list[dict]:
       cases.append({"kind": "recurrence", "impl": "chunked", "chunk": chunk, "b": shape[0],
                     "t": shape[1], "d": shape[2]})
   cases.append({"kind": "recurrence", "impl": "sequential", "b": 8, "t": 2048, "d": 1024, "iters": 3})
-  # At the small shape "pallas" runs the look-back kernels; the whole-sequence ones beside them.
+  # At the small shape "pallas" runs the time-chunked kernels; the whole-sequence ones beside them.
   cases.append({"kind": "recurrence", "impl": "pallas", "b": 8, "t": 2048, "d": 1024,
                 "kernel": {"block_d": 32}})
   # The MLGRU's recurrence from its projections at the 1.3B shapes: gate kernels vs two steps.

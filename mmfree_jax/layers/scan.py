@@ -202,7 +202,7 @@ def _masked(v, *resets):
 
 def _use_gate_kernel(impl, shape) -> bool:
   """Whether the gate-fused kernels run: where the whole-sequence recurrence kernels would
-  (the look-back kernels for few lanes take f and x as they are)."""
+  (the time-chunked kernels for few lanes take f and x as they are)."""
   return _use_kernel(impl, shape) and scan_pallas.gate_kernel_for(*shape) is not None
 
 
@@ -225,7 +225,7 @@ def _gate_two_steps_backward(recurrence_bwd, fp, ip, h, dh, lb, h0, dlast, *rese
 
 def _gate_kernel_forward(fp, ip, lb, h0, *resets):
   """On one device's rows: the gate kernels, or where those rows are few enough for the
-  look-back kernels (which take f and x), the two steps through those."""
+  time-chunked kernels (which take f and x), the two steps through those."""
   kw = scan_pallas.gate_kernel_for(*fp.shape)
   if kw is not None:
     return scan_pallas.gate_forward(fp, ip, lb, h0, *resets, **kw)
@@ -284,7 +284,7 @@ def mlgru_recurrence(fp_BxTxD: jax.Array, ip_BxTxD: jax.Array, lb_D: jax.Array,
   With impl "pallas", where the whole-sequence kernels run, one custom_vjp whose kernels
   form the gates in registers and return the projections' gradients (`scan_pallas.
   gate_forward/gate_backward`): f (float32), x and df never cross HBM. Elsewhere (the
-  look-back kernels' few lanes, decode steps, the other impls) the two steps as written
+  time-chunked kernels' few lanes, decode steps, the other impls) the two steps as written
   (`mlgru_gates`, then `linear_recurrence`).
   """
   if impl not in IMPLS:

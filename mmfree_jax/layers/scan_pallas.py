@@ -10,9 +10,10 @@ programs).
 
 With few lanes (small B*D) those programs leave the GPU mostly idle and their dependent
 chains set the time. `chunk_t` > 0 cuts the sequence into time chunks instead, one program
-each, chained by a decoupled look-back (the kernels at the end of this file);
-`kernel_for` picks them for B*D <= 8,192 (0.39 of the HBM floor forward+backward at
-8x2048x1024 on the H200, against 0.29 for the whole-sequence kernels; BENCHMARKS.md).
+each, in two launches: chunk summaries, then every chunk from its predecessors' composed
+summaries (the kernels after the whole-sequence ones). `kernel_for` picks them for
+B*D <= 8,192: at 8x2048x1024 on an H100, forward+backward in 0.154 ms, 0.52 of the HBM
+floor (BENCHMARKS.md, 2026-12-05 fifth session).
 
 `gate_forward`/`gate_backward` are the whole-sequence kernels with the MLGRU's gates
 formed in registers from its bf16 projections (`scan.mlgru_recurrence`).
@@ -44,21 +45,22 @@ def block_d_for(b: int, d: int) -> int | None:
   return blk if blk >= 16 else None
 
 
-# Time-chunked look-back kernels for few lanes (B*D <= LOOKBACK_MAX_LANES): at 8x2048x1024
-# they run fwd+bwd in 0.156 ms against 0.214 for the whole-sequence kernels (H200).
-LOOKBACK_MAX_LANES, LOOKBACK_BLOCK = 8192, 64
+# Time-chunked kernels for few lanes (B*D <= CHUNKED_MAX_LANES): 64 channels per program, the
+# longest of CHUNK_LENGTHS that cuts T into >= 2 chunks, read in tiles of CHUNK_TILE rows.
+CHUNKED_MAX_LANES, CHUNKED_BLOCK, CHUNK_LENGTHS, CHUNK_TILE = 8192, 64, (256, 128, 64), 16
 
 
 def _chunked(t: int, chunk_t: int) -> bool:
-  """Whether `chunk_t` selects the look-back kernels: it divides T into >= 2 chunks."""
+  """Whether `chunk_t` selects the time-chunked kernels: it divides T into >= 2 chunks."""
   return chunk_t > 0 and t % chunk_t == 0 and t // chunk_t > 1
 
 
 def kernel_for(b: int, t: int, d: int) -> dict | None:
   """Keyword arguments of `forward`/`backward` for a [b, t, d] recurrence (None: no kernel,
   D has no power-of-two block of >= 16 channels)."""
-  if b * d <= LOOKBACK_MAX_LANES and d % LOOKBACK_BLOCK == 0 and _chunked(t, LOOKBACK_BLOCK):
-    return {"block_d": LOOKBACK_BLOCK, "chunk_t": LOOKBACK_BLOCK}
+  chunk = next((n for n in CHUNK_LENGTHS if _chunked(t, n)), None)
+  if b * d <= CHUNKED_MAX_LANES and d % CHUNKED_BLOCK == 0 and chunk:
+    return {"block_d": CHUNKED_BLOCK, "chunk_t": chunk, "tile_t": CHUNK_TILE}
   bd = block_d_for(b, d)
   return None if bd is None else {"block_d": bd}
 
@@ -119,26 +121,24 @@ def _specs(t: int, bd: int):
   return seq, vec
 
 
-_STATIC = ("block_d", "tile_t", "num_warps", "chunk_t", "publish_inclusive", "interpret")
+_STATIC = ("block_d", "tile_t", "num_warps", "chunk_t", "interpret")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def forward(f_BxTxD, x_BxTxD, h0_BxD, *, block_d: int, tile_t: int = TILE_T,
-            num_warps: int = NUM_WARPS, chunk_t: int = 0, publish_inclusive: bool = True,
-            interpret: bool = False):
+            num_warps: int = NUM_WARPS, chunk_t: int = 0, interpret: bool = False):
   """Returns (h in x's dtype, last state float32). `block_d` must divide D.
 
-  `chunk_t` > 0 (dividing T into >= 2 chunks) runs time chunks of that length with the
-  look-back kernel; `publish_inclusive=False` makes every chunk walk back over summaries
-  to the first one (slower; exercises the summary path in tests, where interpret mode
-  runs the programs in order)."""
+  `chunk_t` > 0 (dividing T into >= 2 chunks) runs time chunks of that length in two
+  launches (below), each chunk read in tiles of min(`tile_t`, `chunk_t`) rows, which must
+  divide it."""
   b, t, d = x_BxTxD.shape
   if _chunked(t, chunk_t):
-    return _lookback_call(
-        _lookback_fwd_kernel, (f_BxTxD, x_BxTxD, h0_BxD),
+    return _chunked_call(
+        (_fwd_summary_kernel, _fwd_chunk_kernel), (f_BxTxD, x_BxTxD), (f_BxTxD, x_BxTxD, h0_BxD),
         [jax.ShapeDtypeStruct((b, t, d), x_BxTxD.dtype), jax.ShapeDtypeStruct((b, d), F32)],
-        b=b, t=t, d=d, block_d=block_d, chunk_t=chunk_t, num_warps=num_warps,
-        interpret=interpret, name="mlgru_scan_fwd_lookback", inclusive=publish_inclusive)
+        b=b, t=t, d=d, block_d=block_d, chunk_t=chunk_t, tile_t=tile_t, num_warps=num_warps,
+        interpret=interpret, name="mlgru_scan_fwd")
   seq, vec = _specs(t, block_d)
   return pl.pallas_call(
       functools.partial(_fwd_kernel, t=t, tile=min(tile_t, t)),
@@ -153,16 +153,17 @@ def forward(f_BxTxD, x_BxTxD, h0_BxD, *, block_d: int, tile_t: int = TILE_T,
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def backward(f_BxTxD, h_BxTxD, dh_BxTxD, h0_BxD, dlast_BxD, *, block_d: int,
              tile_t: int = TILE_T, num_warps: int = NUM_WARPS, chunk_t: int = 0,
-             publish_inclusive: bool = True, interpret: bool = False):
+             interpret: bool = False):
   """Returns (df in f's dtype, dx in h's dtype, dh0 float32); arguments as `forward`."""
   b, t, d = h_BxTxD.shape
   if _chunked(t, chunk_t):
-    return _lookback_call(
-        _lookback_bwd_kernel, (f_BxTxD, h_BxTxD, dh_BxTxD, h0_BxD, dlast_BxD),
+    return _chunked_call(
+        (_bwd_summary_kernel, _bwd_chunk_kernel), (f_BxTxD, dh_BxTxD),
+        (f_BxTxD, h_BxTxD, dh_BxTxD, h0_BxD, dlast_BxD),
         [jax.ShapeDtypeStruct((b, t, d), f_BxTxD.dtype),
          jax.ShapeDtypeStruct((b, t, d), h_BxTxD.dtype), jax.ShapeDtypeStruct((b, d), F32)],
-        b=b, t=t, d=d, block_d=block_d, chunk_t=chunk_t, num_warps=num_warps,
-        interpret=interpret, name="mlgru_scan_bwd_lookback", inclusive=publish_inclusive)
+        b=b, t=t, d=d, block_d=block_d, chunk_t=chunk_t, tile_t=tile_t, num_warps=num_warps,
+        interpret=interpret, name="mlgru_scan_bwd")
   seq, vec = _specs(t, block_d)
   return pl.pallas_call(
       functools.partial(_bwd_kernel, t=t, tile=min(tile_t, max(t - 1, 1))),
@@ -175,155 +176,146 @@ def backward(f_BxTxD, h_BxTxD, dh_BxTxD, h0_BxD, dlast_BxD, *, block_d: int,
   )(f_BxTxD, h_BxTxD, dh_BxTxD, h0_BxD, dlast_BxD)
 
 
-# ---- Time-chunked kernels with a decoupled look-back (small B*D) -------------------------
+# ---- Time-chunked kernels in two launches (small B*D) ---------------------------------------
 #
 # One program per (batch row, channel block, time chunk of `chunk_t` steps): B*D/block_d*T/
-# chunk_t programs instead of B*D/block_d, each with a short dependent chain. A program takes
-# a ticket (a global atomic counter: tickets are handed out in launch order, so every chunk's
-# predecessors have started), loads its chunk into registers, publishes the chunk's affine
-# summary (product of f, local state), then walks back over its predecessors' published
-# summaries until it meets one whose inclusive carry is known, publishes its own inclusive
-# carry, and only then runs its chunk from that carry and writes the outputs. Each tensor
-# crosses HBM once, as in the one-program-per-lane kernels above.
-
-AGGREGATE, INCLUSIVE = 1, 2  # flag values; INCLUSIVE must be AGGREGATE + 1 (_publish)
+# chunk_t programs instead of B*D/block_d, each with a short dependent chain. The first launch
+# reads each chunk once and writes its affine summary (state out = a * state in + s); the
+# second composes the summaries of the chunk's predecessors (a few KB from L2) into the state
+# entering it, reads the chunk again and writes the outputs. Each program walks its chunk in
+# tiles of `tile_t` rows, issuing each tile's loads in the order its steps use them.
 
 
-def _ticket(ctr_ref, n_chunks: int, n_blk: int, reverse: bool):
-  ticket = pltriton.atomic_add(ctr_ref, jnp.int32(0), jnp.int32(1))
-  c = ticket % n_chunks
-  lane = ticket // n_chunks
-  return lane, (n_chunks - 1 - c if reverse else c), lane // n_blk, lane % n_blk
+def _place(p, *, n_chunks: int, n_blk: int, chunk: int, bd: int):
+  """Program p's (chunk c, batch row b, channel slice cols, first step t0); consecutive
+  programs take consecutive chunks of one lane."""
+  lane, c = p // n_chunks, p % n_chunks
+  b, blk = lane // n_blk, lane % n_blk
+  return c, b, pl.ds(pl.multiple_of(blk * bd, bd), bd), c * chunk
 
 
-def _carry_in(flag_ref, a_ref, s_ref, incl_ref, *, lane, b, c, cols, first, init,
-              n_chunks: int, step: int):
-  """The carry entering chunk c: `init` for the first chunk, else the composition of the
-  predecessors' summaries (c - step, c - 2 step, ...) down to one with an inclusive carry."""
-  ones = jnp.ones(init.shape, F32)
-
-  def body(st):
-    j, acc_a, acc_s, carry, done = st
-    flag = pltriton.atomic_add(flag_ref, lane * n_chunks + j, j * 0)  # acquire read
-    at = lambda r: pltriton.load(r.at[b, j, cols], volatile=True)
-    incl, a, s = at(incl_ref), at(a_ref), at(s_ref)
-    is_incl, is_agg = flag == INCLUSIVE, flag == AGGREGATE
-    carry = jnp.where(is_incl, acc_a * incl + acc_s, carry)
-    acc_s = jnp.where(is_agg, acc_a * s + acc_s, acc_s)
-    acc_a = jnp.where(is_agg, acc_a * a, acc_a)
-    return j - step * is_agg.astype(jnp.int32), acc_a, acc_s, carry, is_incl.astype(jnp.int32)
-
-  st = (c - step, ones, jnp.zeros_like(ones), init, first.astype(jnp.int32))
-  return jax.lax.while_loop(lambda st: st[-1] == 0, body, st)[3]
+def _tile_rows(refs, b, r0, n: int, cols, reverse: bool = False):
+  """Rows r0 .. r0+n-1 (`reverse`: r0+n-1 .. r0) of each [B, T, D] ref, float32 [bd] vectors,
+  loaded in list order."""
+  ks = range(n - 1, -1, -1) if reverse else range(n)
+  return [[r[b, r0 + k, cols].astype(F32) for k in ks] for r in refs]
 
 
-def _publish(flag_ref, a_ref, s_ref, incl_ref, *, lane, b, c, cols, a, s, first, init,
-             n_chunks: int):
-  """Stores the chunk's summary (a, s): state out = a * state in + s; the first chunk
-  publishes its inclusive carry at once."""
+def _carry_in(a_ref, s_ref, init, b, cols, preds):
+  """`init` mapped through the summaries of chunks j in order, where preds = [(j, whether
+  chunk j precedes this one)]: the loads of the others are masked off, so all are issued
+  at once."""
+  for j, is_pred in preds:
+    m = jnp.full(init.shape, is_pred)
+    a = pltriton.load(a_ref.at[b, jnp.int32(j), cols], mask=m, other=1.0)
+    s = pltriton.load(s_ref.at[b, jnp.int32(j), cols], mask=m, other=0.0)
+    init = a * init + s
+  return init
+
+
+def _fwd_summary_kernel(f_ref, x_ref, a_ref, s_ref, *, n_chunks: int, n_blk: int, chunk: int,
+                        tile: int, bd: int):
+  c, b, cols, t0 = _place(pl.program_id(0), n_chunks=n_chunks, n_blk=n_blk, chunk=chunk, bd=bd)
+
+  def rows(i, st):
+    a, s = st
+    fs, xs = _tile_rows((f_ref, x_ref), b, t0 + i * tile, tile, cols)
+    for fk, xk in zip(fs, xs):
+      s, a = fk * s + xk, a * fk
+    return a, s
+
+  a, s = jax.lax.fori_loop(0, chunk // tile, rows, (jnp.ones((bd,), F32), jnp.zeros((bd,), F32)))
   a_ref[b, c, cols] = a
   s_ref[b, c, cols] = s
-  incl_ref[b, c, cols] = a * init + s  # only read when the flag says INCLUSIVE
-  # INCLUSIVE = AGGREGATE + 1; a jnp.where of the two reaches the atomic as an i1, which
-  # Triton's verifier rejects (tests/test_triton_ir.py).
-  pltriton.atomic_max(flag_ref, lane * n_chunks + c, AGGREGATE + first.astype(jnp.int32))
 
 
-def _chain(flag_ref, a_ref, s_ref, incl_ref, *, lane, b, c, cols, first, a, s, init,
-           n_chunks: int, step: int, inclusive: bool):
-  """The chunk's place in the chain: publishes its summary (a, s), returns the carry
-  entering it (look-back over chunks c - step, c - 2 step, ...), and publishes the carry
-  leaving it unless `inclusive` is False (successors then walk back to the first chunk)."""
-  summaries = (flag_ref, a_ref, s_ref, incl_ref)
-  where = dict(lane=lane, b=b, c=c, cols=cols, first=first, n_chunks=n_chunks)
-  _publish(*summaries, a=a, s=s, init=init, **where)
-  carry = _carry_in(*summaries, init=init, step=step, **where)
-  if inclusive:
-    @pl.when(jnp.logical_not(first))
-    def _():
-      incl_ref[b, c, cols] = a * carry + s
-      pltriton.atomic_max(flag_ref, lane * n_chunks + c, jnp.int32(INCLUSIVE))
-  return carry
+def _fwd_chunk_kernel(f_ref, x_ref, h0_ref, a_ref, s_ref, h_ref, hlast_ref, *, n_chunks: int,
+                      n_blk: int, chunk: int, tile: int, bd: int):
+  c, b, cols, t0 = _place(pl.program_id(0), n_chunks=n_chunks, n_blk=n_blk, chunk=chunk, bd=bd)
+  preds = [(j, j < c) for j in range(n_chunks - 1)]
+  h = _carry_in(a_ref, s_ref, h0_ref[b, cols].astype(F32), b, cols, preds)
 
+  def rows(i, h):
+    r0 = t0 + i * tile
+    fs, xs = _tile_rows((f_ref, x_ref), b, r0, tile, cols)
+    for k, (fk, xk) in enumerate(zip(fs, xs)):
+      h = fk * h + xk
+      h_ref[b, r0 + k, cols] = h.astype(h_ref.dtype)
+    return h
 
-def _chunk(ctr_ref, seq_refs, *, n_chunks: int, n_blk: int, chunk: int, bd: int, reverse: bool):
-  """This program's (lane, chunk c, batch row b, channel slice cols, first step t0) and the
-  chunk's rows of each ref in `seq_refs` (lists of `chunk` [bd] vectors)."""
-  lane, c, b, blk = _ticket(ctr_ref, n_chunks, n_blk, reverse)
-  cols = pl.ds(pl.multiple_of(blk * bd, bd), bd)
-  t0 = c * chunk
-  rows = [[r[b, t0 + k, cols] for k in range(chunk)] for r in seq_refs]
-  return (lane, c, b, cols, t0), rows
-
-
-def _lookback_fwd_kernel(f_ref, x_ref, h0_ref, _ctr, _flags, h_ref, hlast_ref, ctr_ref, flag_ref,
-                         a_ref, s_ref, incl_ref, *, n_chunks: int, n_blk: int, chunk: int,
-                         bd: int, inclusive: bool):
-  (lane, c, b, cols, t0), (fs, xs) = _chunk(ctr_ref, (f_ref, x_ref), n_chunks=n_chunks,
-                                            n_blk=n_blk, chunk=chunk, bd=bd, reverse=False)
-  a, s = jnp.ones((bd,), F32), jnp.zeros((bd,), F32)
-  for fk, xk in zip(fs, xs):
-    fk = fk.astype(F32)
-    s, a = fk * s + xk.astype(F32), a * fk
-  first = c == 0
-  h0 = h0_ref[b, cols].astype(F32)
-  h = _chain(flag_ref, a_ref, s_ref, incl_ref, a=a, s=s, init=h0, step=1, inclusive=inclusive,
-             lane=lane, b=b, c=c, cols=cols, first=first, n_chunks=n_chunks)
-  for k, (fk, xk) in enumerate(zip(fs, xs)):
-    h = fk.astype(F32) * h + xk.astype(F32)
-    h_ref[b, t0 + k, cols] = h.astype(h_ref.dtype)
+  h = jax.lax.fori_loop(0, chunk // tile, rows, h)
 
   @pl.when(c == n_chunks - 1)
   def _():
     hlast_ref[b, cols] = h
 
 
-def _lookback_bwd_kernel(f_ref, h_ref, dh_ref, h0_ref, dlast_ref, _ctr, _flags, df_ref, dx_ref,
-                         dh0_ref, ctr_ref, flag_ref, a_ref, s_ref, incl_ref, *, n_chunks: int,
-                         n_blk: int, chunk: int, bd: int, inclusive: bool):
-  # Right to left: the carry (= f_{s+1} g_{s+1}) maps to f_s (dh_s + carry) at each step s.
-  (lane, c, b, cols, t0), (fs, dhs) = _chunk(ctr_ref, (f_ref, dh_ref), n_chunks=n_chunks,
-                                             n_blk=n_blk, chunk=chunk, bd=bd, reverse=True)
-  a, s = jnp.ones((bd,), F32), jnp.zeros((bd,), F32)
-  for fk, dk in zip(fs[::-1], dhs[::-1]):
-    fk = fk.astype(F32)
-    s, a = fk * (s + dk.astype(F32)), a * fk
-  first = c == n_chunks - 1
-  dlast = dlast_ref[b, cols].astype(F32)
-  carry = _chain(flag_ref, a_ref, s_ref, incl_ref, a=a, s=s, init=dlast, step=-1,
-                 inclusive=inclusive, lane=lane, b=b, c=c, cols=cols, first=first,
-                 n_chunks=n_chunks)
-  h_before = jnp.where(c == 0, h0_ref[b, cols].astype(F32),
-                       h_ref[b, jnp.maximum(t0 - 1, 0), cols].astype(F32))
-  h_prev = [h_before] + [h_ref[b, t0 + k, cols].astype(F32) for k in range(chunk - 1)]
-  for k in range(chunk - 1, -1, -1):
-    g = dhs[k].astype(F32) + carry
-    dx_ref[b, t0 + k, cols] = g.astype(dx_ref.dtype)
-    df_ref[b, t0 + k, cols] = (g * h_prev[k]).astype(df_ref.dtype)
-    carry = fs[k].astype(F32) * g
+# The backward runs right to left: the carry (= f_{s+1} g_{s+1}) maps to f_s (dh_s + carry) at
+# each step s, so a chunk's summary maps the carry at its last row to the one at its first:
+# composed left to right, (a, s) <- (a f_s, s + a f_s dh_s). (Composed right to left, as the
+# steps run, the summary launch took 3-6x longer at 16 rows per tile on an H100.)
+
+
+def _bwd_summary_kernel(f_ref, dh_ref, a_ref, s_ref, *, n_chunks: int, n_blk: int, chunk: int,
+                        tile: int, bd: int):
+  c, b, cols, t0 = _place(pl.program_id(0), n_chunks=n_chunks, n_blk=n_blk, chunk=chunk, bd=bd)
+
+  def rows(i, st):
+    a, s = st
+    fs, dhs = _tile_rows((f_ref, dh_ref), b, t0 + i * tile, tile, cols)
+    for fk, dk in zip(fs, dhs):
+      a = a * fk
+      s = s + a * dk
+    return a, s
+
+  a, s = jax.lax.fori_loop(0, chunk // tile, rows, (jnp.ones((bd,), F32), jnp.zeros((bd,), F32)))
+  a_ref[b, c, cols] = a
+  s_ref[b, c, cols] = s
+
+
+def _bwd_chunk_kernel(f_ref, h_ref, dh_ref, h0_ref, dlast_ref, a_ref, s_ref, df_ref, dx_ref,
+                      dh0_ref, *, n_chunks: int, n_blk: int, chunk: int, tile: int, bd: int):
+  c, b, cols, t0 = _place(pl.program_id(0), n_chunks=n_chunks, n_blk=n_blk, chunk=chunk, bd=bd)
+  succs = [(j, j > c) for j in range(n_chunks - 1, 0, -1)]
+  carry = _carry_in(a_ref, s_ref, dlast_ref[b, cols].astype(F32), b, cols, succs)
+  h0 = h0_ref[b, cols].astype(F32)
+  n_tiles = chunk // tile
+
+  def rows(i, carry):
+    r0 = t0 + (n_tiles - 1 - i) * tile
+    fs, dhs = _tile_rows((f_ref, dh_ref), b, r0, tile, cols, True)
+    # h at the row before each (rows r0+tile-2 .. r0-1; h0 before the sequence's first).
+    hps = _tile_rows((h_ref,), b, r0, tile - 1, cols, True)[0]
+    hps.append(jnp.where(r0 == 0, h0, h_ref[b, jnp.maximum(r0 - 1, 0), cols].astype(F32)))
+    for k, (fk, dk, hp) in enumerate(zip(fs, dhs, hps)):
+      g = dk + carry
+      dx_ref[b, r0 + tile - 1 - k, cols] = g.astype(dx_ref.dtype)
+      df_ref[b, r0 + tile - 1 - k, cols] = (g * hp).astype(df_ref.dtype)
+      carry = fk * g
+    return carry
+
+  carry = jax.lax.fori_loop(0, n_tiles, rows, carry)
 
   @pl.when(c == 0)
   def _():
     dh0_ref[b, cols] = carry
 
 
-def _lookback_call(kernel, args, outs, *, b: int, t: int, d: int, block_d: int, chunk_t: int,
-                   num_warps: int, interpret: bool, name: str, inclusive: bool):
+def _chunked_call(kernels, summary_args, args, outs, *, b: int, t: int, d: int, block_d: int,
+                  chunk_t: int, tile_t: int, num_warps: int, interpret: bool, name: str):
+  """The summary launch on `summary_args`, then the chunk launch on `args` + summaries."""
   n_chunks, n_blk = t // chunk_t, d // block_d
-  lanes = b * n_blk
-  state = [jnp.zeros((1,), jnp.int32), jnp.zeros((lanes * n_chunks,), jnp.int32)]
-  summaries = [jax.ShapeDtypeStruct((b, n_chunks, d), F32)] * 3
-  nin, nout = len(args), len(outs)
-  res = pl.pallas_call(
-      functools.partial(kernel, n_chunks=n_chunks, n_blk=n_blk, chunk=chunk_t, bd=block_d,
-                        inclusive=inclusive),
-      grid=(lanes * n_chunks,),
-      out_shape=[*outs, *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in state), *summaries],
-      input_output_aliases={nin: nout, nin + 1: nout + 1},
+  tile = min(tile_t, chunk_t)
+  if chunk_t % tile:
+    raise ValueError(f"tile_t={tile_t} must divide chunk_t={chunk_t} (rows per load tile of "
+                     "a time chunk)")
+  kw = dict(n_chunks=n_chunks, n_blk=n_blk, chunk=chunk_t, tile=tile, bd=block_d)
+  call = lambda kernel, out_shape, suffix: pl.pallas_call(
+      functools.partial(kernel, **kw), grid=(b * n_blk * n_chunks,), out_shape=out_shape,
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
-      interpret=interpret, name=name,
-  )(*args, *state)
-  return res[:nout]
+      interpret=interpret, name=f"{name}_{suffix}")
+  summary = call(kernels[0], [jax.ShapeDtypeStruct((b, n_chunks, d), F32)] * 2, "summary")
+  return call(kernels[1], outs, "chunks")(*args, *summary(*summary_args))
 
 
 # ---- The MLGRU's gates fused into the whole-sequence kernels -------------------------------
@@ -347,7 +339,7 @@ GATE_TILE_T = 16
 
 def gate_kernel_for(b: int, t: int, d: int) -> dict | None:
   """Keyword arguments of `gate_forward`/`gate_backward` for a [b, t, d] recurrence: where
-  the whole-sequence kernels run (None for no kernel or the look-back kernels)."""
+  the whole-sequence kernels run (None for no kernel or the time-chunked kernels)."""
   k = kernel_for(b, t, d)
   if k is None or "chunk_t" in k:
     return None
