@@ -135,7 +135,7 @@ def forward(f_BxTxD, x_BxTxD, h0_BxD, *, block_d: int, tile_t: int = TILE_T,
   b, t, d = x_BxTxD.shape
   if _chunked(t, chunk_t):
     return _chunked_call(
-        (_fwd_summary_kernel, _fwd_chunk_kernel), (f_BxTxD, x_BxTxD), (f_BxTxD, x_BxTxD, h0_BxD),
+        (_fwd_step, _fwd_chunk_kernel), (f_BxTxD, x_BxTxD), (f_BxTxD, x_BxTxD, h0_BxD),
         [jax.ShapeDtypeStruct((b, t, d), x_BxTxD.dtype), jax.ShapeDtypeStruct((b, d), F32)],
         b=b, t=t, d=d, block_d=block_d, chunk_t=chunk_t, tile_t=tile_t, num_warps=num_warps,
         interpret=interpret, name="mlgru_scan_fwd")
@@ -158,7 +158,7 @@ def backward(f_BxTxD, h_BxTxD, dh_BxTxD, h0_BxD, dlast_BxD, *, block_d: int,
   b, t, d = h_BxTxD.shape
   if _chunked(t, chunk_t):
     return _chunked_call(
-        (_bwd_summary_kernel, _bwd_chunk_kernel), (f_BxTxD, dh_BxTxD),
+        (_bwd_step, _bwd_chunk_kernel), (f_BxTxD, dh_BxTxD),
         (f_BxTxD, h_BxTxD, dh_BxTxD, h0_BxD, dlast_BxD),
         [jax.ShapeDtypeStruct((b, t, d), f_BxTxD.dtype),
          jax.ShapeDtypeStruct((b, t, d), h_BxTxD.dtype), jax.ShapeDtypeStruct((b, d), F32)],
@@ -213,20 +213,27 @@ def _carry_in(a_ref, s_ref, init, b, cols, preds):
   return init
 
 
-def _fwd_summary_kernel(f_ref, x_ref, a_ref, s_ref, *, n_chunks: int, n_blk: int, chunk: int,
-                        tile: int, bd: int):
+def _summary_kernel(f_ref, v_ref, a_ref, s_ref, *, step, n_chunks: int, n_blk: int,
+                    chunk: int, tile: int, bd: int):
+  """Writes the chunk's affine summary (a, s), its rows composed first to last by
+  `step(a, s, f_t, v_t)` from the identity (1, 0)."""
   c, b, cols, t0 = _place(pl.program_id(0), n_chunks=n_chunks, n_blk=n_blk, chunk=chunk, bd=bd)
 
   def rows(i, st):
-    a, s = st
-    fs, xs = _tile_rows((f_ref, x_ref), b, t0 + i * tile, tile, cols)
-    for fk, xk in zip(fs, xs):
-      s, a = fk * s + xk, a * fk
-    return a, s
+    fs, vs = _tile_rows((f_ref, v_ref), b, t0 + i * tile, tile, cols)
+    for fk, vk in zip(fs, vs):
+      st = step(*st, fk, vk)
+    return st
 
   a, s = jax.lax.fori_loop(0, chunk // tile, rows, (jnp.ones((bd,), F32), jnp.zeros((bd,), F32)))
   a_ref[b, c, cols] = a
   s_ref[b, c, cols] = s
+
+
+def _fwd_step(a, s, f, x):
+  """Forward: state -> f state + x; a chunk maps the state before it to the one after it."""
+  s = f * s + x
+  return a * f, s
 
 
 def _fwd_chunk_kernel(f_ref, x_ref, h0_ref, a_ref, s_ref, h_ref, hlast_ref, *, n_chunks: int,
@@ -251,26 +258,14 @@ def _fwd_chunk_kernel(f_ref, x_ref, h0_ref, a_ref, s_ref, h_ref, hlast_ref, *, n
 
 
 # The backward runs right to left: the carry (= f_{s+1} g_{s+1}) maps to f_s (dh_s + carry) at
-# each step s, so a chunk's summary maps the carry at its last row to the one at its first:
-# composed left to right, (a, s) <- (a f_s, s + a f_s dh_s). (Composed right to left, as the
-# steps run, the summary launch took 3-6x longer at 16 rows per tile on an H100.)
+# each step s, so a chunk's summary maps the carry at its last row to the one at its first,
+# composed left to right as (a, s) <- (a f_s, s + a f_s dh_s) (`_bwd_step`). Composed right
+# to left, as the steps run, the summary launch took 3-6x longer at 16 rows per tile on an H100.
 
 
-def _bwd_summary_kernel(f_ref, dh_ref, a_ref, s_ref, *, n_chunks: int, n_blk: int, chunk: int,
-                        tile: int, bd: int):
-  c, b, cols, t0 = _place(pl.program_id(0), n_chunks=n_chunks, n_blk=n_blk, chunk=chunk, bd=bd)
-
-  def rows(i, st):
-    a, s = st
-    fs, dhs = _tile_rows((f_ref, dh_ref), b, t0 + i * tile, tile, cols)
-    for fk, dk in zip(fs, dhs):
-      a = a * fk
-      s = s + a * dk
-    return a, s
-
-  a, s = jax.lax.fori_loop(0, chunk // tile, rows, (jnp.ones((bd,), F32), jnp.zeros((bd,), F32)))
-  a_ref[b, c, cols] = a
-  s_ref[b, c, cols] = s
+def _bwd_step(a, s, f, dh):
+  a = a * f
+  return a, s + a * dh
 
 
 def _bwd_chunk_kernel(f_ref, h_ref, dh_ref, h0_ref, dlast_ref, a_ref, s_ref, df_ref, dx_ref,
@@ -303,7 +298,8 @@ def _bwd_chunk_kernel(f_ref, h_ref, dh_ref, h0_ref, dlast_ref, a_ref, s_ref, df_
 
 def _chunked_call(kernels, summary_args, args, outs, *, b: int, t: int, d: int, block_d: int,
                   chunk_t: int, tile_t: int, num_warps: int, interpret: bool, name: str):
-  """The summary launch on `summary_args`, then the chunk launch on `args` + summaries."""
+  """The summary launch (kernels = (its step, the chunk kernel)) on `summary_args`, then the
+  chunk launch on `args` + the summaries."""
   n_chunks, n_blk = t // chunk_t, d // block_d
   tile = min(tile_t, chunk_t)
   if chunk_t % tile:
@@ -314,7 +310,8 @@ def _chunked_call(kernels, summary_args, args, outs, *, b: int, t: int, d: int, 
       functools.partial(kernel, **kw), grid=(b * n_blk * n_chunks,), out_shape=out_shape,
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
       interpret=interpret, name=f"{name}_{suffix}")
-  summary = call(kernels[0], [jax.ShapeDtypeStruct((b, n_chunks, d), F32)] * 2, "summary")
+  summary = call(functools.partial(_summary_kernel, step=kernels[0]),
+                 [jax.ShapeDtypeStruct((b, n_chunks, d), F32)] * 2, "summary")
   return call(kernels[1], outs, "chunks")(*args, *summary(*summary_args))
 
 
