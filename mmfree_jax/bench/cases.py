@@ -201,8 +201,8 @@ def recurrence_case(impl: str, b: int, t: int, d: int, chunk: int = 16, iters: i
   got = (fwd(f, x),) + tuple(fwdbwd(f, x, dh))
   want = (ref(f, x),) + tuple(jax.vjp(ref, f, x)[1](dh.astype(jnp.float32)))
   err = _rel_err(got, want)
-  n = b * t * d * 2
-  floor_f, floor_fb = 3 * n / hbm_bw(), 6 * n / hbm_bw()
+  n, bw = b * t * d * 2, hbm_bw()
+  floor_f, floor_fb = 3 * n / bw, 6 * n / bw
   name = f"{impl}{chunk}" if impl == "chunked" else impl
   name += "".join(f"-{key}{v}" for key, v in (kernel or {}).items())
   return {"case": f"scan-{name}-{b}x{t}x{d}", "fwd_ms": t_f * 1e3, "fwdbwd_ms": t_fb * 1e3,
@@ -253,8 +253,8 @@ def gates_case(b: int, t: int, d: int, fused: bool = True, iters: int = 20,
   got = fwdbwd(fp, ip, lb, dh)
   got = (fwd(fp, ip, lb), got[0], got[1], got[2].sum(0) if kernel else got[2])
   want = (ref(fp, ip, lb),) + tuple(jax.vjp(ref, fp, ip, lb)[1](dh.astype(jnp.float32)))
-  n = b * t * d * 2
-  floor_f, floor_fb = 3 * n / hbm_bw(), 9 * n / hbm_bw()
+  n, bw = b * t * d * 2, hbm_bw()
+  floor_f, floor_fb = 3 * n / bw, 9 * n / bw
   name = "fused" if fused else "two-steps"
   name += "".join(f"-{key}{v}" for key, v in (kernel or {}).items())
   return {"case": f"gates-{name}-{b}x{t}x{d}", "fwd_ms": t_f * 1e3, "fwdbwd_ms": t_fb * 1e3,

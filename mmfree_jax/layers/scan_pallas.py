@@ -135,7 +135,7 @@ def forward(f_BxTxD, x_BxTxD, h0_BxD, *, block_d: int, tile_t: int = TILE_T,
   b, t, d = x_BxTxD.shape
   if _chunked(t, chunk_t):
     return _chunked_call(
-        (_fwd_step, _fwd_chunk_kernel), (f_BxTxD, x_BxTxD), (f_BxTxD, x_BxTxD, h0_BxD),
+        _fwd_step, _fwd_chunk_kernel, (f_BxTxD, x_BxTxD), (f_BxTxD, x_BxTxD, h0_BxD),
         [jax.ShapeDtypeStruct((b, t, d), x_BxTxD.dtype), jax.ShapeDtypeStruct((b, d), F32)],
         b=b, t=t, d=d, block_d=block_d, chunk_t=chunk_t, tile_t=tile_t, num_warps=num_warps,
         interpret=interpret, name="mlgru_scan_fwd")
@@ -158,7 +158,7 @@ def backward(f_BxTxD, h_BxTxD, dh_BxTxD, h0_BxD, dlast_BxD, *, block_d: int,
   b, t, d = h_BxTxD.shape
   if _chunked(t, chunk_t):
     return _chunked_call(
-        (_bwd_step, _bwd_chunk_kernel), (f_BxTxD, dh_BxTxD),
+        _bwd_step, _bwd_chunk_kernel, (f_BxTxD, dh_BxTxD),
         (f_BxTxD, h_BxTxD, dh_BxTxD, h0_BxD, dlast_BxD),
         [jax.ShapeDtypeStruct((b, t, d), f_BxTxD.dtype),
          jax.ShapeDtypeStruct((b, t, d), h_BxTxD.dtype), jax.ShapeDtypeStruct((b, d), F32)],
@@ -296,10 +296,11 @@ def _bwd_chunk_kernel(f_ref, h_ref, dh_ref, h0_ref, dlast_ref, a_ref, s_ref, df_
     dh0_ref[b, cols] = carry
 
 
-def _chunked_call(kernels, summary_args, args, outs, *, b: int, t: int, d: int, block_d: int,
-                  chunk_t: int, tile_t: int, num_warps: int, interpret: bool, name: str):
-  """The summary launch (kernels = (its step, the chunk kernel)) on `summary_args`, then the
-  chunk launch on `args` + the summaries."""
+def _chunked_call(step, chunk_kernel, summary_args, args, outs, *, b: int, t: int, d: int,
+                  block_d: int, chunk_t: int, tile_t: int, num_warps: int, interpret: bool,
+                  name: str):
+  """The summary launch (`_summary_kernel` with `step`) on `summary_args`, then
+  `chunk_kernel` on `args` + the summaries."""
   n_chunks, n_blk = t // chunk_t, d // block_d
   tile = min(tile_t, chunk_t)
   if chunk_t % tile:
@@ -310,9 +311,9 @@ def _chunked_call(kernels, summary_args, args, outs, *, b: int, t: int, d: int, 
       functools.partial(kernel, **kw), grid=(b * n_blk * n_chunks,), out_shape=out_shape,
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
       interpret=interpret, name=f"{name}_{suffix}")
-  summary = call(functools.partial(_summary_kernel, step=kernels[0]),
+  summary = call(functools.partial(_summary_kernel, step=step),
                  [jax.ShapeDtypeStruct((b, n_chunks, d), F32)] * 2, "summary")
-  return call(kernels[1], outs, "chunks")(*args, *summary(*summary_args))
+  return call(chunk_kernel, outs, "chunks")(*args, *summary(*summary_args))
 
 
 # ---- The MLGRU's gates fused into the whole-sequence kernels -------------------------------
