@@ -75,21 +75,23 @@ def test_unknown_impl_is_a_clear_error():
     linear_recurrence(jnp.ones((1, 2, 1)), jnp.ones((1, 2, 1)), impl="fast")
 
 
-@pytest.mark.parametrize("block_d,tile_t,chunk_t,t", [
-    (32, 8, 0, 37), (64, 64, 0, 37), (32, 64, 8, 40), (16, 64, 20, 40), (32, 4, 8, 40),
-    (16, 5, 20, 40)])
-def test_pallas_kernels_match_numpy(block_d, tile_t, chunk_t, t):
+@pytest.mark.parametrize("block_d,tile_t,chunk_t,t,groups", [
+    (32, 8, 0, 37, 1), (64, 64, 0, 37, 1), (32, 64, 8, 40, 1), (16, 64, 20, 40, 1),
+    (32, 4, 8, 40, 1), (16, 5, 20, 40, 1), (32, 4, 8, 40, 2), (16, 64, 20, 40, 4)])
+def test_pallas_kernels_match_numpy(block_d, tile_t, chunk_t, t, groups):
   """The Pallas kernels (interpret mode on CPU): h, last state, df, dx, dh0 incl. dlast;
   whole-sequence programs, and time chunks (summaries, then each chunk from its
-  predecessors' composed summaries), each chunk read in one tile or several."""
-  b, d = 2, 64
+  predecessors' composed summaries), each chunk read in one tile or several, all batch
+  rows at once or in groups of rows writing one output in turn."""
+  b, d = 4, 64
   rng = np.random.default_rng(1)
   f = rng.uniform(0.5, 1.0, (b, t, d)).astype(np.float32)
   x = rng.normal(size=(b, t, d)).astype(np.float32)
   h0 = rng.normal(size=(b, d)).astype(np.float32)
   dh = rng.normal(size=(b, t, d)).astype(np.float32)
   dlast = rng.normal(size=(b, d)).astype(np.float32)
-  kw = {"block_d": block_d, "tile_t": tile_t, "chunk_t": chunk_t, "interpret": True}
+  kw = {"block_d": block_d, "tile_t": tile_t, "chunk_t": chunk_t, "groups": groups,
+        "interpret": True}
   h, last = scan_pallas.forward(f, x, h0, **kw)
   want = np_recurrence(f.astype(np.float64), x.astype(np.float64), h0.astype(np.float64), None)
   np.testing.assert_allclose(h, want, rtol=1e-5, atol=1e-5)
@@ -103,11 +105,14 @@ def test_pallas_kernels_match_numpy(block_d, tile_t, chunk_t, t):
     np.testing.assert_allclose(got, exp, rtol=1e-4, atol=1e-4)
 
 
-def test_chunk_tiles_must_divide_chunks():
-  f = jnp.ones((1, 16, 16))
+def test_chunk_tiles_and_groups_must_divide():
+  f = jnp.ones((2, 16, 16))
   with pytest.raises(ValueError, match="tile_t=3 must divide chunk_t=8"):
-    scan_pallas.forward(f, f, jnp.zeros((1, 16)), block_d=16, chunk_t=8, tile_t=3,
+    scan_pallas.forward(f, f, jnp.zeros((2, 16)), block_d=16, chunk_t=8, tile_t=3,
                         interpret=True)
+  with pytest.raises(ValueError, match=r"groups=3 must divide the batch \(2 rows\)"):
+    scan_pallas.backward(f, f, f, jnp.zeros((2, 16)), jnp.zeros((2, 16)), block_d=16,
+                         chunk_t=8, groups=3, interpret=True)
 
 
 def test_pallas_block_choice():
@@ -138,15 +143,16 @@ def test_pallas_impl_falls_back_off_gpu():
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="Pallas GPU kernels need a GPU")
-@pytest.mark.parametrize("chunk_t,tile_t", [(64, 16), (256, 16), (128, 32)])
-def test_chunked_kernels_on_gpu_match_numpy(chunk_t, tile_t):
+@pytest.mark.parametrize("chunk_t,tile_t,groups", [(64, 16, 1), (256, 16, 1), (128, 32, 1),
+                                                    (128, 16, 2), (256, 16, 4)])
+def test_chunked_kernels_on_gpu_match_numpy(chunk_t, tile_t, groups):
   """The time-chunked kernels compiled for the GPU: h, last state and all gradients."""
   b, t, d = 4, 1024, 512
   rng = np.random.default_rng(4)
   f = rng.uniform(0.5, 1.0, (b, t, d)).astype(np.float32)
   x, dh = (rng.normal(size=(b, t, d)).astype(np.float32) for _ in range(2))
   h0, dlast = (rng.normal(size=(b, d)).astype(np.float32) for _ in range(2))
-  kw = {"block_d": 32, "chunk_t": chunk_t, "tile_t": tile_t}
+  kw = {"block_d": 32, "chunk_t": chunk_t, "tile_t": tile_t, "groups": groups}
   h, last = scan_pallas.forward(f, x, h0, **kw)
   want = np_recurrence(f.astype(np.float64), x.astype(np.float64), h0.astype(np.float64), None)
   np.testing.assert_allclose(h, want, rtol=1e-4, atol=1e-4)

@@ -61,6 +61,20 @@ def test_recurrence_kernels_verify(verified, t, names):
   assert verified[0] == names
 
 
+def test_grouped_chunk_kernels_verify(verified):
+  """Time chunks in two groups of batch rows: each group's launches, the second group's
+  chunk kernel taking the first's outputs aliased (and skipping them)."""
+  b, t, d = 4, 128, 128
+  seq = jax.ShapeDtypeStruct((b, t, d), jnp.bfloat16)
+  vec = jax.ShapeDtypeStruct((b, d), jnp.float32)
+  kw = {"block_d": 64, "chunk_t": 64, "tile_t": 16, "groups": 2}
+  _lower_for_cuda(lambda f, x, h0: scan_pallas.forward(f, x, h0, **kw), seq, seq, vec)
+  _lower_for_cuda(lambda f, h, dh, h0, dlast: scan_pallas.backward(f, h, dh, h0, dlast, **kw),
+                  seq, seq, seq, vec, vec)
+  assert verified[0] == ["mlgru_scan_fwd_summary", "mlgru_scan_fwd_chunks"] * 2 + [
+      "mlgru_scan_bwd_summary", "mlgru_scan_bwd_chunks"] * 2
+
+
 @pytest.mark.parametrize("with_resets", [False, True])
 def test_gate_kernels_verify(verified, with_resets):
   b, t, d = 2, 96, 128

@@ -173,7 +173,7 @@ def recurrence_case(impl: str, b: int, t: int, d: int, chunk: int = 16, iters: i
   HBM floor (fewest bytes, bf16): forward reads f, x and writes h (3 tensors); the
   backward likewise reads f, dh and writes dx (3 more); df = dx * h_prev is counted
   as fused into the consumer. `kernel` (impl "pallas" only) passes block_d / tile_t /
-  num_warps / chunk_t to the raw kernels. `max_err` compares h and
+  num_warps / chunk_t / groups to the raw kernels. `max_err` compares h and
   both gradients with the float32 sequential reference (relative to their largest
   magnitude).
   """

@@ -121,24 +121,26 @@ def _specs(t: int, bd: int):
   return seq, vec
 
 
-_STATIC = ("block_d", "tile_t", "num_warps", "chunk_t", "interpret")
+_STATIC = ("block_d", "tile_t", "num_warps", "chunk_t", "groups", "interpret")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def forward(f_BxTxD, x_BxTxD, h0_BxD, *, block_d: int, tile_t: int = TILE_T,
-            num_warps: int = NUM_WARPS, chunk_t: int = 0, interpret: bool = False):
+            num_warps: int = NUM_WARPS, chunk_t: int = 0, groups: int = 1,
+            interpret: bool = False):
   """Returns (h in x's dtype, last state float32). `block_d` must divide D.
 
   `chunk_t` > 0 (dividing T into >= 2 chunks) runs time chunks of that length in two
   launches (below), each chunk read in tiles of min(`tile_t`, `chunk_t`) rows, which must
-  divide it."""
+  divide it; `groups` (dividing B) runs those two launches for that many groups of batch
+  rows in turn."""
   b, t, d = x_BxTxD.shape
   if _chunked(t, chunk_t):
     return _chunked_call(
         _fwd_step, _fwd_chunk_kernel, (f_BxTxD, x_BxTxD), (f_BxTxD, x_BxTxD, h0_BxD),
         [jax.ShapeDtypeStruct((b, t, d), x_BxTxD.dtype), jax.ShapeDtypeStruct((b, d), F32)],
         b=b, t=t, d=d, block_d=block_d, chunk_t=chunk_t, tile_t=tile_t, num_warps=num_warps,
-        interpret=interpret, name="mlgru_scan_fwd")
+        groups=groups, interpret=interpret, name="mlgru_scan_fwd")
   seq, vec = _specs(t, block_d)
   return pl.pallas_call(
       functools.partial(_fwd_kernel, t=t, tile=min(tile_t, t)),
@@ -153,7 +155,7 @@ def forward(f_BxTxD, x_BxTxD, h0_BxD, *, block_d: int, tile_t: int = TILE_T,
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def backward(f_BxTxD, h_BxTxD, dh_BxTxD, h0_BxD, dlast_BxD, *, block_d: int,
              tile_t: int = TILE_T, num_warps: int = NUM_WARPS, chunk_t: int = 0,
-             interpret: bool = False):
+             groups: int = 1, interpret: bool = False):
   """Returns (df in f's dtype, dx in h's dtype, dh0 float32); arguments as `forward`."""
   b, t, d = h_BxTxD.shape
   if _chunked(t, chunk_t):
@@ -163,7 +165,7 @@ def backward(f_BxTxD, h_BxTxD, dh_BxTxD, h0_BxD, dlast_BxD, *, block_d: int,
         [jax.ShapeDtypeStruct((b, t, d), f_BxTxD.dtype),
          jax.ShapeDtypeStruct((b, t, d), h_BxTxD.dtype), jax.ShapeDtypeStruct((b, d), F32)],
         b=b, t=t, d=d, block_d=block_d, chunk_t=chunk_t, tile_t=tile_t, num_warps=num_warps,
-        interpret=interpret, name="mlgru_scan_bwd")
+        groups=groups, interpret=interpret, name="mlgru_scan_bwd")
   seq, vec = _specs(t, block_d)
   return pl.pallas_call(
       functools.partial(_bwd_kernel, t=t, tile=min(tile_t, max(t - 1, 1))),
@@ -184,14 +186,21 @@ def backward(f_BxTxD, h_BxTxD, dh_BxTxD, h0_BxD, dlast_BxD, *, block_d: int,
 # second composes the summaries of the chunk's predecessors (a few KB from L2) into the state
 # entering it, reads the chunk again and writes the outputs. Each program walks its chunk in
 # tiles of `tile_t` rows, issuing each tile's loads in the order its steps use them.
+#
+# The second read hits L2 only for what the first launch read last: at 8x2048x1024 the f and
+# x it reads (64 MiB in bf16) exceed an H100's or H200's 50 MB L2. `groups` > 1 runs both
+# launches per group of B/groups batch rows, so a group's second launch re-reads what its
+# first just read (the outputs pass from group to group aliased, written in place), at the
+# price of fewer programs per launch. Its speed is not measured yet (BENCHMARKS.md);
+# `kernel_for` does not pick it.
 
 
-def _place(p, *, n_chunks: int, n_blk: int, chunk: int, bd: int):
-  """Program p's (chunk c, batch row b, channel slice cols, first step t0); consecutive
-  programs take consecutive chunks of one lane."""
+def _place(p, *, n_chunks: int, n_blk: int, chunk: int, bd: int, row0: int):
+  """Program p's (chunk c, batch row b, its row in this launch's summaries b - row0, channel
+  slice cols, first step t0); consecutive programs take consecutive chunks of one lane."""
   lane, c = p // n_chunks, p % n_chunks
-  b, blk = lane // n_blk, lane % n_blk
-  return c, b, pl.ds(pl.multiple_of(blk * bd, bd), bd), c * chunk
+  r, blk = lane // n_blk, lane % n_blk
+  return c, row0 + r, r, pl.ds(pl.multiple_of(blk * bd, bd), bd), c * chunk
 
 
 def _tile_rows(refs, b, r0, n: int, cols, reverse: bool = False):
@@ -214,10 +223,11 @@ def _carry_in(a_ref, s_ref, init, b, cols, preds):
 
 
 def _summary_kernel(f_ref, v_ref, a_ref, s_ref, *, step, n_chunks: int, n_blk: int,
-                    chunk: int, tile: int, bd: int):
+                    chunk: int, tile: int, bd: int, row0: int):
   """Writes the chunk's affine summary (a, s), its rows composed first to last by
   `step(a, s, f_t, v_t)` from the identity (1, 0)."""
-  c, b, cols, t0 = _place(pl.program_id(0), n_chunks=n_chunks, n_blk=n_blk, chunk=chunk, bd=bd)
+  c, b, r, cols, t0 = _place(pl.program_id(0), n_chunks=n_chunks, n_blk=n_blk, chunk=chunk,
+                             bd=bd, row0=row0)
 
   def rows(i, st):
     fs, vs = _tile_rows((f_ref, v_ref), b, t0 + i * tile, tile, cols)
@@ -226,8 +236,8 @@ def _summary_kernel(f_ref, v_ref, a_ref, s_ref, *, step, n_chunks: int, n_blk: i
     return st
 
   a, s = jax.lax.fori_loop(0, chunk // tile, rows, (jnp.ones((bd,), F32), jnp.zeros((bd,), F32)))
-  a_ref[b, c, cols] = a
-  s_ref[b, c, cols] = s
+  a_ref[r, c, cols] = a
+  s_ref[r, c, cols] = s
 
 
 def _fwd_step(a, s, f, x):
@@ -237,10 +247,11 @@ def _fwd_step(a, s, f, x):
 
 
 def _fwd_chunk_kernel(f_ref, x_ref, h0_ref, a_ref, s_ref, h_ref, hlast_ref, *, n_chunks: int,
-                      n_blk: int, chunk: int, tile: int, bd: int):
-  c, b, cols, t0 = _place(pl.program_id(0), n_chunks=n_chunks, n_blk=n_blk, chunk=chunk, bd=bd)
+                      n_blk: int, chunk: int, tile: int, bd: int, row0: int):
+  c, b, r, cols, t0 = _place(pl.program_id(0), n_chunks=n_chunks, n_blk=n_blk, chunk=chunk,
+                             bd=bd, row0=row0)
   preds = [(j, j < c) for j in range(n_chunks - 1)]
-  h = _carry_in(a_ref, s_ref, h0_ref[b, cols].astype(F32), b, cols, preds)
+  h = _carry_in(a_ref, s_ref, h0_ref[b, cols].astype(F32), r, cols, preds)
 
   def rows(i, h):
     r0 = t0 + i * tile
@@ -269,10 +280,12 @@ def _bwd_step(a, s, f, dh):
 
 
 def _bwd_chunk_kernel(f_ref, h_ref, dh_ref, h0_ref, dlast_ref, a_ref, s_ref, df_ref, dx_ref,
-                      dh0_ref, *, n_chunks: int, n_blk: int, chunk: int, tile: int, bd: int):
-  c, b, cols, t0 = _place(pl.program_id(0), n_chunks=n_chunks, n_blk=n_blk, chunk=chunk, bd=bd)
+                      dh0_ref, *, n_chunks: int, n_blk: int, chunk: int, tile: int, bd: int,
+                      row0: int):
+  c, b, r, cols, t0 = _place(pl.program_id(0), n_chunks=n_chunks, n_blk=n_blk, chunk=chunk,
+                             bd=bd, row0=row0)
   succs = [(j, j > c) for j in range(n_chunks - 1, 0, -1)]
-  carry = _carry_in(a_ref, s_ref, dlast_ref[b, cols].astype(F32), b, cols, succs)
+  carry = _carry_in(a_ref, s_ref, dlast_ref[b, cols].astype(F32), r, cols, succs)
   h0 = h0_ref[b, cols].astype(F32)
   n_tiles = chunk // tile
 
@@ -297,23 +310,38 @@ def _bwd_chunk_kernel(f_ref, h_ref, dh_ref, h0_ref, dlast_ref, a_ref, s_ref, df_
 
 
 def _chunked_call(step, chunk_kernel, summary_args, args, outs, *, b: int, t: int, d: int,
-                  block_d: int, chunk_t: int, tile_t: int, num_warps: int, interpret: bool,
-                  name: str):
-  """The summary launch (`_summary_kernel` with `step`) on `summary_args`, then
-  `chunk_kernel` on `args` + the summaries."""
+                  block_d: int, chunk_t: int, tile_t: int, num_warps: int, groups: int,
+                  interpret: bool, name: str):
+  """For each of `groups` groups of batch rows in turn: the summary launch
+  (`_summary_kernel` with `step`) on `summary_args`, then `chunk_kernel` on `args` + the
+  summaries, writing that group's rows of `outs` in place (the buffers pass from one group's
+  launch to the next aliased), so a group's second reads find its first ones in L2."""
   n_chunks, n_blk = t // chunk_t, d // block_d
   tile = min(tile_t, chunk_t)
   if chunk_t % tile:
     raise ValueError(f"tile_t={tile_t} must divide chunk_t={chunk_t} (rows per load tile of "
                      "a time chunk)")
+  if groups < 1 or b % groups:
+    raise ValueError(f"groups={groups} must divide the batch ({b} rows): pass a divisor of B")
+  rows = b // groups
   kw = dict(n_chunks=n_chunks, n_blk=n_blk, chunk=chunk_t, tile=tile, bd=block_d)
-  call = lambda kernel, out_shape, suffix: pl.pallas_call(
-      functools.partial(kernel, **kw), grid=(b * n_blk * n_chunks,), out_shape=out_shape,
+  call = lambda kernel, out_shape, suffix, row0, aliases=None: pl.pallas_call(
+      functools.partial(kernel, row0=row0, **kw), grid=(rows * n_blk * n_chunks,),
+      out_shape=out_shape, input_output_aliases=aliases or {},
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
       interpret=interpret, name=f"{name}_{suffix}")
-  summary = call(functools.partial(_summary_kernel, step=step),
-                 [jax.ShapeDtypeStruct((b, n_chunks, d), F32)] * 2, "summary")
-  return call(chunk_kernel, outs, "chunks")(*args, *summary(*summary_args))
+  n_in, res = len(args) + 2, None
+  for g in range(groups):
+    summary = call(functools.partial(_summary_kernel, step=step),
+                   [jax.ShapeDtypeStruct((rows, n_chunks, d), F32)] * 2, "summary",
+                   g * rows)(*summary_args)
+    if res is None:
+      res = call(chunk_kernel, outs, "chunks", g * rows)(*args, *summary)
+    else:  # the previous groups' outputs come in aliased to the outputs; the kernel skips them
+      skip = lambda *refs, **k: chunk_kernel(*refs[:n_in], *refs[n_in + len(outs):], **k)
+      res = call(skip, outs, "chunks", g * rows, {n_in + i: i for i in range(len(outs))})(
+          *args, *summary, *res)
+  return res
 
 
 # ---- The MLGRU's gates fused into the whole-sequence kernels -------------------------------
