@@ -5,15 +5,22 @@ Override anything on the command line: `--config.model.d_model=256 --config.trai
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
+
+from mmfree_jax.config import field_types
 
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
 
-  # Model (mmfree_jax.config.ModelConfig). `preset` picks d_model/n_layers; every other
-  # key overrides the preset.
-  c.model = ml_collections.ConfigDict(dict(
-      preset="tiny",          # 370M | 1.3B | 2.7B | tiny | micro
+  # Model: every field of mmfree_jax.config.ModelConfig (derived from the dataclass, whose
+  # docstring explains each), so any can be overridden: --config.model.bitlinear_eps=1e-6.
+  # `preset` picks d_model/n_layers (tiny/micro also head_dim/scan_chunk); a key left None
+  # takes the preset's value, else the ModelConfig default (e.g. norm_eps 1e-6,
+  # bitlinear_eps 1e-6, init_std 0.02, rope_theta 1e4, d_ff from SPEC's 256-rounding rule).
+  c.model = ml_collections.ConfigDict(
+      {"preset": "tiny", **{k: placeholder(t) for k, t in field_types().items()}})
+  c.model.update(
       arch="mmfree",          # mmfree | transformer
       vocab_size=32000,       # must match the tokenizer (Mistral 32k by default)
       gate="code",            # code: RMSNorm(g)*silu(h) (released ckpts) | paper: sigmoid(g)*h
@@ -24,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
       remat="none",           # none | lean | lean_inputs | full  (memory-saving modes)
       unroll_layers=False,    # True: blocks as straight-line code (faster step, slower compile; not with remat=full)
       attention_impl="",      # "" = XLA, "cudnn" = cuDNN flash attention (transformer)
-  ))
+  )
 
   # Data: a tokenized tfds dataset built from local files (mmfree_jax.data.builder).
   c.data = ml_collections.ConfigDict(dict(

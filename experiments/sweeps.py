@@ -10,10 +10,12 @@ override dicts `{"name": ..., "<section>.<key>": value}` relative to the base.
 Sweeps (`python -m mmfree_jax.sweep --sweep=experiments/sweeps.py:NAME --plan` prints
 params, tokens, FLOPs, tokens/param, epochs and planned H200 time per point):
   paper     370M / 1.3B / 2.7B x {mmfree, transformer}, SPEC §2-3 recipes (for pods).
-  mini      6 sizes per arch, 133k..7M non-embedding params (53x), 20 tokens per
-            non-embedding param, seq 512: about 16 min on one H200 (planned), every run
-            < 10 min. Corpus: Python sources (`mmfree_jax.scaling.corpus`).
-  mini_lr   learning-rate axis at mini's d=128 point, x{1/4, 1/2, 2, 4}, both arches.
+  mini      the L(N, D) grid: 6 sizes per arch (133k..7M non-embedding params, 53x) x
+            10 / 20 / 40 tokens per non-embedding param, both arches (36 points), seq 512;
+            every run < 10 min on one H100/H200. Corpus: Python sources
+            (`mmfree_jax.scaling.corpus`).
+  mini_lr   learning-rate axis at mini's d=128, 20 tokens/param point, x{1/4, 1/2, 2, 4},
+            both arches (run it into the mini workdir: the x1 points are shared).
   micro     d in {16, 32, 64} x both arches (non-embedding params 27k..133k, 4.9x), 2
             layers, 32 steps of 8x64 tokens of the embedded Shakespeare, float32: CPU and
             tests (~25 s per point on 2 cores, mostly XLA compile).
@@ -36,7 +38,8 @@ SWEEPS = ("paper", "mini", "mini_lr", "micro", "micro_lr")
 #   python -m mmfree_jax.scaling.corpus --out=runs/corpus/python_sources.jsonl
 MINI_CORPUS = "runs/corpus/python_sources.jsonl"
 MINI_SIZES = ((64, 2), (96, 3), (128, 3), (192, 4), (256, 4), (320, 5))
-MINI_TOKENS_PER_PARAM = 20  # per non-embedding parameter (Chinchilla-style budget)
+MINI_TOKENS_PER_PARAM = (10, 20, 40)  # per non-embedding parameter (20: Chinchilla's budget)
+MINI_LR_TOKENS_PER_PARAM = 20
 MINI_LR = {"mmfree": 4e-3, "transformer": 1e-3}
 MINI_LR_SIZE = (128, 3)
 MICRO_SIZES = (16, 32, 64)
@@ -100,32 +103,36 @@ def _mini_base() -> ml_collections.ConfigDict:
 
 
 @functools.lru_cache(maxsize=None)
-def mini_tokens(arch: str, d: int, n_layers: int) -> int:
-  """Training tokens of a mini point: MINI_TOKENS_PER_PARAM per non-embedding param."""
+def mini_tokens(arch: str, d: int, n_layers: int, tokens_per_param: int) -> int:
+  """Training tokens of a mini point: `tokens_per_param` per non-embedding param."""
   from mmfree_jax.config import ModelConfig  # noqa: PLC0415 (keeps config loading light)
   from mmfree_jax.models import param_counts  # noqa: PLC0415
   cfg = ModelConfig(arch=arch, d_model=d, n_layers=n_layers, head_dim=32)
-  return MINI_TOKENS_PER_PARAM * param_counts(cfg)["non_embedding"]
+  return tokens_per_param * param_counts(cfg)["non_embedding"]
 
 
-def _mini(arch: str, d: int, n_layers: int, lr_factor: float = 1.0):
+def _mini(arch: str, d: int, n_layers: int, tokens_per_param: int, lr_factor: float = 1.0):
   c = _mini_base()
   _recipe(c, arch, MINI_LR[arch] * lr_factor)
   c.model.update(d_model=d, n_layers=n_layers)
   tok_per_step = c.train.batch_size * c.data.seq_len
-  c.train.steps = max(1, round(mini_tokens(arch, d, n_layers) / tok_per_step))
+  c.train.steps = max(1, round(mini_tokens(arch, d, n_layers, tokens_per_param) / tok_per_step))
   c.train.checkpoint_every = max(1, c.train.steps // 4)
-  name = f"{arch}-d{d}-L{n_layers}" + ("" if lr_factor == 1.0 else f"-lrx{lr_factor:g}")
+  name = (f"{arch}-d{d}-L{n_layers}-tpp{tokens_per_param}"
+          + ("" if lr_factor == 1.0 else f"-lrx{lr_factor:g}"))
   return name, c
 
 
 def _mini_points():
-  return [_mini(a, d, n) for a in ("mmfree", "transformer") for d, n in MINI_SIZES]
+  # Smallest compute first within each budget: a partial run still spans every size.
+  return [_mini(a, d, n, t) for t in MINI_TOKENS_PER_PARAM for d, n in MINI_SIZES
+          for a in ("mmfree", "transformer")]
 
 
 def _mini_lr_points():
   d, n = MINI_LR_SIZE
-  return [_mini(a, d, n, f) for a in ("mmfree", "transformer") for f in (1.0, *LR_FACTORS)]
+  return [_mini(a, d, n, MINI_LR_TOKENS_PER_PARAM, f) for a in ("mmfree", "transformer")
+          for f in (1.0, *LR_FACTORS)]
 
 
 # --- paper: pods --------------------------------------------------------------------

@@ -33,7 +33,9 @@ class ModelConfig:
       "paper" = sigmoid(g) * h (paper's equation).
     lower_bound: learnable forget-gate lower bounds (layers >= 1).
     norm_eps: eps of the block / final / g norms.
-    bitlinear_eps: eps of each BitLinear's input RMSNorm (the official code uses 1e-8).
+    bitlinear_eps: eps of each BitLinear's input RMSNorm: 1e-6, what the released models run
+      (`FusedBitLinear.forward` calls `layer_norm_linear_quant_fn` without an eps, so its
+      default 1e-6 applies; the `RMSNorm(eps=1e-8)` it builds only holds the weight).
     rope_theta: RoPE base (transformer only).
     dtype: compute dtype ("bfloat16" on accelerators, "float32" for exactness tests).
     scan_impl: recurrence implementation: sequential | associative | chunked | pallas
@@ -68,7 +70,7 @@ class ModelConfig:
   gate: str = "code"
   lower_bound: bool = True
   norm_eps: float = 1e-6
-  bitlinear_eps: float = 1e-8
+  bitlinear_eps: float = 1e-6
   rope_theta: float = 10000.0
   dtype: str = "bfloat16"
   scan_impl: str = "pallas"
@@ -146,9 +148,21 @@ def preset(name: str, arch: str = "mmfree", **overrides: Any) -> ModelConfig:
 PRESET_NAMES = tuple(_SIZES)
 
 
+_FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def field_types() -> dict[str, type]:
+  """Every ModelConfig field and its value type (`int | None` -> int)."""
+  return {f.name: _FIELD_TYPES[str(f.type).split("|")[0].strip()]
+          for f in dataclasses.fields(ModelConfig)}
+
+
 def from_dict(d: Mapping[str, Any]) -> ModelConfig:
-  """ModelConfig from a mapping (e.g. an ml_collections ConfigDict); `preset` key optional."""
-  d = dict(d)
+  """ModelConfig from a mapping (e.g. an ml_collections ConfigDict); `preset` key optional.
+
+  A None value means "unset": the preset's value, else the ModelConfig default.
+  """
+  d = {k: v for k, v in dict(d).items() if v is not None}
   name = d.pop("preset", None)
   fields = {f.name for f in dataclasses.fields(ModelConfig)}
   unknown = sorted(set(d) - fields)

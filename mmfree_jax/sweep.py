@@ -323,6 +323,10 @@ def run_sweep(spec: str | Sweep, workdir: str, points: str | Sequence[str] | Non
       bar.update(1)
     else:
       todo.append(name)
+  # Each corpus is tokenized once, here, before points that share it start together.
+  for c in {_corpus_key(configs[n]): configs[n] for n in todo}.values():
+    bar.write(f"corpus {c.data.corpus}: preparing (once; later points reuse it)")
+    _corpus_train_tokens(c, build=True)
   running: dict[str, tuple[subprocess.Popen | None, float]] = {}
 
   def finish(name: str, rc: int, t0: float):
@@ -376,6 +380,10 @@ def run_sweep(spec: str | Sweep, workdir: str, points: str | Sequence[str] | Non
   return rows
 
 
+def _corpus_key(config: ml_collections.ConfigDict) -> tuple:
+  return (config.data.corpus, config.data.data_dir, config.data.tokenizer, config.data.text_field)
+
+
 def _corpus_train_tokens(config: ml_collections.ConfigDict, build: bool) -> float | None:
   """Tokens of the corpus's train split (None if unknown and `build` is False)."""
   from mmfree_jax.data import builder as data_builder  # noqa: PLC0415
@@ -406,7 +414,7 @@ def point_row(point_dir: str, corpus_tokens: dict | None = None) -> dict[str, An
   config = ml_collections.ConfigDict(cj)
   cfg = loop.model_config(config)
   tokens = float(s["tokens_seen"])
-  key = (config.data.corpus, config.data.data_dir, config.data.tokenizer)
+  key = _corpus_key(config)
   cache = corpus_tokens if corpus_tokens is not None else {}
   if key not in cache:
     cache[key] = _corpus_train_tokens(config, build=True)

@@ -57,7 +57,7 @@ def _assert_same_tensors(a, b):
 def test_config_mapping():
   assert (CFG.d_model, CFG.n_layers, CFG.vocab_size, CFG.ffn) == (32, 2, 300, 64)
   assert CFG.arch == "mmfree" and CFG.gate == "code" and CFG.lower_bound
-  assert CFG.norm_eps == 1e-6 and CFG.bitlinear_eps == 1e-8
+  assert CFG.norm_eps == 1e-6 and CFG.bitlinear_eps == 1e-6
   # null intermediate_size -> the 256-rounding rule with hidden_ratio
   rule = hf.config_from_hf({**HF_CONFIG, "hidden_size": 1024, "intermediate_size": None})
   assert rule.ffn == 2816 and rule.d_ff is None

@@ -75,23 +75,29 @@ def test_paper_grid_matches_spec():
         assert c.optim.min_lr_ratio == 0.1
 
 
-def test_mini_fits_one_h200_in_20_minutes():
+def test_mini_is_an_nd_grid_of_short_runs():
   sw = sweep.load_sweep(f"{SWEEP_FILE}:mini")
   rows = sweep.plan(sw, [n for n, _ in sw.points], corpus_tokens=1e8)
+  assert len(rows) == 2 * 6 * 3
   for arch in ("mmfree", "transformer"):
-    ne = sorted(r["non_embedding_params"] for r in rows if r["name"].startswith(arch))
-    assert len(ne) == 6 and ne[-1] / ne[0] >= 30
-  assert all(abs(r["tokens_per_param"] - 20) < 0.1 for r in rows)
+    for tpp in (10, 20, 40):
+      ne = sorted(r["non_embedding_params"] for r in rows
+                  if r["name"].startswith(f"{arch}-") and r["name"].endswith(f"-tpp{tpp}"))
+      assert len(ne) == 6 and ne[-1] / ne[0] >= 30
+  for r in rows:
+    assert abs(r["tokens_per_param"] - int(r["name"].rsplit("tpp", 1)[1])) < 0.1
   assert all(r["planned_s"] <= 600 for r in rows)
-  assert sum(r["planned_s"] for r in rows) <= 20 * 60
   # The plan's time model: FLOPs / (MFU(d) * 989 TFLOP/s) + overhead.
-  c = sweep.point_config(sw, "mmfree-d320-L5")
+  c = sweep.point_config(sw, "mmfree-d320-L5-tpp20")
   cfg = loop.model_config(c)
-  r = [r for r in rows if r["name"] == "mmfree-d320-L5"][0]
+  r = [r for r in rows if r["name"] == "mmfree-d320-L5-tpp20"][0]
   want = r["flops"] / (0.30 * 320 / 1024 * 989e12) + flops_lib.PLAN_RUN_OVERHEAD_S
   assert r["planned_s"] == pytest.approx(want, rel=1e-9)
   assert r["flops"] == flops_lib.train_flops(cfg, 512, r["tokens"])
   assert r["epochs"] == pytest.approx(r["tokens"] / 1e8)
+  # The LR axis shares its x1 points with the grid.
+  lr = dict(sweep.load_sweep(f"{SWEEP_FILE}:mini_lr").points)
+  assert {"mmfree-d128-L3-tpp20", "transformer-d128-L3-tpp20"} <= set(lr) & set(dict(sw.points))
 
 
 def test_micro_grid_sizes():

@@ -277,3 +277,23 @@ def test_tiny_model_learns_below_unigram_entropy(data_dir, tmp_path):
   with open(os.path.join(tmp_path, "learn", "summary.json")) as f:
     assert json.load(f)["eval_loss"] == s["eval_loss"]
   assert s["eval_loss"] < s["unigram_xent_validation"] - 0.3, s
+
+
+def test_every_model_field_is_overridable_on_the_command_line():
+  """experiments/base.py lists every ModelConfig field, so each takes --config.model.X."""
+  from absl import flags  # noqa: PLC0415
+  from ml_collections import config_flags  # noqa: PLC0415
+  from mmfree_jax.config import field_types, from_dict  # noqa: PLC0415
+  values = dict(arch="transformer", vocab_size=300, d_model=64, n_layers=3, d_ff=128,
+                head_dim=16, gate="paper", lower_bound=False, norm_eps=1e-5, bitlinear_eps=1e-7,
+                rope_theta=5e5, dtype="float32", scan_impl="chunked", scan_chunk=4,
+                bitlinear_impl="xla", remat="lean", unroll_layers=True, attention_impl="cudnn",
+                init_std=0.01)
+  assert set(values) == set(field_types())  # a new field needs a value here
+  argv = ["prog", f"--config={os.path.join(ROOT, 'experiments', 'tiny.py')}",
+          *[f"--config.model.{k}={v}" for k, v in values.items()]]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", flag_values=fv, sys_argv=argv)
+  fv(argv)
+  cfg = from_dict(fv.config.model)
+  assert {k: getattr(cfg, k) for k in values} == values

@@ -345,7 +345,7 @@ def _gated_bwd(gnorm_eps, eps, dtype, out_dtype, impl, res, g_out):
 _gated.defvjp(_gated_fwd, _gated_bwd)
 
 
-def bitlinear(x: jax.Array, norm_w: jax.Array, w: jax.Array, eps: float = 1e-8,
+def bitlinear(x: jax.Array, norm_w: jax.Array, w: jax.Array, eps: float = 1e-6,
               dtype=jnp.bfloat16, out_dtype=None, impl: str = "xla") -> jax.Array:
   """BitLinear forward `x[..., K] -> [..., N]` with a recomputing backward.
 
@@ -365,7 +365,7 @@ def bitlinear(x: jax.Array, norm_w: jax.Array, w: jax.Array, eps: float = 1e-8,
 
 
 def bitlinear_shared(x: jax.Array, norm_ws: Sequence[jax.Array], ws: Sequence[jax.Array],
-                     eps: float = 1e-8, dtype=jnp.bfloat16, out_dtype=None,
+                     eps: float = 1e-6, dtype=jnp.bfloat16, out_dtype=None,
                      impl: str = "xla") -> tuple[jax.Array, ...]:
   """Several BitLinears of the same input (each its own norm weight and kernel): the
   same results as separate `bitlinear` calls, with the input read once by each kernel
@@ -374,7 +374,7 @@ def bitlinear_shared(x: jax.Array, norm_ws: Sequence[jax.Array], ws: Sequence[ja
 
 
 def glu_mlp(x: jax.Array, norm_gu: jax.Array, w_gu: jax.Array, norm_d: jax.Array,
-            w_d: jax.Array, eps: float = 1e-8, dtype=jnp.bfloat16, out_dtype=None,
+            w_d: jax.Array, eps: float = 1e-6, dtype=jnp.bfloat16, out_dtype=None,
             impl: str = "xla") -> jax.Array:
   """The ternary GLU `down(silu(gate) * up)` with (gate, up) = halves of ONE BitLinear
   x [..., d] -> [..., 2I] (one matmul, one weight scale, as in the released checkpoints):
@@ -390,7 +390,7 @@ def glu_mlp(x: jax.Array, norm_gu: jax.Array, w_gu: jax.Array, norm_d: jax.Array
 
 
 def gated_bitlinear(g: jax.Array, h: jax.Array, gnorm_w: jax.Array, norm_w: jax.Array,
-                    w: jax.Array, gnorm_eps: float = 1e-6, eps: float = 1e-8,
+                    w: jax.Array, gnorm_eps: float = 1e-6, eps: float = 1e-6,
                     dtype=jnp.bfloat16, out_dtype=None, impl: str = "xla") -> jax.Array:
   """The MLGRU's output gate and o_proj as one function: the same results as
   `bitlinear(gated_input(g, h, gnorm_w, gnorm_eps, dtype), norm_w, w, eps, dtype,
@@ -404,7 +404,7 @@ def gated_bitlinear(g: jax.Array, h: jax.Array, gnorm_w: jax.Array, norm_w: jax.
   return _gated(g, h, gnorm_w, norm_w, w, gnorm_eps, eps, dtype, out_dtype, impl)
 
 
-def glu_mlp_reference(x, norm_gu, w_gu, norm_d, w_d, eps: float = 1e-8, dtype=jnp.bfloat16,
+def glu_mlp_reference(x, norm_gu, w_gu, norm_d, w_d, eps: float = 1e-6, dtype=jnp.bfloat16,
                       out_dtype=None, impl: str = "xla", fn: Callable | None = None):
   """`glu_mlp` as two separate BitLinears (`fn`: `bitlinear` by default, or
   `bitlinear_naive`) around `glu_input`."""
@@ -413,7 +413,7 @@ def glu_mlp_reference(x, norm_gu, w_gu, norm_d, w_d, eps: float = 1e-8, dtype=jn
   return fn(glu_input(gate, up, dtype), norm_d, w_d, eps, dtype, out_dtype, impl)
 
 
-def bitlinear_naive(x, norm_w, w, eps: float = 1e-8, dtype=jnp.bfloat16, out_dtype=None,
+def bitlinear_naive(x, norm_w, w, eps: float = 1e-6, dtype=jnp.bfloat16, out_dtype=None,
                     impl: str = "xla"):
   """Reference BitLinear: autodiff through straight-through estimators (keeps y, y_q)."""
   del impl
@@ -438,7 +438,7 @@ class BitLinear(nn.Module):
 
   features: int
   axes: tuple[str, str] = ("embed", "mlp")
-  eps: float = 1e-8
+  eps: float = 1e-6
   dtype: jnp.dtype = jnp.bfloat16
   out_dtype: jnp.dtype | None = None
   kernel_init: Callable = nn.initializers.normal(0.02)
