@@ -316,7 +316,8 @@ def run_sweep(spec: str | Sweep, workdir: str, points: str | Sequence[str] | Non
   env = _child_env(root, workdir, jobs, env, base_env)
   failed, fwd = [], _Forward()
   todo = []
-  bar = tqdm.tqdm(total=len(names), unit="point", disable=not progress, dynamic_ncols=True)
+  bar = tqdm.tqdm(total=len(names), unit="point", disable=not progress, dynamic_ncols=True,
+                  mininterval=1.0 if sys.stderr.isatty() else 60.0)  # logs: no redraw spam
   for name in names:
     if is_finished(os.path.join(workdir, name), configs[name]):
       bar.write(f"{name}: finished, skipped")
@@ -360,7 +361,8 @@ def run_sweep(spec: str | Sweep, workdir: str, points: str | Sequence[str] | Non
         proc = _start(args, log, env, root)
         fwd.procs.add(proc)
         running[name] = (proc, t0)
-      bar.set_postfix_str(",".join(running))
+      if ",".join(running) != bar.postfix:
+        bar.set_postfix_str(",".join(running), refresh=False)
       for name, (proc, t0) in list(running.items()):
         if proc.poll() is not None:
           fwd.procs.discard(proc)
