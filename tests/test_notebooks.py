@@ -59,7 +59,7 @@ def test_notebook_runs(name, micro_dir, monkeypatch):  # noqa: F811
   assert f"results: {micro_dir}" in text
   _assert_figures_shown(nb, name)
   if name == "scaling_laws":
-    assert "loglinear  slope=" in text and "bootstrap: median" in text
+    assert "loglinear  slope_per_decade=" in text and "bootstrap: median" in text
     assert "nd         skipped: N and D must vary independently" in text  # one budget per size
   elif name == "reproduce_paper":
     assert "374,108,160    374,108,160" in text
