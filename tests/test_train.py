@@ -461,6 +461,24 @@ def test_sigterm_before_the_loop_says_nothing_was_saved(data_dir, tmp_path, monk
   assert not os.path.exists(wd)  # the lock is released and the workdir it created removed
 
 
+def test_sigterm_during_restore_keeps_the_checkpoint(finished_run, data_dir, tmp_path, monkeypatch,
+                                                     capsys):
+  """A SIGTERM that lands inside a restore is not mistaken for an unreadable checkpoint."""
+  wd = _copy(finished_run, tmp_path)
+  before = _snapshot(wd)
+  restore = ocp.CheckpointManager.restore
+
+  def sigterm_then_restore(self, *args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return restore(self, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", sigterm_then_restore)
+  out = loop.run(small_config(data_dir, steps=6), wd, devices=jax.devices()[:1])
+  assert out == {"preempted": True, "step": None}
+  assert "preempted (SIGTERM) while restoring the newest checkpoint" in capsys.readouterr().out
+  assert _snapshot(wd) == before  # nothing moved aside, nothing rewritten
+
+
 def test_bad_corpus_file_is_one_line_naming_file_and_line(data_dir, tmp_path):
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"text": "one"}\n{"text": "two"\n')

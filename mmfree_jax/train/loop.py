@@ -41,8 +41,10 @@ class TrainingAborted(RuntimeError):
   says why."""
 
 
-class Preempted(Exception):
-  """SIGTERM outside the step loop; the message says what is saved."""
+class Preempted(BaseException):
+  """SIGTERM outside the step loop; the message says what is saved. A BaseException (like
+  KeyboardInterrupt): the `except Exception` around a restore must not take it for an
+  unreadable checkpoint."""
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
