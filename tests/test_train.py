@@ -23,7 +23,7 @@ from mmfree_jax.config import ConfigError
 from mmfree_jax.models import init_params
 from mmfree_jax.train import checkpoint as ckpt
 from mmfree_jax.train import loop
-from mmfree_jax.train.metrics import final_report, read_jsonl
+from mmfree_jax.train.metrics import MetricWriter, final_report, read_jsonl
 from mmfree_jax.train.optim import lr_schedule, make_optimizer
 from mmfree_jax.train.step import TrainState, make_train_step
 
@@ -360,6 +360,15 @@ def test_resume_with_another_batch_layout_is_refused_untouched(finished_run, dat
     assert _snapshot(wd) == before, key
 
 
+def test_checkpoint_without_token_accounting_still_resumes(finished_run, data_dir, tmp_path, capsys):
+  """Checkpoints written before the `meta` item existed: tokens counted as steps x layout."""
+  wd = _copy(finished_run, tmp_path)
+  shutil.rmtree(os.path.join(wd, "checkpoints", "4", "meta"))
+  out = loop.run(small_config(data_dir, steps=4), wd, devices=jax.devices()[:1])
+  assert "checkpoint step 4 stores no token count" in capsys.readouterr().out
+  assert out["summary"]["tokens_seen"] == 4 * 8 * 32
+
+
 def test_unreadable_data_iterator_item_is_moved_aside(finished_run, data_dir, tmp_path, capsys):
   wd = _copy(finished_run, tmp_path)
   with open(os.path.join(wd, "checkpoints", "4", "data", "process_0-of-1.json"), "w") as f:
@@ -378,15 +387,18 @@ def test_unreadable_data_iterator_item_is_moved_aside(finished_run, data_dir, tm
 
 def test_torn_metrics_line_is_skipped_and_new_rows_start_on_a_new_line(finished_run, data_dir,
                                                                         tmp_path, caplog):
+  """A crash mid-write left half a row: rerunning the finished run still finishes."""
   wd = _copy(finished_run, tmp_path)
   path = os.path.join(wd, "metrics.jsonl")
   with open(path, "a") as f:
-    f.write('{"step": 5, "loss": 1.2')  # a write cut short by a crash
-  out = loop.run(small_config(data_dir, steps=5), wd, devices=jax.devices()[:1])
-  rows = read_jsonl(path)
-  assert "skipped 1 undecodable line(s)" in caplog.text
-  assert out["summary"]["final_loss"] == [r for r in rows if "loss" in r][-1]["loss"]
-  assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5]
+    f.write('{"step": 5, "loss": 1.2')
+  out = loop.run(small_config(data_dir, steps=4), wd, devices=jax.devices()[:1])
+  assert "skipped 1 undecodable line(s), the first at line" in caplog.text
+  assert out["summary"]["final_loss"] == losses(finished_run)[-1]["loss"]
+  writer = MetricWriter(wd)
+  writer.write(5, {"loss": 1.0})
+  writer.close()
+  assert [r["step"] for r in read_jsonl(path) if "loss" in r] == [1, 2, 3, 4, 5]
 
 
 class _FullDisk:
