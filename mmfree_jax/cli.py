@@ -7,12 +7,32 @@ from typing import Callable
 
 
 def run(main: Callable[[], int | None]):
-  """Runs `main()`; ValueError/OSError (bad config, data, checkpoint, flags) -> one line, exit 1."""
+  """Runs `main()`; ValueError/OSError (bad config, data, checkpoint, flags) and a damaged
+  .safetensors file -> one line, exit 1."""
+  from safetensors import SafetensorError  # noqa: PLC0415
+
   try:
     sys.exit(main())
   except (ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
+  except SafetensorError as e:
+    path = _safetensors_file(e) or "a .safetensors file"
+    print(f"error: {path} is damaged ({one_line(e)}); re-download or re-export the checkpoint",
+          file=sys.stderr)
+    sys.exit(1)
+
+
+def _safetensors_file(e: BaseException) -> str | None:
+  """The file a SafetensorError is about: the `filename` argument of the innermost
+  safetensors function in its traceback (the Rust error itself does not name it)."""
+  name, tb = None, e.__traceback__
+  while tb is not None:
+    frame = tb.tb_frame
+    if "safetensors" in frame.f_code.co_filename and "filename" in frame.f_locals:
+      name = str(frame.f_locals["filename"])
+    tb = tb.tb_next
+  return name
 
 
 def one_line(e: BaseException) -> str:
