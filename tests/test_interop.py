@@ -259,6 +259,8 @@ def test_trainer_exports_are_versioned_and_never_replaced(tmp_path):
   assert checkpoint.export_info(path)["params_sha256"] == digest  # not replaced
   assert checkpoint.export_run(wd, EXACT, other, 8, tok)[1] == "written"
   assert os.readlink(os.path.join(wd, "model", "latest")) == "step_8"
+  with open(os.path.join(wd, "config.json"), "w") as f:  # a run directory's training config
+    json.dump({"train": {"steps": 8}}, f)
   for where in (wd, os.path.join(wd, "model")):  # a run directory, or its model/
     _, got = checkpoint.load_model(where)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), other)

@@ -49,13 +49,11 @@ LATEST = "latest"
 
 
 def model_dir(path: str | os.PathLike) -> str:
-  """The model directory `path` names: `path/latest` if there is one, else `path` if it holds
-  config.json, else (a run directory) `path/model`'s."""
+  """The model directory `path` names: `path/latest` if there is one, else (a run directory,
+  whose own config.json is the training config) `path/model`'s, else `path`."""
   path = os.fspath(path)
   if os.path.isdir(os.path.join(path, LATEST)):
     return os.path.realpath(os.path.join(path, LATEST))
-  if os.path.isfile(os.path.join(path, "config.json")):
-    return path
   if os.path.isdir(os.path.join(path, MODEL_DIR)):
     return model_dir(os.path.join(path, MODEL_DIR))
   return path
