@@ -108,6 +108,7 @@ def quiet_output():
   logging.getLogger("absl").addFilter(_DropChatter())
   if not sys.stderr.isatty():
     os.environ.setdefault("TQDM_MININTERVAL", "60")
+    os.environ.setdefault("TQDM_MAXINTERVAL", "60")  # tqdm's monitor would redraw after 10 s
 
 
 def progress_bar(**kw: Any):
@@ -116,6 +117,7 @@ def progress_bar(**kw: Any):
   import tqdm  # noqa: PLC0415
 
   kw.setdefault("mininterval", 5.0 if sys.stderr.isatty() else 60.0)
+  kw.setdefault("maxinterval", max(kw["mininterval"], 10.0))  # the monitor thread's forced redraws
   return tqdm.tqdm(dynamic_ncols=True, **kw)
 
 

@@ -320,11 +320,11 @@ def run_sweep(spec: str | Sweep, workdir: str, points: str | Sequence[str] | Non
   flops = {r["name"]: r["flops"] for r in plan(sw, names, sets, corpus_tokens=0.0)}
   bar = cli.progress_bar(total=sum(flops.values()), initial=sum(flops[n] for n in done),
                          disable=not progress,
-                         bar_format="{l_bar}{bar}| {postfix} [{elapsed}<{remaining}]")
+                         bar_format="{l_bar}{bar}| [{elapsed}<{remaining}]")
 
   def show():
-    bar.set_postfix_str(f"{len(done)}/{len(names)} points" +
-                        (f", running {','.join(running)}" if running else ""), refresh=False)
+    bar.set_description_str(f"{len(done)}/{len(names)} points" +
+                            (f", running {','.join(running)}" if running else ""), refresh=False)
 
   for name in done:
     bar.write(f"{name}: finished, skipped")
