@@ -8,6 +8,7 @@ exit 1; SIGTERM at any point -> a line saying what is saved, exit 0.
 
 from __future__ import annotations
 
+import importlib.util
 import logging as std_logging
 import os
 import signal
@@ -100,7 +101,8 @@ def main(argv):
   print(metrics.final_report(s))
   print(f"run directory: {workdir}")
   print(f"  metrics:     {workdir}/metrics.jsonl, summary.json")
-  print(f"  tensorboard: tensorboard --logdir {workdir}/tb")
+  viewer = "" if importlib.util.find_spec("tensorboard") else "  (pip install tensorboard)"
+  print(f"  tensorboard: tensorboard --logdir {workdir}/tb{viewer}")
   print(f"  checkpoints: {workdir}/checkpoints")
   what = {"written": "model/latest", "unchanged": "model/latest, exported before",
           "kept": "holds an export of other params, not replaced: remove it to re-export"}
