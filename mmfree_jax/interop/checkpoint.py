@@ -42,7 +42,7 @@ from mmfree_jax.models import abstract_params
 
 PARAMS_DIR = "params"
 PACKED_FILE = "packed.safetensors"
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILE = hf.TOKENIZER_FILE  # the SentencePiece model beside the weights
 EXPORT_KEY = "export"
 MODEL_DIR = "model"  # a run directory's exports
 LATEST = "latest"
