@@ -113,7 +113,7 @@ def test_loss_and_every_gradient_match(case):
   # A mean over tokens in float32 adds its own rounding (~1 ulp of the loss per term summed).
   tol = SPREAD_FACTOR * _spread(ref).max() + 1e-6 * abs(float(ref["loss"]))
   assert abs(float(loss) - float(ref["loss"])) <= tol, (name, float(loss), float(ref["loss"]))
-  ours = hf.params_to_hf(cfg, jax.device_get(grads), dtype="float32")
+  ours = hf.params_to_hf(cfg, jax.device_get(grads))
   theirs = {k[len("grad/"):]: v for k, v in ref.items() if k.startswith("grad/")}
   assert sorted(ours) == sorted(theirs)
   for k, g in ours.items():
