@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import logging as stdlib_logging
 import os
 import re
 import shutil
@@ -116,6 +117,9 @@ class Checkpoints:
       self.mngr.close()
 
   def _failed(self, step: int, err: BaseException) -> SaveError:
+    # The save's other write tasks fail the same way; asyncio would print each one's traceback
+    # ("Task exception was never retrieved") after our one line. The run stops here.
+    stdlib_logging.getLogger("asyncio").setLevel(stdlib_logging.CRITICAL)
     if jax.process_index() == 0:
       self.remove_unfinished(step)
     good = [s for s in self.mngr.all_steps() if s < step]
