@@ -79,13 +79,20 @@ def load_official(path: str):
 
 
 def revision(path: str) -> str:
-  """The checkout's commit (git, or a REVISION file beside an exported tree)."""
+  """The checkout's commit: a REVISION file beside an exported tree, else git when `path` is
+  the top of its own repository (not a folder inside another one)."""
+  f = os.path.join(path, "REVISION")
+  if os.path.exists(f):
+    return open(f).read().strip()
+  def git(*args: str) -> str:
+    return subprocess.run(["git", "-C", path, *args], capture_output=True, text=True,
+                          check=True).stdout.strip()
   try:
-    return subprocess.run(["git", "-C", path, "rev-parse", "HEAD"], capture_output=True,
-                          text=True, check=True).stdout.strip()
+    if os.path.realpath(git("rev-parse", "--show-toplevel")) == os.path.realpath(path):
+      return git("rev-parse", "HEAD")
   except (OSError, subprocess.CalledProcessError):
-    f = os.path.join(path, "REVISION")
-    return open(f).read().strip() if os.path.exists(f) else "unknown"
+    pass
+  return "unknown"
 
 
 def environment(path: str) -> dict[str, Any]:
