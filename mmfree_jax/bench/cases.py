@@ -39,9 +39,9 @@ OFFICIAL = {
     ("mmfree", "1.3B", 8): (43_177, 57.2), ("mmfree", "1.3B", 16): (48_464, 96.5),
     ("transformer", "370M", 8): (89_932, 36.1), ("transformer", "1.3B", 8): (38_353, 73.1),
 }
-# Measured elementwise copy bandwidth (bytes read + written per second): the H200's from
-# SPEC §5, the H100's from a 1 GiB bf16 scaling on the device machine (2.50 TB/s,
-# BENCHMARKS.md "2026-12-05, fourth session"). Other devices are counted as an H200.
+# Measured elementwise copy bandwidth (bytes read + written per second), so HBM floors are
+# per card: the H200's from SPEC §5, the H100's from a 1 GiB bf16 elementwise copy
+# (BENCHMARKS.md, "NVIDIA H100 80GB HBM3"). Other devices are counted as an H200.
 HBM_BW = {"H200": 3.3e12, "H100": 2.5e12}
 
 
@@ -89,7 +89,7 @@ class GpuSampler:
   """Samples GPU 0's SM clock (MHz), power draw (W) and temperature (C) every `period_ms`
   with `nvidia-smi` while the block runs, so a timed row says what clocks it ran at (the
   card lowers them under its power and thermal limits, one source of the spread between
-  device sessions). `summary()` gives the medians, or {} where nvidia-smi is missing or
+  runs). `summary()` gives the medians, or {} where nvidia-smi is missing or
   printed nothing usable.
   """
 

@@ -7,9 +7,9 @@ for CUDA on this machine, then compiles each kernel's Triton module for sm_90 wi
 newer or older Triton than the GPU's jaxlib carries, so the numbers are a proxy: they
 show spills and register pressure, not time). Use it to check a kernel change before
 spending GPU time on it, e.g.
-`--patch='{"mmfree_jax.layers.bitlinear_pallas.BWD_PIECES": 3}'`. On the H200 its reading
-held for spills that cost time, not for spills removed at the price of instructions (two
-such changes measured slower: BENCHMARKS.md, "2026-12-05, third session").
+`--patch='{"mmfree_jax.layers.bitlinear_pallas.BWD_PIECES": 3}'`. Spills removed at the
+price of instructions did not make kernels faster on the GPU (BENCHMARKS.md, "Offline:
+Pallas kernels compiled for sm_90").
 """
 
 from __future__ import annotations

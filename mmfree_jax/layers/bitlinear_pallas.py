@@ -59,10 +59,9 @@ def block_rows(m: int) -> int:
 def warps_for(k: int, n: int = 1) -> int:
   """Warps per backward program for rows of K and n projections: 4, or more to keep
   <= 24 / n columns per thread (each projection adds a cotangent and its reductions per
-  column). The H200 sweeps' best for one projection or the GLU at K = 1024, 2048, 2816,
-  5632 and for f/i/g (n = 3) at K = 1024 (4 warps) and 2048 (8 warps; BENCHMARKS.md). The
-  output gate's g-norm partial sums count for nothing: at K = 2048 its backward took 0.398
-  ms at 4 warps, 0.507 at 8 and 16."""
+  column): the fastest in the sweeps over K = 1024 to 5632 and n = 1 or 3 (BENCHMARKS.md,
+  "H200 BitLinear kernels"). The output gate's g-norm partial sums count for nothing: more
+  warps made that backward slower."""
   warps = 4
   while k > 24 // n * 32 * warps:
     warps *= 2
@@ -106,9 +105,8 @@ def _silu_parts(a):
 
 
 # Most column pieces per row (`_pieces`): the prologue takes K's powers of two as they
-# are; the backward, which holds more of each row in registers, at most two (H200, GLU
-# down projection at 32,768 rows: K = 5632 1.45 / 1.35 / 1.95 ms for one, two or three
-# pieces, K = 2816 0.66 / 0.57 / 0.90; BENCHMARKS.md).
+# are; the backward, which holds more of each row in registers, at most two (a third
+# piece's reductions cost more than the padding it saves: BENCHMARKS.md, "History", 748ac11).
 CODES_PIECES, BWD_PIECES = 8, 2
 
 
@@ -264,10 +262,10 @@ def _fwd_kernel(*refs, n: int, k: int, eps: float, form: str, x_dtype, in_eps: f
 
 def codes_tile(kp: int, n: int, form: str = "x") -> tuple[int, int]:
   """(rows per program, warps) of the prologue kernel for a padded row width kp, n
-  projections and an input form: the H200 sweeps' best (BENCHMARKS.md), one row and 4
-  warps except at kp = 2048, where 2 rows (f/i/g) or 4 rows (one projection) per program
-  are faster; the gate's two input rows (g, h) per row take half as many rows (the same
-  input bytes per program; not yet swept)."""
+  projections and an input form: the sweeps' best (BENCHMARKS.md, "H200 BitLinear
+  kernels"), one row and 4 warps except at kp = 2048, where 2 rows (f/i/g) or 4 rows (one
+  projection) per program are faster; the gate's two input rows (g, h) per row take half
+  as many rows (the same input bytes per program)."""
   if kp != 2048:
     return 1, 4
   rows = 2 if n > 1 else 4
@@ -401,7 +399,8 @@ def backward(xs, dys, norm_w_NxK: jax.Array, wg_NxK: jax.Array, eps: float, form
       outputs, before the weight scale).
     norm_w_NxK: the norm weights w_j; wg_NxK: w_j times each weight scale g_j.
     rows: rows per loop step (a [rows, K] tile); num_warps: per program (0 = `warps_for`).
-      One row and `warps_for` were the fastest in the H200 sweep (BENCHMARKS.md).
+      One row and `warps_for` were the fastest in the sweep (BENCHMARKS.md, "H200 BitLinear
+      kernels").
 
   Returns:
     (the input's gradients: [x's, in its dtype], with "glu" [that of gate | up, [M, 2K] in

@@ -24,8 +24,8 @@ def lower_bounds(gamma_LxD: jax.Array) -> jax.Array:
 
 # The code's gate formed inside o_proj's kernels (`gated_bitlinear`: neither the gated
 # output nor its gradient is written to memory) instead of by XLA before o_proj. The same
-# results either way (tests/test_models.py); on since the H200 A/B of 2026-12-05 (1.3B b16:
-# 455.0 against 460.7 ms per step, 70.4 against 76.1 GiB; BENCHMARKS.md, section "2026-12-05").
+# results either way (tests/test_models.py); on because the gated output's bytes dominate
+# that part of the step (BENCHMARKS.md, "History", 838ec18).
 GATE_IN_O_PROJ = True
 
 

@@ -12,8 +12,7 @@ With few lanes (small B*D) those programs leave the GPU mostly idle and their de
 chains set the time. `chunk_t` > 0 cuts the sequence into time chunks instead, one program
 each, in two launches: chunk summaries, then every chunk from its predecessors' composed
 summaries (the kernels after the whole-sequence ones). `kernel_for` picks them for
-B*D <= 8,192: at 8x2048x1024 on an H100, forward+backward in 0.154 ms, 0.52 of the HBM
-floor (BENCHMARKS.md, 2026-12-05 fifth session).
+B*D <= 8,192, where they beat the whole-sequence kernels (BENCHMARKS.md, "H100 recurrence").
 
 `gate_forward`/`gate_backward` are the whole-sequence kernels with the MLGRU's gates
 formed in registers from its bf16 projections (`scan.mlgru_recurrence`).
@@ -32,7 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 F32 = jnp.float32
-# Defaults chosen on the H200 (BENCHMARKS.md, `python -m mmfree_jax.bench --only=recurrence`).
+# The fastest tile of the whole-sequence kernels (BENCHMARKS.md, "H200 recurrence").
 TILE_T, NUM_WARPS = 64, 1
 
 
@@ -191,8 +190,8 @@ def backward(f_BxTxD, h_BxTxD, dh_BxTxD, h0_BxD, dlast_BxD, *, block_d: int,
 # x it reads (64 MiB in bf16) exceed an H100's or H200's 50 MB L2. `groups` > 1 runs both
 # launches per group of B/groups batch rows, so a group's second launch re-reads what its
 # first just read (the outputs pass from group to group aliased, written in place), at the
-# price of fewer programs per launch. Its speed is not measured yet (BENCHMARKS.md);
-# `kernel_for` does not pick it.
+# price of fewer programs per launch. `kernel_for` does not pick it: no benchmark row shows
+# it faster (BENCHMARKS.md, "H100 recurrence", says how to time it).
 
 
 def _place(p, *, n_chunks: int, n_blk: int, chunk: int, bd: int, row0: int):
@@ -270,8 +269,9 @@ def _fwd_chunk_kernel(f_ref, x_ref, h0_ref, a_ref, s_ref, h_ref, hlast_ref, *, n
 
 # The backward runs right to left: the carry (= f_{s+1} g_{s+1}) maps to f_s (dh_s + carry) at
 # each step s, so a chunk's summary maps the carry at its last row to the one at its first,
-# composed left to right as (a, s) <- (a f_s, s + a f_s dh_s) (`_bwd_step`). Composed right
-# to left, as the steps run, the summary launch took 3-6x longer at 16 rows per tile on an H100.
+# composed left to right as (a, s) <- (a f_s, s + a f_s dh_s) (`_bwd_step`); composed right
+# to left, as the steps run, the summary launch was several times slower (BENCHMARKS.md,
+# "H100 recurrence").
 
 
 def _bwd_step(a, s, f, dh):
@@ -356,10 +356,8 @@ def _chunked_call(step, chunk_kernel, summary_args, args, outs, *, b: int, t: in
 #
 # The gate arithmetic (two exps and divisions per element) runs inside the sequential walk,
 # so these kernels want more threads than the plain ones: one channel per thread (block_d / 32
-# warps) and 16 steps per tile. H200, 16x2048x2048 (BENCHMARKS.md, 2026-12-02 fifth
-# session): fwd + bwd 0.752 ms at 64 channels, 2 warps, 16 steps against 0.930 with one warp
-# and 1.133 for the two steps (XLA gates + the plain kernels); 64 steps per tile took ~80 s
-# to compile the backward.
+# warps) and 16 steps per tile, the fastest tiling of the sweep (BENCHMARKS.md, "H200
+# recurrence"); longer tiles unroll into a backward that takes minutes to compile.
 GATE_TILE_T = 16
 
 
