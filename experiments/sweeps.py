@@ -13,7 +13,7 @@ params, tokens, FLOPs, tokens/param, epochs and planned H200 time per point):
   mini      the L(N, D) grid: 6 sizes per arch (133k..7M non-embedding params, 53x) x
             10 / 20 / 40 tokens per non-embedding param, both arches (36 points), seq 512;
             every run < 10 min on one H100/H200. Corpus: Python sources
-            (`mmfree_jax.scaling.corpus`).
+            (`mmfree_jax.data.corpus`).
   mini_lr   learning-rate axis at mini's d=128, 20 tokens/param point, x{1/4, 1/2, 2, 4},
             both arches (run it into the mini workdir: the x1 points are shared).
   micro     d in {16, 32, 64} x both arches (non-embedding params 27k..133k, 4.9x), 2
@@ -35,7 +35,7 @@ from experiments import paper as paper_exp
 SWEEPS = ("paper", "mini", "mini_lr", "micro", "micro_lr")
 
 # Corpus of the mini sweep: write it once with
-#   python -m mmfree_jax.scaling.corpus --out=runs/corpus/python_sources.jsonl
+#   python -m mmfree_jax.data.corpus --out=runs/corpus/python_sources.jsonl
 MINI_CORPUS = "runs/corpus/python_sources.jsonl"
 MINI_SIZES = ((64, 2), (96, 3), (128, 3), (192, 4), (256, 4), (320, 5))
 MINI_TOKENS_PER_PARAM = (10, 20, 40)  # per non-embedding parameter (20: Chinchilla's budget)

@@ -402,7 +402,7 @@ def _corpus_train_tokens(config: ml_collections.ConfigDict, build: bool) -> floa
       data_dir = config.data.data_dir or os.path.expanduser("~/.cache/mmfree_jax/data")
       b = data_builder.MmfreeText(
           data_dir=data_dir, config=data_builder.make_config(
-              loop._sources(config.data.corpus), config.data.tokenizer or None,  # noqa: SLF001
+              loop.corpus_sources(config.data.corpus), config.data.tokenizer or None,
               text_field=config.data.text_field), file_format="array_record")
       if not os.path.exists(os.path.join(os.fspath(b.data_dir), "dataset_info.json")):
         return None
@@ -435,7 +435,7 @@ def point_row(point_dir: str, corpus_tokens: dict | None = None) -> dict[str, An
       "batch_size": config.train.batch_size, "steps": int(s["steps"]),
       "peak_lr": config.optim.peak_lr, "schedule": config.optim.schedule,
       "params": int(s["params"]), "non_embedding_params": ne,
-      # N of 6ND (scaling.flops.flops_params), without re-tracing the model here.
+      # N of 6ND (flops.flops_params), without re-tracing the model here.
       "flops_params": int(s["params"]) - cfg.vocab_size * cfg.d_model,
       "tokens": tokens, "flops": float(s["flops"]),
       "tokens_per_param": tokens / ne, "epochs": tokens / ctok if ctok else None,
@@ -475,7 +475,7 @@ def plan(sw: Sweep, names: Sequence[str], sets: dict[str, Any] | None = None,
   """Per point: sizes, tokens, FLOPs, tokens/param, epochs and planned single-H200 time.
   `corpus_tokens`: the corpus' train-split tokens (None: read the prepared corpus; 0: unknown)."""
   from mmfree_jax.models import param_counts  # noqa: PLC0415
-  from mmfree_jax.scaling import flops as flops_lib  # noqa: PLC0415
+  from mmfree_jax import flops as flops_lib  # noqa: PLC0415
   from mmfree_jax.train import loop  # noqa: PLC0415
   rows = []
   for n in names:
@@ -520,7 +520,7 @@ def format_plan(rows: list[dict[str, Any]]) -> str:
   w = [max(len(l[i]) for l in lines) for i in range(len(head))]
   out = ["  ".join(v.rjust(w[i]) for i, v in enumerate(l)) for l in lines]
   return "\n".join(out + [f"total planned: {_duration(tot)} on one H200 (an estimate: "
-                          "mmfree_jax.scaling.flops.planned_mfu)"])
+                          "mmfree_jax.flops.planned_mfu)"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

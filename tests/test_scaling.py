@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from mmfree_jax.config import ModelConfig, preset
-from mmfree_jax.scaling import corpus, fit, flops, plots, report
+from mmfree_jax import flops
+from mmfree_jax.data import corpus
+from mmfree_jax.scaling import fit, plots, report
 from mmfree_jax.scaling import results as res_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

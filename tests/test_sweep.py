@@ -16,7 +16,7 @@ import pytest
 from experiments import sweeps
 from mmfree_jax import sweep
 from mmfree_jax.models import param_counts
-from mmfree_jax.scaling import flops as flops_lib
+from mmfree_jax import flops as flops_lib
 from mmfree_jax.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -30,7 +30,7 @@ from mmfree_jax.layers import bitlinear as bl
 from mmfree_jax.layers import bitlinear_pallas
 from mmfree_jax.layers.scan import linear_recurrence, mlgru_gates, mlgru_recurrence
 from mmfree_jax.models import init_params, param_counts
-from mmfree_jax.scaling import flops as flops_lib
+from mmfree_jax import flops as flops_lib
 
 # Official PyTorch/Triton code on one H200 (OFFICIAL_CARD), SPEC §5: (tokens/s, peak GiB).
 OFFICIAL_CARD = "H200"

@@ -205,9 +205,9 @@ def save_packed(path: str | os.PathLike, cfg: ModelConfig, packed: Any,
 
 
 def expected_packed_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-  from mmfree_jax.interop.checkpoint import _expected  # pylint: disable=import-outside-toplevel
+  from mmfree_jax.interop.checkpoint import param_shapes  # pylint: disable=import-outside-toplevel
   out = {}
-  for name, shape in _expected(cfg).items():
+  for name, shape in param_shapes(cfg).items():
     if name.endswith("/kernel"):
       base = name[: -len("kernel")]
       out[base + "codes"] = shape[:-2] + (math.ceil(shape[-2] / 4), shape[-1])

@@ -173,7 +173,8 @@ def export_run(workdir: str, cfg: ModelConfig, params: Any, step: int,
   return path, status
 
 
-def _expected(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """The model's parameters as '/'-joined names -> shapes (the names of our checkpoints)."""
   tree = nn.unbox(abstract_params(cfg))
   return {"/".join(p): tuple(v.shape) for p, v in hf.flatten(tree).items()}
 
@@ -184,7 +185,7 @@ def load_params(path: str | os.PathLike, cfg: ModelConfig) -> dict[str, Any]:
   ckptr = ocp.StandardCheckpointer()
   meta = ckptr.metadata(ckpt).item_metadata.tree
   got = {"/".join(p): tuple(v.shape) for p, v in hf.flatten(meta).items()}
-  hf.check_names_and_shapes(got, _expected(cfg), f"{ckpt}")
+  hf.check_names_and_shapes(got, param_shapes(cfg), f"{ckpt}")
   dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = hf.unflatten({p: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=dev)
                          for p, v in hf.flatten(meta).items()})

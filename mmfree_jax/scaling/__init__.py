@@ -1,2 +1,2 @@
-"""Scaling-law research: FLOP accounting (`flops`), sweep outputs (`results`), law fitting
-(`fit`), figures (`plots`), the report CLI (`report`) and an offline corpus (`corpus`)."""
+"""Scaling-law research: sweep outputs (`results`), law fitting (`fit`), figures (`plots`)
+and the report CLI (`report`)."""

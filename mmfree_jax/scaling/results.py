@@ -131,5 +131,5 @@ def paper_points() -> list[dict[str, Any]]:
 def _flops_params(size: str, arch: str) -> int:
   """N of 6ND for a paper preset (traced once per process: ~0.4 s each)."""
   from mmfree_jax.config import preset  # noqa: PLC0415
-  from mmfree_jax.scaling.flops import flops_params  # noqa: PLC0415
+  from mmfree_jax.flops import flops_params  # noqa: PLC0415
   return flops_params(preset(size, arch))

@@ -29,7 +29,7 @@ from mmfree_jax.config import ConfigError, ModelConfig, from_dict
 from mmfree_jax.data import builder as data_builder
 from mmfree_jax.data import pipeline
 from mmfree_jax.models import param_counts
-from mmfree_jax.scaling import flops as flops_lib
+from mmfree_jax import flops as flops_lib
 from mmfree_jax.train import checkpoint as ckpt
 from mmfree_jax.train import workdir as workdir_lib
 from mmfree_jax.train.metrics import MetricWriter, fmt_duration, read_jsonl
@@ -97,7 +97,7 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
   return cfg
 
 
-def _sources(corpus: str):
+def corpus_sources(corpus: str):
   corpus = str(corpus).strip()
   if corpus == "shakespeare":
     return corpus
@@ -114,7 +114,7 @@ def prepare_data(config: ml_collections.ConfigDict, cfg: ModelConfig):
   data_dir = config.data.data_dir or os.path.expanduser("~/.cache/mmfree_jax/data")
   try:
     info = multihost.process0_first(lambda: data_builder.prepare(
-        _sources(config.data.corpus), data_dir, config.data.tokenizer or None,
+        corpus_sources(config.data.corpus), data_dir, config.data.tokenizer or None,
         text_field=config.data.text_field))
   except data_builder.CorpusError as e:
     raise ConfigError(f"data.corpus: {e}") from None

@@ -1,6 +1,6 @@
 """An offline corpus for GPU-sized sweeps: the Python sources of installed packages.
 
-    python -m mmfree_jax.scaling.corpus --out=runs/corpus/python_sources.jsonl [--max_mb=250]
+    python -m mmfree_jax.data.corpus --out=runs/corpus/python_sources.jsonl [--max_mb=250]
 
 Writes one JSONL document per `.py` file (`{"text": ..., "path": ...}`) found under the
 site-packages (and the standard library) of the running interpreter; point a sweep at it
@@ -91,7 +91,7 @@ def python_sources(out_jsonl: str, roots: Sequence[str] | None = None,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m mmfree_jax.scaling.corpus", description=__doc__,
+  ap = argparse.ArgumentParser(prog="python -m mmfree_jax.data.corpus", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--out", required=True, help="output .jsonl")
   ap.add_argument("--root", action="append", default=[], help="directory (repeatable; "
