@@ -4,8 +4,9 @@
     python -m mmfree_jax.train --config=experiments/sweeps.py:micro/mmfree-d32-L2 --workdir=...
 
 `get_config("<sweep>")` is the base every point of that sweep starts from;
-`get_config("<sweep>/<point>")` is one point; `get_sweep("<sweep>")` lists the points as
-override dicts `{"name": ..., "<section>.<key>": value}` relative to the base.
+`get_sweep("<sweep>")` lists the points as override dicts `{"name": ..., "<section>.<key>":
+value}` relative to the base; `get_config("<sweep>/<point>")` is the base with one point's
+overrides.
 
 Sweeps (`python -m mmfree_jax.sweep --sweep=experiments/sweeps.py:NAME --plan` prints
 params, tokens, FLOPs, tokens/param, epochs and planned H200 time per point):
@@ -48,14 +49,23 @@ MICRO_LR_AXIS = (3e-3, 1e-2, 3e-2)
 LR_FACTORS = (0.25, 0.5, 2.0, 4.0)
 
 
-def _recipe(c: ml_collections.ConfigDict, arch: str, lr: float):
+def _recipe(arch: str, lr: float) -> dict:
   """SPEC §3 schedules: mmfree cosine halved at the midpoint; T++ cosine to 0.1x."""
-  c.model.arch = arch
-  c.optim.peak_lr = lr
   if arch == "mmfree":
-    c.optim.schedule, c.optim.min_lr_ratio = "mmfree", 0.0
-  else:
-    c.optim.schedule, c.optim.min_lr_ratio = "cosine", 0.1
+    return {"model.arch": arch, "optim.peak_lr": lr, "optim.schedule": "mmfree",
+            "optim.min_lr_ratio": 0.0}
+  return {"model.arch": arch, "optim.peak_lr": lr, "optim.schedule": "cosine",
+          "optim.min_lr_ratio": 0.1}
+
+
+def _apply(c: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+  for key, value in overrides.items():
+    section, _, field = key.rpartition(".")
+    node = c
+    for part in section.split("."):
+      node = node[part]
+    node[field] = value
+  return c
 
 
 # --- micro: CPU / tests -------------------------------------------------------------
@@ -68,16 +78,12 @@ def _micro_base() -> ml_collections.ConfigDict:
   c.train.update(batch_size=8, steps=32, log_every=2, eval_every=0, eval_batches=4,
                  checkpoint_every=16, keep_checkpoints=1, sample_tokens=0)
   c.optim.update(warmup_steps=3)
-  _recipe(c, "mmfree", MICRO_LR)
-  return c
+  return _apply(c, _recipe("mmfree", MICRO_LR))
 
 
-def _micro(arch: str, d: int, lr: float = MICRO_LR) -> tuple[str, ml_collections.ConfigDict]:
-  c = _micro_base()
-  _recipe(c, arch, lr)
-  c.model.d_model = d
+def _micro(arch: str, d: int, lr: float = MICRO_LR) -> dict:
   name = f"{arch}-d{d}-L2" + ("" if lr == MICRO_LR else f"-lr{lr:g}")
-  return name, c
+  return {"name": name, **_recipe(arch, lr), "model.d_model": d}
 
 
 def _micro_lr_points():
@@ -90,16 +96,18 @@ def _micro_points():
 
 # --- mini: one H200 -----------------------------------------------------------------
 
+MINI_BATCH, MINI_SEQ = 32, 512
+
+
 def _mini_base() -> ml_collections.ConfigDict:
   c = base.get_config()
   c.model.update(preset="tiny", d_model=128, n_layers=3, dtype="bfloat16", scan_chunk=64)
   c.model.head_dim = 32
-  c.data.update(corpus=MINI_CORPUS, seq_len=512)
-  c.train.update(batch_size=32, steps=1000, log_every=25, eval_every=0, eval_batches=32,
-                 checkpoint_every=500, keep_checkpoints=1, sample_tokens=0)
+  c.data.update(corpus=MINI_CORPUS, seq_len=MINI_SEQ)
+  c.train.update(batch_size=MINI_BATCH, steps=1000, log_every=25, eval_every=0,
+                 eval_batches=32, checkpoint_every=500, keep_checkpoints=1, sample_tokens=0)
   c.optim.update(warmup_frac=0.02)
-  _recipe(c, "mmfree", MINI_LR["mmfree"])
-  return c
+  return _apply(c, _recipe("mmfree", MINI_LR["mmfree"]))
 
 
 @functools.lru_cache(maxsize=None)
@@ -111,16 +119,15 @@ def mini_tokens(arch: str, d: int, n_layers: int, tokens_per_param: int) -> int:
   return tokens_per_param * param_counts(cfg)["non_embedding"]
 
 
-def _mini(arch: str, d: int, n_layers: int, tokens_per_param: int, lr_factor: float = 1.0):
-  c = _mini_base()
-  _recipe(c, arch, MINI_LR[arch] * lr_factor)
-  c.model.update(d_model=d, n_layers=n_layers)
-  tok_per_step = c.train.batch_size * c.data.seq_len
-  c.train.steps = max(1, round(mini_tokens(arch, d, n_layers, tokens_per_param) / tok_per_step))
-  c.train.checkpoint_every = max(1, c.train.steps // 4)
+def _mini(arch: str, d: int, n_layers: int, tokens_per_param: int,
+          lr_factor: float = 1.0) -> dict:
+  steps = max(1, round(mini_tokens(arch, d, n_layers, tokens_per_param)
+                       / (MINI_BATCH * MINI_SEQ)))
   name = (f"{arch}-d{d}-L{n_layers}-tpp{tokens_per_param}"
           + ("" if lr_factor == 1.0 else f"-lrx{lr_factor:g}"))
-  return name, c
+  return {"name": name, **_recipe(arch, MINI_LR[arch] * lr_factor), "model.d_model": d,
+          "model.n_layers": n_layers, "train.steps": steps,
+          "train.checkpoint_every": max(1, steps // 4)}
 
 
 def _mini_points():
@@ -137,15 +144,22 @@ def _mini_lr_points():
 
 # --- paper: pods --------------------------------------------------------------------
 
+def _paper_base() -> ml_collections.ConfigDict:
+  return paper_exp.get_config("mmfree-370M")
+
+
 def _paper_points():
-  return [(f"{a}-{s}", paper_exp.get_config(f"{a}-{s}"))
+  # experiments/paper.py owns these configs; a point is its difference from the base.
+  ref = _flat(_paper_base())
+  return [{"name": f"{a}-{s}", **{k: v for k, v in _flat(paper_exp.get_config(f"{a}-{s}")).items()
+                                  if ref.get(k) != v}}
           for a in ("mmfree", "transformer") for s in ("370M", "1.3B", "2.7B")]
 
 
 _POINTS = {"paper": _paper_points, "mini": _mini_points, "mini_lr": _mini_lr_points,
            "micro": _micro_points, "micro_lr": _micro_lr_points}
-_BASES = {"paper": lambda: paper_exp.get_config("mmfree-370M"), "mini": _mini_base,
-          "mini_lr": _mini_base, "micro": _micro_base, "micro_lr": _micro_base}
+_BASES = {"paper": _paper_base, "mini": _mini_base, "mini_lr": _mini_base,
+          "micro": _micro_base, "micro_lr": _micro_base}
 
 
 def _check(name: str):
@@ -163,23 +177,20 @@ def _flat(c: ml_collections.ConfigDict, prefix: str = "") -> dict:
   return out
 
 
-def points(name: str) -> list[tuple[str, ml_collections.ConfigDict]]:
-  """(point name, full config) of every point of sweep `name`, duplicates dropped."""
-  _check(name)
-  seen: dict[str, ml_collections.ConfigDict] = {}
-  for n, c in _POINTS[name]():
-    seen.setdefault(n, c)
-  return list(seen.items())
-
-
 def get_sweep(name: str) -> list[dict]:
-  """Override dicts (flattened keys) of each point relative to `get_config(name)`."""
-  ref = _flat(get_config(name))
-  out = []
-  for n, c in points(name):
-    diff = {k: v for k, v in _flat(c).items() if ref.get(k) != v}
-    out.append({"name": n, **diff})
-  return out
+  """The points of sweep `name` as override dicts `{"name": ..., "<section>.<key>": value}`
+  relative to `get_config(name)`, duplicates dropped."""
+  _check(name)
+  seen: dict[str, dict] = {}
+  for o in _POINTS[name]():
+    seen.setdefault(o["name"], o)
+  return list(seen.values())
+
+
+def points(name: str) -> list[tuple[str, ml_collections.ConfigDict]]:
+  """(point name, full config) of every point of sweep `name`."""
+  return [(o["name"], _apply(_BASES[name](), {k: v for k, v in o.items() if k != "name"}))
+          for o in get_sweep(name)]
 
 
 def get_config(arg: str = "micro") -> ml_collections.ConfigDict:

@@ -126,7 +126,7 @@ def progress_bar(**kw: Any):
 # through `run` (one-line errors), or as sys.exit(main()).
 ENTRY_POINTS = {
     "train": ("mmfree_jax.train.__main__", "absl"),
-    "sweep": ("mmfree_jax.sweep", "exit"),
+    "sweep": ("mmfree_jax.sweep.__main__", "exit"),
     "report": ("mmfree_jax.scaling.report", "exit"),
     "convert": ("mmfree_jax.convert", "run"),
     "generate": ("mmfree_jax.generate", "run"),

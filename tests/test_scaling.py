@@ -111,7 +111,7 @@ LR = {"mmfree": 4e-3, "transformer": 1e-3}
 
 
 def _row(arch: str, name: str, n: int, tokens: float, loss: float, lr: float, d=64, layers=2):
-  from mmfree_jax.sweep import COLUMNS  # noqa: PLC0415
+  from mmfree_jax.scaling.results import COLUMNS  # noqa: PLC0415
   r = {"name": name, "arch": arch, "d_model": d, "n_layers": layers, "d_ff": 3 * d,
        "seq_len": 512, "batch_size": 32, "steps": int(tokens // 16384), "peak_lr": lr,
        "schedule": "mmfree" if arch == "mmfree" else "cosine", "params": n + 64_000 * d,
@@ -142,7 +142,7 @@ def _grid(law: fit.NDLaw, arch: str, noise: float, seed: int, lr_factors=()) -> 
 
 def _write(workdir, rows):
   import csv  # noqa: PLC0415
-  from mmfree_jax.sweep import COLUMNS  # noqa: PLC0415
+  from mmfree_jax.scaling.results import COLUMNS  # noqa: PLC0415
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=COLUMNS)

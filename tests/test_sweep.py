@@ -15,6 +15,7 @@ import pytest
 
 from experiments import sweeps
 from mmfree_jax import sweep
+from mmfree_jax.scaling import results as res_lib
 from mmfree_jax.models import param_counts
 from mmfree_jax import flops as flops_lib
 from mmfree_jax.train import loop
@@ -152,10 +153,10 @@ def test_bad_input_is_one_line_and_exit_2(args, match):
 
 
 def test_micro_results_table(micro_dir):
-  rows = {r["name"]: r for r in sweep.collect(micro_dir)}
+  rows = {r["name"]: r for r in res_lib.collect(micro_dir)}
   assert sorted(rows) == sorted(MICRO)
   with open(os.path.join(micro_dir, "results.csv")) as f:
-    assert f.readline().strip().split(",") == list(sweep.COLUMNS)
+    assert f.readline().strip().split(",") == list(res_lib.COLUMNS)
   tokens = 32 * 8 * 64
   for name, r in rows.items():
     cfg = loop.model_config(sweeps.get_config(f"micro/{name}"))
@@ -225,15 +226,15 @@ def test_killed_sweep_resumes_without_redoing_points(micro_dir, tmp_path_factory
   assert len(text) < 4000 and "Using custom data configuration" not in text, text
   assert "eta" not in text and "2/2 points" in text, text
   assert os.path.getmtime(wd / first / "summary.json") == done_mtime
-  rec1 = json.load(open(wd / first / sweep.POINT_FILE))
-  rec2 = json.load(open(wd / second / sweep.POINT_FILE))
+  rec1 = json.load(open(wd / first / res_lib.POINT_FILE))
+  rec2 = json.load(open(wd / second / res_lib.POINT_FILE))
   assert rec1["runs"] == 1 and rec2["runs"] == 1  # the killed attempt never got recorded
   log = (wd / second / "train.log").read_text()
   assert log.count("\n$ ") == 2 and "resumed from checkpoint step 16" in log
   assert len(log) < 8000, log
-  rows = {r["name"]: r for r in sweep.collect(str(wd))}
+  rows = {r["name"]: r for r in res_lib.collect(str(wd))}
   assert sorted(rows) == sorted([first, second])
-  ref = {r["name"]: r for r in sweep.collect(micro_dir)}
+  ref = {r["name"]: r for r in res_lib.collect(micro_dir)}
   for n in (first, second):  # bitwise on CPU: same data order, same math
     assert rows[n]["eval_loss"] == ref[n]["eval_loss"], n
     assert rows[n]["final_loss"] == ref[n]["final_loss"], n

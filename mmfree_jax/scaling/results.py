@@ -1,7 +1,8 @@
-"""Reading sweep outputs: the results table, per-run metrics, trained params; the paper's
-published points (SPEC §4).
+"""Sweep outputs: the results table (its columns, writing and reading it), per-run metrics,
+trained params; the paper's published points (SPEC §4).
 
     rows = load_results(study_dir(ROOT))         # results.csv -> list of dicts
+    write_results("runs/micro")                  # the table of every finished point
     curve = read_metrics("runs/micro/mmfree-d32-L2")
     cfg, params = load_point_params("runs/micro/mmfree-d32-L2")
 """
@@ -14,6 +15,14 @@ import json
 import os
 from typing import Any
 
+# The results table: one row per finished point directory (`point_row`).
+COLUMNS = ("name", "arch", "d_model", "n_layers", "d_ff", "seq_len", "batch_size", "steps",
+           "peak_lr", "schedule", "params", "non_embedding_params", "flops_params", "tokens",
+           "flops", "tokens_per_param", "epochs", "final_loss", "eval_loss",
+           "unigram_xent_validation", "wall_s", "runs")
+# A point directory's run record, written by the sweep runner: wall time summed over
+# attempts, attempt count, command.
+POINT_FILE = "sweep_point.json"
 INT_COLS = ("d_model", "n_layers", "d_ff", "seq_len", "batch_size", "steps", "params",
             "non_embedding_params", "flops_params", "runs")
 STR_COLS = ("name", "arch", "schedule")
@@ -63,6 +72,79 @@ def load_results(path: str) -> list[dict[str, Any]]:
         if r.get(k) is not None:
           r[k] = int(r[k])
       rows.append(r)
+  return rows
+
+
+def read_json(path: str) -> dict | None:
+  """A JSON file's object, or None if it is missing or unreadable."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def corpus_key(config) -> tuple:
+  """What identifies a training config's tokenized corpus."""
+  return (config.data.corpus, config.data.data_dir, config.data.tokenizer, config.data.text_field)
+
+
+def point_row(point_dir: str, corpus_tokens: dict | None = None) -> dict[str, Any] | None:
+  """One results row from a finished point directory (None if not finished)."""
+  s = read_json(os.path.join(point_dir, "summary.json"))
+  cj = read_json(os.path.join(point_dir, "config.json"))
+  if not s or not cj:
+    return None
+  import ml_collections  # noqa: PLC0415
+  from mmfree_jax.train import loop  # noqa: PLC0415
+  config = ml_collections.ConfigDict(cj)
+  cfg = loop.model_config(config)
+  tokens = float(s["tokens_seen"])
+  key = corpus_key(config)
+  cache = corpus_tokens if corpus_tokens is not None else {}
+  if key not in cache:
+    cache[key] = loop.corpus_train_tokens(config, build=True)
+  ctok = cache[key]
+  rec = read_json(os.path.join(point_dir, POINT_FILE)) or {}
+  ne = int(s["non_embedding_params"])
+  return {
+      "name": os.path.basename(point_dir), "arch": cfg.arch, "d_model": cfg.d_model,
+      "n_layers": cfg.n_layers, "d_ff": cfg.ffn, "seq_len": config.data.seq_len,
+      "batch_size": config.train.batch_size, "steps": int(s["steps"]),
+      "peak_lr": config.optim.peak_lr, "schedule": config.optim.schedule,
+      "params": int(s["params"]), "non_embedding_params": ne,
+      # N of 6ND (flops.flops_params), without re-tracing the model here.
+      "flops_params": int(s["params"]) - cfg.vocab_size * cfg.d_model,
+      "tokens": tokens, "flops": float(s["flops"]),
+      "tokens_per_param": tokens / ne, "epochs": tokens / ctok if ctok else None,
+      "final_loss": s.get("final_loss"), "eval_loss": s.get("eval_loss"),
+      "unigram_xent_validation": s.get("unigram_xent_validation"),
+      "wall_s": rec.get("wall_s"), "runs": rec.get("runs"),
+  }
+
+
+def collect(workdir: str) -> list[dict[str, Any]]:
+  """Rows of every finished point directory under `workdir`, sorted by arch, size, lr."""
+  rows, cache = [], {}
+  for name in sorted(os.listdir(workdir)) if os.path.isdir(workdir) else ():
+    row = point_row(os.path.join(workdir, name), cache)
+    if row is not None:
+      rows.append(row)
+  return sorted(rows, key=lambda r: (r["arch"], r["flops"], r["peak_lr"], r["name"]))
+
+
+def write_results(workdir: str) -> list[dict[str, Any]]:
+  """Writes `<workdir>/results.csv` and `results.jsonl`; returns the rows."""
+  rows = collect(workdir)
+  with open(os.path.join(workdir, "results.csv.tmp"), "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=COLUMNS)
+    w.writeheader()
+    for r in rows:
+      w.writerow({k: "" if r.get(k) is None else r[k] for k in COLUMNS})
+  os.replace(os.path.join(workdir, "results.csv.tmp"), os.path.join(workdir, "results.csv"))
+  with open(os.path.join(workdir, "results.jsonl"), "w") as f:
+    for r in rows:
+      f.write(json.dumps(r) + "\n")
   return rows
 
 

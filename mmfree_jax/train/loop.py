@@ -97,7 +97,14 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
   return cfg
 
 
+def data_dir(config: ml_collections.ConfigDict) -> str:
+  """Where the tokenized corpus is built: `data.data_dir`, else ~/.cache/mmfree_jax/data."""
+  return config.data.data_dir or os.path.expanduser("~/.cache/mmfree_jax/data")
+
+
 def corpus_sources(corpus: str):
+  """`data.corpus` as the builder's sources: "shakespeare", or its comma-separated files
+  (ConfigError if one is missing)."""
   corpus = str(corpus).strip()
   if corpus == "shakespeare":
     return corpus
@@ -111,10 +118,9 @@ def corpus_sources(corpus: str):
 
 def prepare_data(config: ml_collections.ConfigDict, cfg: ModelConfig):
   """Builds (once) the tokenized dataset; returns its tfds DatasetInfo."""
-  data_dir = config.data.data_dir or os.path.expanduser("~/.cache/mmfree_jax/data")
   try:
     info = multihost.process0_first(lambda: data_builder.prepare(
-        corpus_sources(config.data.corpus), data_dir, config.data.tokenizer or None,
+        corpus_sources(config.data.corpus), data_dir(config), config.data.tokenizer or None,
         text_field=config.data.text_field))
   except data_builder.CorpusError as e:
     raise ConfigError(f"data.corpus: {e}") from None
@@ -125,6 +131,24 @@ def prepare_data(config: ml_collections.ConfigDict, cfg: ModelConfig):
     raise ConfigError(f"the tokenizer has {vocab} tokens but model.vocab_size={cfg.vocab_size}; "
                       f"set --config.model.vocab_size={vocab}")
   return info
+
+
+def corpus_train_tokens(config: ml_collections.ConfigDict, build: bool) -> float | None:
+  """Tokens of the corpus's train split, building the dataset if `build` (else None when it
+  is not built yet); None when unknown."""
+  try:
+    cfg = model_config(config)
+    if not build:
+      b = data_builder.MmfreeText(
+          data_dir=data_dir(config), config=data_builder.make_config(
+              corpus_sources(config.data.corpus), config.data.tokenizer or None,
+              text_field=config.data.text_field), file_format="array_record")
+      if not os.path.exists(os.path.join(os.fspath(b.data_dir), "dataset_info.json")):
+        return None
+    info = prepare_data(config, cfg)
+    return float(data_builder.corpus_stats(info)["train"]["tokens"])
+  except Exception:  # noqa: BLE001 - an unknown corpus size only blanks an epochs column
+    return None
 
 
 def _global_batch(batch: dict[str, np.ndarray], sh) -> dict[str, jax.Array]:
