@@ -22,7 +22,7 @@ import numpy as np
 
 from mmfree_jax import cli
 from mmfree_jax.data.tokenizer import default_model_path
-from mmfree_jax.interop import checkpoint, hf
+from mmfree_jax.interop import checkpoint, hf, packed
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -86,15 +86,14 @@ def main(argv=None) -> int:
         warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     print(f"wrote {len(files)} files")
   else:
-    from mmfree_jax.infer import packed  # pylint: disable=import-outside-toplevel
     tree = packed.pack_params(cfg, params, args.embed_dtype)
-    packed.save_packed(args.dst, cfg, tree, export, tokenizer)
+    checkpoint.save_packed(args.dst, cfg, tree, export, tokenizer)
     b = packed.weight_bytes(params, tree)
-    size = os.path.getsize(os.path.join(args.dst, checkpoint.PACKED_FILE))
+    size = os.path.getsize(os.path.join(args.dst, packed.PACKED_FILE))
     print(f"BitLinear kernels: {b['kernel_bytes_bf16'] / 2**20:.2f} MiB as bf16 latents -> "
           f"{b['kernel_bytes_packed'] / 2**20:.2f} MiB packed ({b['kernel_ratio']:.2f}x smaller); "
           f"other weights {b['other_bytes'] / 2**20:.2f} MiB (embedding as {args.embed_dtype}); "
-          f"{checkpoint.PACKED_FILE}: {size / 2**20:.2f} MiB")
+          f"{packed.PACKED_FILE}: {size / 2**20:.2f} MiB")
   print(f"wrote {to} checkpoint to {args.dst}")
   return 0
 

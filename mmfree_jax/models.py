@@ -173,6 +173,12 @@ def abstract_params(cfg: ModelConfig) -> Any:
   return jax.eval_shape(lambda r: init_params(cfg, r), jax.random.key(0))
 
 
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """The parameters as '/'-joined names (the names of every checkpoint format) -> shapes."""
+  leaves = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract_params(cfg)))[0]
+  return {"/".join(k.key for k in path): tuple(v.shape) for path, v in leaves}
+
+
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
   """Exact parameter counts from `jax.eval_shape`.
 

@@ -8,10 +8,10 @@ import pytest
 
 from mmfree_jax import generate as generate_cli
 from mmfree_jax.config import preset
-from mmfree_jax.infer import packed as pk
 from mmfree_jax.infer.generate import generate, model_forward, stream
 from mmfree_jax.infer.sampling import Sampling, SamplingError, filter_logits
 from mmfree_jax.interop import checkpoint, hf
+from mmfree_jax.interop import packed as pk
 from mmfree_jax.models import init_params
 
 N_NEW = 8
@@ -116,7 +116,7 @@ def test_packed_and_converted_checkpoints_generate_the_same(tmp_path):
   hf.save_hf(tmp_path / "hf", cfg, hf.params_from_hf(cfg, tensors))
   cfg1, params = checkpoint.load_model(tmp_path / "hf", dtype="float32")
   ref = generate(cfg1, params, PROMPTS, N_NEW)
-  pk.save_packed(tmp_path / "packed", cfg1, pk.pack_params(cfg1, params))
+  checkpoint.save_packed(tmp_path / "packed", cfg1, pk.pack_params(cfg1, params))
   cfg2, packed = checkpoint.load_model(tmp_path / "packed")
   np.testing.assert_array_equal(generate(cfg2, packed, PROMPTS, N_NEW).tokens, ref.tokens)
 

@@ -10,8 +10,9 @@ import pytest
 
 from mmfree_jax import convert
 from mmfree_jax.config import preset
-from mmfree_jax.infer import packed as pk
+from mmfree_jax.infer.packed import forward, packed_logits
 from mmfree_jax.interop import CheckpointError, checkpoint
+from mmfree_jax.interop import packed as pk
 from mmfree_jax.layers.bitlinear import weight_codes, weight_quant
 from mmfree_jax.models import LM, init_cache, init_params
 
@@ -20,7 +21,7 @@ PARAMS = nn.unbox(init_params(CFG, jax.random.key(0)))
 PARAMS["lower_bounds"] = jax.random.normal(jax.random.key(3), PARAMS["lower_bounds"].shape)
 TOKENS = jax.random.randint(jax.random.key(1), (2, 16), 0, 300)
 latent_logits = jax.jit(lambda p, t: LM(CFG).apply({"params": p}, t)[0])
-packed_step = jax.jit(lambda p, t, c: pk.forward(CFG, p, t, cache=c))
+packed_step = jax.jit(lambda p, t, c: forward(CFG, p, t, cache=c))
 
 
 def test_pack_layout_and_round_trip():
@@ -59,7 +60,7 @@ def test_packed_logits_equal_latent_logits_prefill_and_decode():
   model's integer-valued float matmul exactly; only scale multiplies round."""
   packed = jax.tree.map(jnp.asarray, pk.pack_params(CFG, PARAMS))
   ref = latent_logits(PARAMS, TOKENS)
-  np.testing.assert_allclose(pk.packed_logits(CFG, packed, TOKENS), ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(packed_logits(CFG, packed, TOKENS), ref, rtol=1e-5, atol=1e-6)
   logits, cache = packed_step(packed, TOKENS[:, :10], init_cache(CFG, 2))
   outs = [logits]
   for t in range(10, 16):
@@ -100,7 +101,7 @@ def test_pack_cli_and_load(tmp_path, capsys):
   assert checkpoint.detect_format(tmp_path / "packed") == "packed"
   cfg, packed = checkpoint.load_model(tmp_path / "packed")
   assert cfg == CFG and pk.is_packed(packed)
-  np.testing.assert_allclose(pk.packed_logits(cfg, packed, TOKENS), latent_logits(PARAMS, TOKENS),
+  np.testing.assert_allclose(packed_logits(cfg, packed, TOKENS), latent_logits(PARAMS, TOKENS),
                              rtol=1e-5, atol=1e-6)
   with pytest.raises(CheckpointError, match="packed export"):
     convert.main([str(tmp_path / "packed"), str(tmp_path / "x")])
@@ -117,5 +118,5 @@ def test_bf16_embedding_option_halves_its_bytes(tmp_path, capsys):
   b16 = pk.weight_bytes(PARAMS, pk.pack_params(CFG, PARAMS, "bfloat16"))
   assert b32["other_bytes"] - b16["other_bytes"] == 2 * PARAMS["embed"].size
   ref = latent_logits(PARAMS, TOKENS)  # the embedding's rounding moves logits, a little
-  assert float(jnp.abs(pk.packed_logits(CFG, packed, TOKENS) - ref).max()) < 0.1 * float(
+  assert float(jnp.abs(packed_logits(CFG, packed, TOKENS) - ref).max()) < 0.1 * float(
       jnp.abs(ref).max())

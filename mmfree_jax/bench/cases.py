@@ -576,7 +576,7 @@ def decode_case(arch: str, size: str, batch: int = 1, prompt: int = 128, new: in
   the prefill and launch costs cancel.
   """
   from mmfree_jax.infer import generate as gen  # noqa: PLC0415
-  from mmfree_jax.infer import packed as packed_lib  # noqa: PLC0415
+  from mmfree_jax.interop import packed as packed_lib  # noqa: PLC0415
   cfg = preset(size, arch)
   params = jax.jit(lambda k: nn.unbox(init_params(cfg, k)))(jax.random.key(0))
   if packed:

@@ -11,7 +11,7 @@ Each row stops at `eos_id` (then pad) or after `max_new_tokens`; the loop exits 
 when every row is done.
 
 `stream` is the host-driven variant for one prompt: it yields tokens as they come.
-Params may be latent (`models.LM`) or packed (`infer.packed`).
+Params may be latent (`models.LM`) or packed (`interop.packed`).
 
     out = generate(cfg, params, [[1, 15, 27], [1, 9]], 32, Sampling(temperature=0.8, top_p=0.9))
     out.tokens  # [B, 32] int32, pad after eos
@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmfree_jax.config import ModelConfig
-from mmfree_jax.infer import packed as packed_lib
+from mmfree_jax.infer import packed as packed_forward
+from mmfree_jax.interop.packed import is_packed
 from mmfree_jax.infer.sampling import Sampling, SamplingError, sample
 from mmfree_jax.models import LM, init_cache
 
@@ -37,8 +38,8 @@ def model_forward(cfg: ModelConfig, params: Any, tokens_BxT: jax.Array,
                   cache: dict | None = None,
                   segment_ids_BxT: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
   """`(logits_BxTxV, new_cache)` from latent or packed params."""
-  if packed_lib.is_packed(params):
-    return packed_lib.forward(cfg, params, tokens_BxT, segment_ids_BxT, cache)
+  if is_packed(params):
+    return packed_forward.forward(cfg, params, tokens_BxT, segment_ids_BxT, cache)
   return LM(cfg).apply({"params": params}, tokens_BxT, segment_ids_BxT, cache)
 
 

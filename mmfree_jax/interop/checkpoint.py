@@ -14,7 +14,7 @@ relative symlink to the newest); an existing version is never replaced (`export_
 Also accepted by `load_model`:
 
     <dir>/config.json (with "model_type": "hgrn_bit") + model*.safetensors   (HF, §1.5)
-    <dir>/config.json + packed.safetensors   (2-bit ternary export, `infer.packed`)
+    <dir>/config.json + packed.safetensors   (2-bit ternary export, `interop.packed`)
 
 Every loader takes a model directory, a versioned `model/` directory (its `latest`) or a run
 directory (its `model/latest`):
@@ -38,10 +38,10 @@ import orbax.checkpoint as ocp
 
 from mmfree_jax.config import ConfigError, ModelConfig, from_dict
 from mmfree_jax.interop import CheckpointError, hf
-from mmfree_jax.models import abstract_params
+from mmfree_jax.interop import packed as packed_lib
+from mmfree_jax.models import param_shapes
 
 PARAMS_DIR = "params"
-PACKED_FILE = "packed.safetensors"
 TOKENIZER_FILE = hf.TOKENIZER_FILE  # the SentencePiece model beside the weights
 EXPORT_KEY = "export"
 MODEL_DIR = "model"  # a run directory's exports
@@ -76,11 +76,12 @@ def detect_format(path: str | os.PathLike) -> str:
                           "mmfree_jax.convert, or an HF hgrn_bit checkpoint")
   if hf.is_hf_dir(path):
     return "hf"
-  if os.path.isfile(os.path.join(path, PACKED_FILE)):
+  if os.path.isfile(os.path.join(path, packed_lib.PACKED_FILE)):
     return "packed"
   if os.path.isdir(os.path.join(path, PARAMS_DIR)):
     return "ours"
-  raise CheckpointError(f"{path!r} has config.json but neither {PARAMS_DIR}/, {PACKED_FILE} "
+  raise CheckpointError(f"{path!r} has config.json but neither {PARAMS_DIR}/, "
+                        f"{packed_lib.PACKED_FILE} "
                         "nor HF safetensors; the export is incomplete")
 
 
@@ -145,6 +146,13 @@ def save_model(path: str | os.PathLike, cfg: ModelConfig, params: Any,
     write_config(path, cfg, export, tokenizer)
 
 
+def save_packed(path: str | os.PathLike, cfg: ModelConfig, packed: Any,
+                export: dict[str, Any] | None = None, tokenizer: str | None = None):
+  """Writes `<path>/packed.safetensors` (`interop.packed`), then `write_config`."""
+  packed_lib.save_packed(path, packed)
+  write_config(path, cfg, export, tokenizer)
+
+
 def export_run(workdir: str, cfg: ModelConfig, params: Any, step: int,
                tokenizer: str | None) -> tuple[str, str]:
   """Exports a run's params as `<workdir>/model/step_<step>` and points `model/latest` at it.
@@ -173,11 +181,6 @@ def export_run(workdir: str, cfg: ModelConfig, params: Any, step: int,
   return path, status
 
 
-def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-  """The model's parameters as '/'-joined names -> shapes (the names of our checkpoints)."""
-  tree = nn.unbox(abstract_params(cfg))
-  return {"/".join(p): tuple(v.shape) for p, v in hf.flatten(tree).items()}
-
 
 def load_params(path: str | os.PathLike, cfg: ModelConfig) -> dict[str, Any]:
   """Restores `<path>/params/` onto the first device, checking names and shapes first."""
@@ -194,17 +197,16 @@ def load_params(path: str | os.PathLike, cfg: ModelConfig) -> dict[str, Any]:
 
 def load_model(path: str | os.PathLike, **overrides: Any) -> tuple[ModelConfig, Any]:
   """(cfg, params) from any supported directory (see `model_dir`); `overrides` replace
-  config fields (e.g. dtype="float32"). Packed dirs return packed params (see `infer.packed`)."""
+  config fields (e.g. dtype="float32"). Packed dirs return packed params (`interop.packed`)."""
   path = model_dir(path)
   fmt = detect_format(path)
   overrides = {k: v for k, v in overrides.items() if v is not None}
   if fmt == "hf":
     cfg, params = hf.load_hf(path, **overrides)
     return cfg, jax.tree.map(jax.numpy.asarray, params)
-  if fmt == "packed":
-    from mmfree_jax.infer import packed  # pylint: disable=import-outside-toplevel
-    return packed.load_packed(path, **overrides)
   cfg = read_config(path, **overrides)
+  if fmt == "packed":
+    return cfg, packed_lib.load_packed(path, cfg)
   return cfg, load_params(path, cfg)
 
 
