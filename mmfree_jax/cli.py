@@ -1,30 +1,59 @@
-"""Entry points: the console scripts (`[project.scripts]` in pyproject.toml), the shared
-wrapper that turns bad input into one `error: ...` line, config-file imports, progress bars."""
+"""Entry points: the one way every CLI runs (`run`), one-line errors, the console scripts
+(`[project.scripts]` in pyproject.toml), config-file imports, progress bars.
+
+Every CLI module defines `main(argv)` returning its exit code (None = 0) and ends with
+`cli.run(main)` (flags parsed by `ArgumentParser`) or `cli.run(main, absl_flags=True)`
+(absl / ml_collections config flags). Bad input (a flag, a config, a file, a checkpoint:
+ValueError, OSError, a damaged .safetensors file) is one `error: ...` line and exit 2.
+"""
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import logging
 import os
 import sys
 from typing import Any, Callable, Sequence
 
+BAD_INPUT = 2  # the exit code of every CLI for bad input
 
-def run(main: Callable[[], int | None]):
-  """Runs `main()`; ValueError/OSError (bad config, data, checkpoint, flags) and a damaged
-  .safetensors file -> one line, exit 1."""
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse with a one-line `error: ...` (no usage block) and exit 2 for bad arguments."""
+
+  def __init__(self, **kw: Any):
+    kw.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+    super().__init__(**kw)
+
+  def error(self, message: str):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(BAD_INPUT)
+
+
+def run(main: Callable[..., int | None], absl_flags: bool = False):
+  """Runs a CLI's `main` and exits with its code: `main()` (it parses sys.argv itself), or
+  with `absl_flags` `main(argv)` after absl has parsed the flags (`parse_flags`). Bad input
+  -> one line, exit 2."""
+  if absl_flags:
+    from absl import app  # noqa: PLC0415
+    app.run(lambda argv: _one_line_errors(main, argv), flags_parser=parse_flags)
+  else:
+    sys.exit(_one_line_errors(main))
+
+
+def _one_line_errors(main: Callable[..., int | None], *args: Any) -> int | None:
   from safetensors import SafetensorError  # noqa: PLC0415
 
   try:
-    sys.exit(main())
+    return main(*args)
   except (ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
   except SafetensorError as e:
     path = _safetensors_file(e) or "a .safetensors file"
     print(f"error: {path} is damaged ({one_line(e)}); re-download or re-export the checkpoint",
           file=sys.stderr)
-    sys.exit(1)
+  sys.exit(BAD_INPUT)
 
 
 def _safetensors_file(e: BaseException) -> str | None:
@@ -77,7 +106,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     return flags.FLAGS(argv)
   except Exception as e:  # noqa: BLE001 - flags, config files and overrides all raise here
     print(f"error: {one_line(e)}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(BAD_INPUT)
 
 
 def load_config(holder):
@@ -89,7 +118,7 @@ def load_config(holder):
   except OSError as e:
     lines = [l.strip() for l in str(e).splitlines() if l.strip()]
     print(f"error: cannot load --config: {lines[-1] if lines else e}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(BAD_INPUT)
   return config
 
 
@@ -122,32 +151,25 @@ def progress_bar(**kw: Any):
 
 
 # Console scripts: `mmfree-<name> = mmfree_jax.cli:<name>` in pyproject.toml. Each runs the
-# `main` of the module that `python -m` runs: through absl's app.run (with `parse_flags`),
-# through `run` (one-line errors), or as sys.exit(main()).
+# `main` of the module that `python -m` runs, as that module's `cli.run` does (True: absl
+# flags).
 ENTRY_POINTS = {
-    "train": ("mmfree_jax.train.__main__", "absl"),
-    "sweep": ("mmfree_jax.sweep.__main__", "exit"),
-    "report": ("mmfree_jax.scaling.report", "exit"),
-    "convert": ("mmfree_jax.convert", "run"),
-    "generate": ("mmfree_jax.generate", "run"),
-    "evaluate": ("mmfree_jax.evaluation.__main__", "run"),
-    "aot": ("mmfree_jax.aot", "absl"),
-    "bench": ("mmfree_jax.bench.__main__", "absl"),
+    "train": ("mmfree_jax.train.__main__", True),
+    "sweep": ("mmfree_jax.sweep.__main__", False),
+    "report": ("mmfree_jax.scaling.report", False),
+    "convert": ("mmfree_jax.convert", False),
+    "generate": ("mmfree_jax.generate", False),
+    "evaluate": ("mmfree_jax.evaluation.__main__", False),
+    "aot": ("mmfree_jax.aot", True),
+    "bench": ("mmfree_jax.bench.__main__", True),
 }
 
 
 def _entry_point(name: str) -> Callable[[], None]:
-  module, how = ENTRY_POINTS[name]
+  module, absl_flags = ENTRY_POINTS[name]
 
   def main():
-    fn = importlib.import_module(module).main
-    if how == "absl":
-      from absl import app  # noqa: PLC0415
-      app.run(fn, flags_parser=parse_flags)
-    elif how == "run":
-      run(fn)
-    else:
-      sys.exit(fn())
+    run(importlib.import_module(module).main, absl_flags)
 
   main.__doc__ = f"`mmfree-{name}`: `python -m {module.removesuffix('.__main__')}`."
   return main

@@ -8,12 +8,11 @@ The source format is detected (see `interop.checkpoint`; a run directory means i
 model/latest). The output records where it came from (the source's step, run and params hash,
 and the source directory) and carries the source's tokenizer.model (else --tokenizer, else
 Mistral's default). HF exports are float32 by default: ours -> HF -> ours is exact; a 16-bit
-export warns when it flips ternary codes. Errors print one line and exit 1.
+export warns when it flips ternary codes. Bad input prints one line and exits 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import warnings
 
@@ -25,9 +24,8 @@ from mmfree_jax.data.tokenizer import default_model_path
 from mmfree_jax.interop import checkpoint, hf, packed
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  ap = argparse.ArgumentParser(prog="python -m mmfree_jax.convert", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None):
+  ap = cli.ArgumentParser(prog="python -m mmfree_jax.convert", description=__doc__)
   ap.add_argument("src", help="source: HF hgrn_bit, ours, packed, or a run directory")
   ap.add_argument("dst", help="output directory")
   ap.add_argument("--to", choices=("ours", "hf", "packed"), default=None,

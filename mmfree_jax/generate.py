@@ -8,12 +8,11 @@
 the one shipped beside the weights unless --tokenizer is given. Each prompt is encoded with
 bos prepended; generation stops per row at eos. Several
 prompts run as one batch. `--stream` prints tokens as they are produced (one prompt at a
-time). Errors print one line and exit 1.
+time). Bad input prints one line and exits 2.
 """
 
 from __future__ import annotations
 
-import argparse
 
 from mmfree_jax import cli
 from mmfree_jax.data.tokenizer import load_tokenizer
@@ -22,9 +21,8 @@ from mmfree_jax.infer.sampling import Sampling, SamplingError
 from mmfree_jax.interop import checkpoint
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  ap = argparse.ArgumentParser(prog="python -m mmfree_jax.generate", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None):
+  ap = cli.ArgumentParser(prog="python -m mmfree_jax.generate", description=__doc__)
   ap.add_argument("--checkpoint", required=True, help="model or run directory")
   ap.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
   ap.add_argument("--prompts_file", "--prompts-file", help="one prompt per line")

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from mmfree_jax import cli
 from mmfree_jax.config import PRESET_NAMES, ModelConfig, preset
 from mmfree_jax.layers.attention import Attention
 from mmfree_jax.layers.bitlinear import BitLinear
@@ -202,5 +203,12 @@ def _table() -> str:
   return "\n".join("  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows)
 
 
-if __name__ == "__main__":
+def main(argv=None) -> int:
+  cli.ArgumentParser(prog="python -m mmfree_jax.models",
+                     description="Prints the preset table.").parse_args(argv)
   print(_table())
+  return 0
+
+
+if __name__ == "__main__":
+  cli.run(main)

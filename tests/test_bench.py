@@ -115,7 +115,7 @@ def test_one_case_can_patch_a_module_attribute_first(monkeypatch):
   assert mlgru.GATE_IN_O_PROJ is True
   assert row["case"] == "gates-fused-2x12x32-GATE_IN_O_PROJ=True"
   for target in ("mmfree_jax.layers.mlgru.NO_SUCH_LEVER", "mmfree_jax.no_such_module.LEVER"):
-    with pytest.raises(SystemExit, match="does not exist"):
+    with pytest.raises(ValueError, match="does not exist"):
       _run_one({"kind": "gates", "patch": {target: 1}})
 
 

@@ -1,4 +1,4 @@
-"""The shared CLI wrapper: bad input is one `error:` line naming the culprit, exit 1."""
+"""The shared CLI wrapper: bad input is one `error:` line naming the culprit, exit 2."""
 
 import ast
 import importlib.util
@@ -33,7 +33,7 @@ def test_damaged_safetensors_is_one_line_naming_the_file(tmp_path, capsys, damag
     with pytest.raises(SystemExit) as e:
       cli.run(main)
     err = capsys.readouterr().err.splitlines()
-    assert e.value.code == 1 and len(err) == 1, err
+    assert e.value.code == 2 and len(err) == 1, err
     assert err[0].startswith(f"error: {path} is damaged (Error while deserializing header: ")
     assert err[0].endswith("re-download or re-export the checkpoint")
   assert not os.path.exists(tmp_path / "out")

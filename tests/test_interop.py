@@ -193,7 +193,7 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
   r = subprocess.run([sys.executable, "-m", "mmfree_jax.convert", str(tmp_path / "nope"),
                       str(tmp_path / "out")], capture_output=True, text=True,
                      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  assert r.returncode == 1
+  assert r.returncode == 2
   assert r.stderr.strip().startswith("error: checkpoint directory") and "Traceback" not in r.stderr
   assert len(r.stderr.strip().splitlines()) == 1
 

@@ -15,5 +15,5 @@ def patch_attributes(patch: dict, flag: str) -> None:
     except ImportError:
       module = None
     if not hasattr(module, attr):
-      raise SystemExit(f"{flag}: patch target {target!r} does not exist; name a module attribute")
+      raise ValueError(f"{flag}: patch target {target!r} does not exist; name a module attribute")
     setattr(module, attr, value)

@@ -12,7 +12,9 @@ import os
 import subprocess
 import sys
 
-from absl import app, flags
+from absl import flags
+
+from mmfree_jax import cli
 
 _SUITE = flags.DEFINE_enum("suite", "gpu", ["gpu", "quick"], "Which case list to run.")
 _ONLY = flags.DEFINE_list("only", [], "Case kinds to run (bitlinear, bitlinear_bwd, gemm, "
@@ -157,4 +159,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, absl_flags=True)

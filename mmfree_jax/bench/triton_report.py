@@ -23,7 +23,9 @@ import subprocess
 import sys
 import tempfile
 
-from absl import app, flags
+from absl import flags
+
+from mmfree_jax import cli
 
 _SIZE = flags.DEFINE_string("size", "1.3B", "Model size preset (one layer of it is lowered).")
 _BATCH = flags.DEFINE_integer("batch", 16, "Batch size (the kernels' grids and tiles follow it).")
@@ -160,4 +162,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, absl_flags=True)

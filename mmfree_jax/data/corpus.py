@@ -13,7 +13,6 @@ the machine's installed packages: record the printed counts with the results.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -21,6 +20,8 @@ import site
 import sys
 import sysconfig
 from typing import Sequence
+
+from mmfree_jax import cli
 
 
 def default_roots() -> list[str]:
@@ -91,8 +92,7 @@ def python_sources(out_jsonl: str, roots: Sequence[str] | None = None,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m mmfree_jax.data.corpus", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = cli.ArgumentParser(prog="python -m mmfree_jax.data.corpus", description=__doc__)
   ap.add_argument("--out", required=True, help="output .jsonl")
   ap.add_argument("--root", action="append", default=[], help="directory (repeatable; "
                   "default: this interpreter's site-packages and stdlib)")
@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     s = python_sources(args.out, args.root or None, args.max_mb * 1e6)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
-    return 2
+    return cli.BAD_INPUT
   print(f"{s['documents']} documents, {s['bytes'] / 1e6:.1f} MB (~{s['bytes'] / 2.5e6:.0f}M "
         f"tokens) -> {args.out}; {s['files']} files seen, {s['duplicates']} duplicates, "
         f"{s['skipped_size']} skipped for size")
@@ -110,4 +110,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

@@ -9,13 +9,12 @@
 is the one shipped beside the weights unless --tokenizer is given. Task file formats: see
 mmfree_jax/evaluation/tasks.py; --perplexity takes a text file (one document) or a .jsonl file
 (one document per line, field "text"). --log_samples writes each task's per-document
-log-likelihoods and predictions to `<output stem>_samples_<task>.jsonl`. Errors print one
-line, exit 1.
+log-likelihoods and predictions to `<output stem>_samples_<task>.jsonl`. Bad input prints
+one line and exits 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
@@ -26,9 +25,8 @@ from mmfree_jax.evaluation.scoring import EvalError, Scorer
 from mmfree_jax.interop.checkpoint import load_model, tokenizer_file
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  ap = argparse.ArgumentParser(prog="python -m mmfree_jax.evaluation", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None):
+  ap = cli.ArgumentParser(prog="python -m mmfree_jax.evaluation", description=__doc__)
   ap.add_argument("--checkpoint", required=True, help="model or run directory")
   ap.add_argument("--tasks", default="", help="comma-separated NAME=FILE.jsonl")
   ap.add_argument("--perplexity", action="append", default=[], help="text file (repeatable)")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from mmfree_jax import cli
 from mmfree_jax.data.tokenizer import load_tokenizer
 from mmfree_jax.evaluation.scoring import Scorer
 from mmfree_jax.evaluation.tasks import encode_pair
@@ -126,4 +127,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)

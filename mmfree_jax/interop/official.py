@@ -23,7 +23,6 @@ written with safetensors + json directly (its `save_pretrained` breaks on transf
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -33,6 +32,8 @@ import time
 from typing import Any, Sequence
 
 import numpy as np
+
+from mmfree_jax import cli
 
 try:  # only where the official code runs
   import triton
@@ -369,8 +370,7 @@ def plot(out_dir: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m mmfree_jax.interop.official", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = cli.ArgumentParser(prog="python -m mmfree_jax.interop.official", description=__doc__)
   ap.add_argument("what", choices=("fixtures", "curves", "plot"))
   ap.add_argument("--official", help="checkout of ridgerchu/matmulfreellm (fixtures, curves)")
   ap.add_argument("--out", required=True, help="output directory")
@@ -394,4 +394,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

@@ -19,13 +19,13 @@ Bad input -> one-line error, exit 2.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
 from typing import Any, Sequence
 
+from mmfree_jax import cli
 from mmfree_jax.scaling import fit as fit_lib
 from mmfree_jax.scaling import results as res_lib
 
@@ -362,8 +362,7 @@ def run(workdir: str, paper: bool = False, n_boot: int = 200, loss_key: str = "e
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m mmfree_jax.scaling.report", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = cli.ArgumentParser(prog="python -m mmfree_jax.scaling.report", description=__doc__)
   ap.add_argument("--workdir", required=True, help="sweep directory holding results.csv")
   ap.add_argument("--out", default=None, help="output directory (default: --workdir)")
   ap.add_argument("--paper", action="store_true", help="add the paper's points and slopes")
@@ -375,12 +374,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = ap.parse_args(argv)
   if args.n_boot < 1:
     print("error: --n_boot must be >= 1", file=sys.stderr)
-    return 2
+    return cli.BAD_INPUT
   if args.readme_table:
     path = os.path.join(args.out or args.workdir, "fit.json")
     if not os.path.isfile(path):
       print(f"error: no {path}; run the report without --readme_table first", file=sys.stderr)
-      return 2
+      return cli.BAD_INPUT
     with open(path) as f:
       print(findings_table(json.load(f)))
     return 0
@@ -390,11 +389,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     res = run(args.workdir, args.paper, args.n_boot, args.loss, args.out, args.seed)
   except (res_lib.ResultsError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
-    return 2
+    return cli.BAD_INPUT
   for p in res["files"]:
     print(p)
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

@@ -33,7 +33,6 @@ Output: `<workdir>/results.csv` and `results.jsonl`, one row per finished point 
 
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import sys
@@ -46,8 +45,7 @@ from mmfree_jax.sweep.spec import SweepError, load_sweep, parse_sets, point_conf
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m mmfree_jax.sweep", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = cli.ArgumentParser(prog="python -m mmfree_jax.sweep", description=__doc__)
   ap.add_argument("--sweep", required=True, help="experiments/sweeps.py:<name>")
   ap.add_argument("--workdir", help="one directory per point below it")
   ap.add_argument("--points", default="", help="comma-separated names or globs")
@@ -90,11 +88,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                      jobs=args.jobs, base_env=child_base)
   except SweepError as e:
     print(f"error: {e}", file=sys.stderr)
-    return 2
+    return cli.BAD_INPUT
   table = os.path.join(os.path.abspath(args.workdir), "results.csv")
   print(f"{len(rows)} finished point(s): {table}")
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from mmfree_jax import cli
@@ -79,7 +79,7 @@ def main(argv):
     out = loop.run(config, workdir)
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(cli.BAD_INPUT)
   except loop.TrainingAborted as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
@@ -111,4 +111,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main, absl_flags=True)
