@@ -12,7 +12,7 @@ import pytest
 from mmfree_jax.config import ModelConfig, preset
 from mmfree_jax import flops
 from mmfree_jax.data import corpus
-from mmfree_jax.scaling import fit, plots, report
+from mmfree_jax.scaling import analysis, fit, plots, report
 from mmfree_jax.scaling import results as res_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -162,7 +162,7 @@ def grid_rows():
 
 @pytest.fixture(scope="module")
 def grid_analysis(grid_rows):
-  return fit.analyze(grid_rows, n_boot=50)
+  return analysis.analyze(grid_rows, n_boot=50)
 
 
 def test_nd_fit_on_the_grid_recovers_the_law_with_intervals(grid_analysis):
@@ -204,11 +204,11 @@ def test_lr_axis_rows_are_left_out_of_the_law_fits(grid_rows, grid_analysis):
   for arch in ("mmfree", "transformer"):
     a = grid_analysis["archs"][arch]
     assert not any("lrx" in n for n in a["names"])
-  plain = fit.analyze([r for r in grid_rows if "lrx" not in r["name"]], n_boot=2)
+  plain = analysis.analyze([r for r in grid_rows if "lrx" not in r["name"]], n_boot=2)
   for arch, a in plain["archs"].items():
     for kind, f in a["fits"].items():
       assert f.law == grid_analysis["archs"][arch]["fits"][kind].law, (arch, kind)
-  groups = fit.lr_axis(grid_rows)
+  groups = analysis.lr_axis(grid_rows)
   assert sorted(k[0] for k in groups) == ["mmfree", "transformer"]
   assert all(len(rs) == 1 + len(LR_FACTORS) for rs in groups.values())
 
@@ -233,7 +233,7 @@ def test_analyze_finds_a_crossover_with_an_interval_and_reports_none_when_absent
   want = fit.crossover(MM, TP, 1e15, fit.C_MAX)
   assert want == pytest.approx(1e21, rel=1e-6)
   rows = _rows(MM, "mmfree", 0.003, 0) + _rows(TP, "transformer", 0.003, 10)
-  res = fit.analyze(rows, n_boot=100)
+  res = analysis.analyze(rows, n_boot=100)
   pl = res["crossover"]["power_law"]
   assert pl["ci"][0] < want < pl["ci"][1], (pl, want)
   assert pl["C"] == pytest.approx(want, rel=0.3)
@@ -248,7 +248,7 @@ def test_analyze_finds_a_crossover_with_an_interval_and_reports_none_when_absent
   # Transformer++ 0.5 lower everywhere (same law shifted): no crossover, robustly.
   rows = _rows(MM, "mmfree", 0.003, 0) + _rows(fit.PowerLaw(0.7, math.log(3.0e2), 0.12),
                                                "transformer", 0.003, 1)
-  res = fit.analyze(rows, n_boot=50)
+  res = analysis.analyze(rows, n_boot=50)
   for kind in ("power_law", "loglinear"):
     c = res["crossover"][kind]
     assert c["C"] is None and c["status"].startswith("no crossover"), c
@@ -259,7 +259,7 @@ def test_too_few_points_skip_fits_with_the_reason():
   """2 points per arch: the line is exact, the power law and L(N, D) are skipped; the report
   and the figures say so and do not fail."""
   rows = _rows(MM, "mmfree", 0.0, 0)[:2] + _rows(TP, "transformer", 0.0, 0)[:2]
-  res = fit.analyze(rows, n_boot=5)
+  res = analysis.analyze(rows, n_boot=5)
   a = res["archs"]["mmfree"]
   assert "exact interpolation" in a["fits"]["loglinear"].unconstrained
   assert "at least 3 distinct" in a["skipped"]["power_law"]
@@ -297,7 +297,7 @@ def test_figures_label_every_axis_and_mark_unconstrained_fits(grid_rows, grid_an
   assert {"MatMul-free: grid LR 0.004", "Transformer++: grid LR 0.001"} <= set(_texts(lr_ax))
   assert len(figs[2].axes) == 2 and len(figs[2].axes[0].collections) == len(SIZES)
   # 3 points per arch: the power law interpolates exactly -> faint, labelled unconstrained.
-  tiny = fit.analyze(_rows(MM, "mmfree", 0.0, 0)[:3] + _rows(TP, "transformer", 0.0, 0)[:3],
+  tiny = analysis.analyze(_rows(MM, "mmfree", 0.0, 0)[:3] + _rows(TP, "transformer", 0.0, 0)[:3],
                      n_boot=5)
   ax = plots.plot_scaling(tiny).axes[0]
   faint = [l for l in ax.get_lines() if "(unconstrained)" in l.get_label()]

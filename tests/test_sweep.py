@@ -18,7 +18,7 @@ from mmfree_jax import sweep
 from mmfree_jax.scaling import results as res_lib
 from mmfree_jax.models import param_counts
 from mmfree_jax import flops as flops_lib
-from mmfree_jax.train import loop
+from mmfree_jax.train import setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP_FILE = os.path.join(ROOT, "experiments", "sweeps.py")
@@ -64,7 +64,7 @@ def test_paper_grid_matches_spec():
   for size, (params, lr, tokens) in want.items():
     for arch in ("mmfree", "transformer"):
       c = pts[f"{arch}-{size}"]
-      cfg = loop.model_config(c)
+      cfg = setup.model_config(c)
       assert cfg.arch == arch and c.data.seq_len == 2048
       tok = c.train.steps * c.train.batch_size * c.data.seq_len
       assert abs(tok - tokens) / tokens < 1e-4  # whole steps of 256 x 2048 tokens
@@ -90,7 +90,7 @@ def test_mini_is_an_nd_grid_of_short_runs():
   assert all(r["planned_s"] <= 600 for r in rows)
   # The plan's time model: FLOPs / (MFU(d) * 989 TFLOP/s) + overhead.
   c = sweep.point_config(sw, "mmfree-d320-L5-tpp20")
-  cfg = loop.model_config(c)
+  cfg = setup.model_config(c)
   r = [r for r in rows if r["name"] == "mmfree-d320-L5-tpp20"][0]
   want = r["flops"] / (0.30 * 320 / 1024 * 989e12) + flops_lib.PLAN_RUN_OVERHEAD_S
   assert r["planned_s"] == pytest.approx(want, rel=1e-9)
@@ -103,7 +103,7 @@ def test_mini_is_an_nd_grid_of_short_runs():
 
 def test_micro_grid_sizes():
   for arch in ("mmfree", "transformer"):
-    cfgs = [loop.model_config(sweeps.get_config(f"micro/{arch}-d{d}-L2"))
+    cfgs = [setup.model_config(sweeps.get_config(f"micro/{arch}-d{d}-L2"))
             for d in sweeps.MICRO_SIZES]
     ne = [param_counts(c)["non_embedding"] for c in cfgs]
     assert ne == sorted(ne) and ne[-1] / ne[0] > 4.5
@@ -159,7 +159,7 @@ def test_micro_results_table(micro_dir):
     assert f.readline().strip().split(",") == list(res_lib.COLUMNS)
   tokens = 32 * 8 * 64
   for name, r in rows.items():
-    cfg = loop.model_config(sweeps.get_config(f"micro/{name}"))
+    cfg = setup.model_config(sweeps.get_config(f"micro/{name}"))
     assert r["tokens"] == tokens and r["steps"] == 32 and r["runs"] == 1
     assert r["non_embedding_params"] == param_counts(cfg)["non_embedding"]
     assert r["flops"] == pytest.approx(flops_lib.train_flops(cfg, 64, tokens), rel=1e-12)

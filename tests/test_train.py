@@ -24,6 +24,7 @@ from mmfree_jax.models import init_params
 from mmfree_jax.train import checkpoint as ckpt
 from mmfree_jax.train import loop
 from mmfree_jax.train import optim
+from mmfree_jax.train import setup
 from mmfree_jax.train.metrics import MetricWriter, final_report, read_jsonl, tag
 from mmfree_jax.train.optim import lr_schedule, make_optimizer
 from mmfree_jax.train.step import TrainState, make_train_step
@@ -66,7 +67,7 @@ def test_meshes_give_the_same_training(data_dir, tmp_path):
     out = loop.run(c, wd, devices=jax.devices()[: int(np.prod(mesh))])
     runs[mesh] = (np.array([r["loss"] for r in losses(wd)]), jax.device_get(out["state"].params))
   base_l, base_p = runs[(1, 1, 1)]
-  p0 = jax.device_get(nn.unbox(init_params(loop.model_config(small_config(data_dir)), jax.random.key(0))))
+  p0 = jax.device_get(nn.unbox(init_params(setup.model_config(small_config(data_dir)), jax.random.key(0))))
   moved = np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(base_p), jax.tree.leaves(p0))))
   for mesh, (l, p) in runs.items():
     assert len(l) == 10
@@ -201,7 +202,7 @@ def test_nonfinite_loss_aborts_without_checkpoint(data_dir, tmp_path):
 
 
 def test_skip_mode_drops_nonfinite_updates():
-  cfg = loop.model_config(small_config(""))
+  cfg = setup.model_config(small_config(""))
   params = nn.unbox(init_params(cfg, jax.random.key(0)))
   tx = optax.adam(1e-3)
   step = jax.jit(make_train_step(cfg, tx))
@@ -214,7 +215,7 @@ def test_skip_mode_drops_nonfinite_updates():
 
 
 def test_grad_accumulation_matches_one_big_batch():
-  cfg = loop.model_config(small_config(""))
+  cfg = setup.model_config(small_config(""))
   params = nn.unbox(init_params(cfg, jax.random.key(0)))
   tx = optax.sgd(1.0)
   state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jnp.zeros((), jnp.int32))
@@ -507,9 +508,9 @@ def test_wandb_sink_is_optional_and_off_by_default(tmp_path, monkeypatch):
   assert inits[0]["project"] == "proj" and inits[0]["config"]["model"]["d_model"] == 32
   assert ("log", {"train/loss": 2.0, "eval/loss": 2.5}, 3) in fake.calls
   monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
-  monkeypatch.setattr(loop.importlib.util, "find_spec", lambda name: None)
+  monkeypatch.setattr(setup.importlib.util, "find_spec", lambda name: None)
   with pytest.raises(ConfigError, match="train.wandb_project='proj' needs wandb: pip install"):
-    loop.validate(c)
+    setup.validate(c)
 
 
 class _FullDisk:

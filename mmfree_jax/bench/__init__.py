@@ -1,4 +1,6 @@
-"""Benchmarks (`python -m mmfree_jax.bench`) and kernel reports (`.triton_report`)."""
+"""Benchmarks: `measure` (timing, GPU clocks, memory, cards), the cases (`kernels`, `steps`,
+by kind in `cases`), `profile` (kernel time by model code); CLIs `python -m mmfree_jax.bench`
+and `.triton_report`."""
 
 from __future__ import annotations
 

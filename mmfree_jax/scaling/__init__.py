@@ -1,2 +1,2 @@
-"""Scaling-law research: sweep outputs (`results`), law fitting (`fit`), figures (`plots`)
-and the report CLI (`report`)."""
+"""Scaling-law research: sweep outputs (`results`), law fitting (`fit`), its application to a
+results table (`analysis`), figures (`plots`) and the report CLI (`report`)."""

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
+from mmfree_jax.scaling import analysis as analysis_lib
 from mmfree_jax.scaling import fit as fit_lib
 from mmfree_jax.scaling import results as res_lib
 
@@ -35,7 +36,7 @@ def _label(arch: str) -> str:
   return LABELS.get(arch, arch)
 
 
-def _style(f: fit_lib.Fitted, label: str) -> dict[str, Any]:
+def _style(f: analysis_lib.Fitted, label: str) -> dict[str, Any]:
   """Line style of a fit: faint and labelled when the report calls it unconstrained."""
   if f.unconstrained:
     return {"alpha": FAINT, "label": f"{label} (unconstrained)"}
@@ -208,7 +209,7 @@ def plot_gap(analysis: dict[str, Any], archs: tuple[str, str] = ("mmfree", "tran
     for k, v in enumerate(fixed):
       col = cmap(k / max(1, len(fixed) - 1) * 0.8)
       n, d = (np.full_like(x, v), x) if name == "N" else (x, np.full_like(x, v))
-      point, lo, hi = fit_lib.nd_gap(l1, l2, g["draws"], n, d)
+      point, lo, hi = analysis_lib.nd_gap(l1, l2, g["draws"], n, d)
       ax.plot(x, point, color=col, label=f"{name} = {v:.3g}")
       ax.fill_between(x, lo, hi, color=col, alpha=0.15, lw=0)
     ax.axhline(0, color="k", lw=0.6)
@@ -224,7 +225,7 @@ def plot_loss_curves(workdir: str, names: Sequence[str] | None = None, key: str 
   budget (tokens per parameter). Default: the runs of the scaling grid (no LR axis)."""
   rows = res_lib.load_results(workdir)
   if names is None:
-    names = [r["name"] for rs in fit_lib.scaling_points(rows).values() for r in rs]
+    names = [r["name"] for rs in analysis_lib.scaling_points(rows).values() for r in rs]
   by_name = {r["name"]: r for r in rows}
   rs = [by_name[n] for n in names if n in by_name]
   archs = sorted({r["arch"] for r in rs})
@@ -269,8 +270,8 @@ def plot_loss_curves(workdir: str, names: Sequence[str] | None = None, key: str 
 def plot_lr_sensitivity(rows: Sequence[dict], loss_key: str = "eval_loss"):
   """Final loss vs peak LR for every group of runs that differ only in LR; the LR the
   scaling grid uses (each arch's most common one) is starred."""
-  groups = fit_lib.lr_axis(rows)
-  chosen = {a: float(rs[0]["peak_lr"]) for a, rs in fit_lib.scaling_points(rows, loss_key).items()}
+  groups = analysis_lib.lr_axis(rows)
+  chosen = {a: float(rs[0]["peak_lr"]) for a, rs in analysis_lib.scaling_points(rows, loss_key).items()}
   fig, ax = plt.subplots(figsize=(7, 4.5))
   lrs = sorted({float(r["peak_lr"]) for rs in groups.values() for r in rs})
   seen: dict[str, int] = {}

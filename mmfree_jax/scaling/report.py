@@ -26,6 +26,7 @@ import sys
 from typing import Any, Sequence
 
 from mmfree_jax import cli
+from mmfree_jax.scaling import analysis as analysis_lib
 from mmfree_jax.scaling import fit as fit_lib
 from mmfree_jax.scaling import results as res_lib
 
@@ -60,14 +61,14 @@ def _val(d: dict, key: str, fmt: str) -> str:
 # --- fit.json -----------------------------------------------------------------------
 
 def to_json(analysis: dict[str, Any]) -> dict[str, Any]:
-  """The numbers of `fit.analyze` (no bootstrap samples), the paper's, JSON-ready."""
+  """The numbers of `analysis.analyze` (no bootstrap samples), the paper's, JSON-ready."""
   out: dict[str, Any] = {"loss_key": analysis["loss_key"], "n_boot": analysis["n_boot"],
                          "seed": analysis["seed"], "archs": {}}
   for arch, a in analysis["archs"].items():
     d: dict[str, Any] = {k: a[k] for k in ("n", "names", "flops", "N", "D", "loss")}
     for kind, f in a["fits"].items():
       d[kind] = {"unconstrained": f.unconstrained}
-      for k, g in fit_lib.PARAMS[kind].items():
+      for k, g in analysis_lib.PARAMS[kind].items():
         d[kind][k], d[kind][f"{k}_ci"] = g(f.law), list(f.ci[k])
     d["skipped"] = a["skipped"]
     if "optimal" in a:
@@ -134,7 +135,7 @@ def findings_table(js: dict[str, Any]) -> str:
              f"{cell('transformer', kind, key, fmt)} | {theirs[0]} | {theirs[1]} | {other} |")
   L += ["", "| MatMul-free meets Transformer++ | ours: C in FLOPs [95% CI] | resamples crossing | "
         "paper |", "|---|---|---|---|"]
-  for kind in fit_lib.KINDS:
+  for kind in analysis_lib.KINDS:
     c = js["crossover"].get(kind, {})
     theirs = (f"~1e23 (star near {_f(paper['crossover_C'], '.0e')}); lines through its 370M "
               f"and 2.7B points: {_f(paper['points_crossover_C'], '.2g')}"
@@ -310,7 +311,7 @@ def _crossover_md(js: dict[str, Any]) -> list[str]:
        f"through the published 370M and 2.7B losses (C = 6ND): {p['points_slope']['mmfree']:+.3f} "
        f"and {p['points_slope']['transformer']:+.3f} per decade, crossing at "
        f"{_f(p['points_crossover_C'], '.2g')} (1.3B: no number in SPEC, left out)."]
-  for kind in fit_lib.KINDS:
+  for kind in analysis_lib.KINDS:
     c = js["crossover"].get(kind, {})
     if "skipped" in c or not c:
       L.append(f"- {NAMES[kind]}: skipped: {c.get('skipped', 'no fit')}")
@@ -340,12 +341,12 @@ def run(workdir: str, paper: bool = False, n_boot: int = 200, loss_key: str = "e
   out = out or workdir
   os.makedirs(out, exist_ok=True)
   formats = ("png",) if os.path.isfile(os.path.join(out, "results.csv")) else ("png", "pdf")
-  analysis = fit_lib.analyze(rows, n_boot=n_boot, seed=seed, loss_key=loss_key)
+  analysis = analysis_lib.analyze(rows, n_boot=n_boot, seed=seed, loss_key=loss_key)
   figs = {"scaling": plots.plot_scaling(analysis, paper=paper),
           "nd": plots.plot_nd(analysis),
           "gap": plots.plot_gap(analysis),
           "loss_curves": plots.plot_loss_curves(workdir)}
-  if fit_lib.lr_axis(rows):
+  if analysis_lib.lr_axis(rows):
     figs["lr_sensitivity"] = plots.plot_lr_sensitivity(rows, loss_key)
   files = [p for stem, fig in figs.items()
            for p in plots.save(fig, os.path.join(out, stem), formats)]

@@ -96,14 +96,14 @@ def point_row(point_dir: str, corpus_tokens: dict | None = None) -> dict[str, An
   if not s or not cj:
     return None
   import ml_collections  # noqa: PLC0415
-  from mmfree_jax.train import loop  # noqa: PLC0415
+  from mmfree_jax.train import setup  # noqa: PLC0415
   config = ml_collections.ConfigDict(cj)
-  cfg = loop.model_config(config)
+  cfg = setup.model_config(config)
   tokens = float(s["tokens_seen"])
   key = corpus_key(config)
   cache = corpus_tokens if corpus_tokens is not None else {}
   if key not in cache:
-    cache[key] = loop.corpus_train_tokens(config, build=True)
+    cache[key] = setup.corpus_train_tokens(config, build=True)
   ctok = cache[key]
   rec = read_json(os.path.join(point_dir, POINT_FILE)) or {}
   ne = int(s["non_embedding_params"])

@@ -13,15 +13,15 @@ def plan(sw: Sweep, names: Sequence[str], sets: dict[str, Any] | None = None,
   `corpus_tokens`: the corpus' train-split tokens (None: read the prepared corpus; 0: unknown)."""
   from mmfree_jax.models import param_counts  # noqa: PLC0415
   from mmfree_jax import flops as flops_lib  # noqa: PLC0415
-  from mmfree_jax.train import loop  # noqa: PLC0415
+  from mmfree_jax.train import setup  # noqa: PLC0415
   rows = []
   for n in names:
     c = point_config(sw, n, sets=sets)
-    cfg = loop.model_config(c).replace(attention_impl=None)  # counting needs no cuDNN
+    cfg = setup.model_config(c).replace(attention_impl=None)  # counting needs no cuDNN
     counts = param_counts(cfg)
     tokens = float(c.train.steps * c.train.batch_size * c.data.seq_len)
     ctok = (corpus_tokens if corpus_tokens is not None
-            else loop.corpus_train_tokens(c, build=False))
+            else setup.corpus_train_tokens(c, build=False))
     rows.append({
         "name": n, "params": counts["total"], "non_embedding_params": counts["non_embedding"],
         "tokens": tokens, "flops": flops_lib.train_flops(cfg, c.data.seq_len, tokens),

@@ -159,10 +159,10 @@ def run_sweep(spec: str | Sweep, workdir: str, points: str | Sequence[str] | Non
   for name in done:
     bar.write(f"{name}: finished, skipped")
   # Each corpus is tokenized once, here, before points that share it start together.
-  from mmfree_jax.train import loop  # noqa: PLC0415 (jax only once the sweep runs)
+  from mmfree_jax.train import setup  # noqa: PLC0415 (jax only once the sweep runs)
   for c in {res_lib.corpus_key(configs[n]): configs[n] for n in todo}.values():
     bar.write(f"corpus {c.data.corpus}: preparing (once; later points reuse it)")
-    loop.corpus_train_tokens(c, build=True)
+    setup.corpus_train_tokens(c, build=True)
   running: dict[str, tuple[subprocess.Popen | None, float]] = {}
   show()
 

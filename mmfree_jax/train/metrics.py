@@ -138,7 +138,7 @@ class MetricWriter:
 
 def _wandb_run(workdir: str, project: str, cfg: dict[str, Any]):
   """A W&B run for `workdir`: the same run id on every resume (kept in `wandb_run_id`)."""
-  import wandb  # noqa: PLC0415 - optional; loop.validate checks that it is installed
+  import wandb  # noqa: PLC0415 - optional; setup.validate checks that it is installed
 
   path = os.path.join(workdir, WANDB_ID_FILE)
   if os.path.exists(path):
