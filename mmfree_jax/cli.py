@@ -1,10 +1,5 @@
 """Entry points: the one way every CLI runs (`run`), one-line errors, the console scripts
 (`[project.scripts]` in pyproject.toml), config-file imports, progress bars.
-
-Every CLI module defines `main(argv)` returning its exit code (None = 0) and ends with
-`cli.run(main)` (flags parsed by `ArgumentParser`) or `cli.run(main, absl_flags=True)`
-(absl / ml_collections config flags). Bad input (a flag, a config, a file, a checkpoint:
-ValueError, OSError, a damaged .safetensors file) is one `error: ...` line and exit 2.
 """
 
 from __future__ import annotations
@@ -15,6 +10,11 @@ import logging
 import os
 import sys
 from typing import Any, Callable, Sequence
+
+# Every CLI module defines `main(argv)` returning its exit code (None = 0) and ends with
+# `cli.run(main)` (flags parsed by `ArgumentParser`) or `cli.run(main, absl_flags=True)`
+# (absl / ml_collections config flags). Bad input (a flag, a config, a file, a checkpoint:
+# ValueError, OSError, a damaged .safetensors file) is one `error: ...` line and exit 2.
 
 BAD_INPUT = 2  # the exit code of every CLI for bad input
 

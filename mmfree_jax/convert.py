@@ -1,15 +1,4 @@
-"""Convert model directories: HF `hgrn_bit` <-> ours, and ours/HF -> packed 2-bit.
-
-    python -m mmfree_jax.convert HF_DIR OUT_DIR                  # HF -> ours (orbax params)
-    python -m mmfree_jax.convert RUN_OR_MODEL_DIR OUT_DIR --to hf [--dtype bfloat16] [--max_shard_mb 2000]
-    python -m mmfree_jax.convert SRC_DIR OUT_DIR --pack [--embed_dtype bfloat16]
-
-The source format is detected (see `interop.checkpoint`; a run directory means its
-model/latest). The output records where it came from (the source's step, run and params hash,
-and the source directory) and carries the source's tokenizer.model (else --tokenizer, else
-Mistral's default). HF exports are float32 by default: ours -> HF -> ours is exact; a 16-bit
-export warns when it flips ternary codes. Bad input prints one line and exits 2.
-"""
+"""Convert model directories: HF `hgrn_bit` <-> ours, and ours/HF -> packed 2-bit."""
 
 from __future__ import annotations
 
@@ -23,9 +12,22 @@ from mmfree_jax import cli
 from mmfree_jax.data.tokenizer import default_model_path
 from mmfree_jax.interop import checkpoint, hf, packed
 
+_HELP = """\
+    python -m mmfree_jax.convert HF_DIR OUT_DIR                  # HF -> ours (orbax params)
+    python -m mmfree_jax.convert RUN_OR_MODEL_DIR OUT_DIR --to hf [--dtype bfloat16] [--max_shard_mb 2000]
+    python -m mmfree_jax.convert SRC_DIR OUT_DIR --pack [--embed_dtype bfloat16]
+
+The source format is detected (see `interop.checkpoint`; a run directory means its
+model/latest). The output records where it came from (the source's step, run and params hash,
+and the source directory) and carries the source's tokenizer.model (else --tokenizer, else
+Mistral's default). HF exports are float32 by default: ours -> HF -> ours is exact; a 16-bit
+export warns when it flips ternary codes. Bad input prints one line and exits 2.
+"""
+
 
 def parse_args(argv=None):
-  ap = cli.ArgumentParser(prog="python -m mmfree_jax.convert", description=__doc__)
+  ap = cli.ArgumentParser(prog="python -m mmfree_jax.convert", description=__doc__,
+                          epilog=_HELP)
   ap.add_argument("src", help="source: HF hgrn_bit, ours, packed, or a run directory")
   ap.add_argument("dst", help="output directory")
   ap.add_argument("--to", choices=("ours", "hf", "packed"), default=None,

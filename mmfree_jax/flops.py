@@ -1,17 +1,16 @@
-"""FLOP accounting and the wall-time planning model, in one place.
-
-Convention (the paper's, SPEC §4): training compute `C = 6 * N * D` with `D` tokens
-and `N` = every parameter except the input embedding table (a lookup, not a matmul);
-ternary matmuls are counted like bf16 matmuls. The transformer adds attention's
-sequence term (PaLM appendix B): `6 * L * T * d` per token for QK^T and AV together
-(forward 2*2*L*T*d, backward twice that; no causal discount). MLGRU's recurrence and
-all elementwise work are not counted.
-"""
+"""FLOP accounting and the wall-time planning model, in one place."""
 
 from __future__ import annotations
 
 from mmfree_jax.config import ModelConfig
 from mmfree_jax.models import param_counts
+
+# Convention (the paper's, SPEC §4): training compute `C = 6 * N * D` with `D` tokens
+# and `N` = every parameter except the input embedding table (a lookup, not a matmul);
+# ternary matmuls are counted like bf16 matmuls. The transformer adds attention's
+# sequence term (PaLM appendix B): `6 * L * T * d` per token for QK^T and AV together
+# (forward 2*2*L*T*d, backward twice that; no causal discount). MLGRU's recurrence and
+# all elementwise work are not counted.
 
 # Dense bf16 peak per chip (FLOP/s) for MFU; the first matching substring of
 # `jax.devices()[0].device_kind` wins.

@@ -1,5 +1,15 @@
-"""Generate text from a model directory (ours, HF `hgrn_bit`, or packed).
+"""Generate text from a model directory (ours, HF `hgrn_bit`, or packed)."""
 
+from __future__ import annotations
+
+
+from mmfree_jax import cli
+from mmfree_jax.data.tokenizer import load_tokenizer
+from mmfree_jax.infer import generate as gen
+from mmfree_jax.infer.sampling import Sampling, SamplingError
+from mmfree_jax.interop import checkpoint
+
+_HELP = """\
     python -m mmfree_jax.generate --checkpoint DIR --prompt "Once upon a time" \
         [--prompt "..." | --prompts_file FILE] [--max_new_tokens 64] [--temperature 0.8] \
         [--top_k 50] [--top_p 0.95] [--seed 0] [--stream] [--tokenizer spm.model]
@@ -11,18 +21,10 @@ prompts run as one batch. `--stream` prints tokens as they are produced (one pro
 time). Bad input prints one line and exits 2.
 """
 
-from __future__ import annotations
-
-
-from mmfree_jax import cli
-from mmfree_jax.data.tokenizer import load_tokenizer
-from mmfree_jax.infer import generate as gen
-from mmfree_jax.infer.sampling import Sampling, SamplingError
-from mmfree_jax.interop import checkpoint
-
 
 def parse_args(argv=None):
-  ap = cli.ArgumentParser(prog="python -m mmfree_jax.generate", description=__doc__)
+  ap = cli.ArgumentParser(prog="python -m mmfree_jax.generate", description=__doc__,
+                          epilog=_HELP)
   ap.add_argument("--checkpoint", required=True, help="model or run directory")
   ap.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
   ap.add_argument("--prompts_file", "--prompts-file", help="one prompt per line")

@@ -1,16 +1,4 @@
-"""The MatMul-free LM (SPEC §1) and the Transformer++ baseline (SPEC §1.6).
-
-`LM(cfg)` is one Flax module for both arches; layers are stacked with `nn.scan` (one
-compiled block whatever the depth, or straight-line code with `unroll_layers`). Call it as
-
-    logits_BxTxV, cache = LM(cfg).apply({"params": p}, tokens_BxT, segment_ids_BxT, cache)
-
-`segment_ids` (1, 2, ... per packed document, 0 = padding) reset the recurrence / mask
-attention at document boundaries; `cache` (from `init_cache`) continues a sequence:
-prefill with T > 1, decode with T = 1.
-
-`python -m mmfree_jax.models` prints the preset table.
-"""
+"""The MatMul-free LM (SPEC §1) and the Transformer++ baseline (SPEC §1.6)."""
 
 from __future__ import annotations
 
@@ -29,6 +17,17 @@ from mmfree_jax.layers.bitlinear import BitLinear
 from mmfree_jax.layers.glu import GLU, SwiGLU
 from mmfree_jax.layers.mlgru import MLGRU, lower_bounds
 from mmfree_jax.layers.norm import RMSNorm
+
+# `LM(cfg)` is one Flax module for both arches; layers are stacked with `nn.scan` (one
+# compiled block whatever the depth, or straight-line code with `unroll_layers`). Call it as
+#
+#     logits_BxTxV, cache = LM(cfg).apply({"params": p}, tokens_BxT, segment_ids_BxT, cache)
+#
+# `segment_ids` (1, 2, ... per packed document, 0 = padding) reset the recurrence / mask
+# attention at document boundaries; `cache` (from `init_cache`) continues a sequence:
+# prefill with T > 1, decode with T = 1.
+#
+# `python -m mmfree_jax.models` prints the preset table.
 
 F32 = jnp.float32
 ACT = ("batch", "length", "embed")

@@ -1,17 +1,4 @@
-"""Several processes, one training run: distributed init, process-0-first, the mesh.
-
-Environment conventions (`initialize` reads them; the launchers in `launch/` set them):
-
-- explicit (`launch/local.py`, `launch/slurm.py`): `JAX_COORDINATOR_ADDRESS=host:port`,
-  `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID` (jax itself reads only the address);
-- SLURM (`srun`, more than one task): jax auto-detects everything (one process per GPU,
-  `SLURM_LOCALID` picks the GPU);
-- Cloud TPU VM slices (`launch/tpu_vm.py` sets `MMFREE_DISTRIBUTED=1`) and multi-slice
-  (`MEGASCALE_*`): jax auto-detects from the TPU metadata.
-
-Multi-slice meshes put the `data` axis across slices (DCN) and `fsdp` / `tensor`
-within a slice (ICI): see `make_mesh`.
-"""
+"""Several processes, one training run: distributed init, process-0-first, the mesh."""
 
 from __future__ import annotations
 
@@ -26,6 +13,18 @@ import numpy as np
 
 from mmfree_jax import sharding
 from mmfree_jax.config import ConfigError
+
+# Environment conventions (`initialize` reads them; the launchers in `launch/` set them):
+#
+# - explicit (`launch/local.py`, `launch/slurm.py`): `JAX_COORDINATOR_ADDRESS=host:port`,
+#   `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID` (jax itself reads only the address);
+# - SLURM (`srun`, more than one task): jax auto-detects everything (one process per GPU,
+#   `SLURM_LOCALID` picks the GPU);
+# - Cloud TPU VM slices (`launch/tpu_vm.py` sets `MMFREE_DISTRIBUTED=1`) and multi-slice
+#   (`MEGASCALE_*`): jax auto-detects from the TPU metadata.
+#
+# Multi-slice meshes put the `data` axis across slices (DCN) and `fsdp` / `tensor`
+# within a slice (ICI): see `make_mesh`.
 
 T = TypeVar("T")
 

@@ -1,11 +1,4 @@
-"""Device mesh and the logical-axis rules table (MaxText style).
-
-Parameters and activations carry logical axis names (`embed`, `mlp`, `state`, `heads`,
-`vocab`, `layers`, `batch`, `length`); `RULES` maps them onto the mesh axes
-(`data`, `fsdp`, `tensor`). A rule whose mesh axis is already used by an earlier
-dimension of the same array is skipped (so activations shard the batch over
-data x fsdp while weights shard `embed` over fsdp).
-"""
+"""Device mesh and the logical-axis rules table (MaxText style)."""
 
 from __future__ import annotations
 
@@ -18,6 +11,12 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from mmfree_jax.config import ConfigError, ModelConfig
+
+# Parameters and activations carry logical axis names (`embed`, `mlp`, `state`, `heads`,
+# `vocab`, `layers`, `batch`, `length`); `RULES` maps them onto the mesh axes
+# (`data`, `fsdp`, `tensor`). A rule whose mesh axis is already used by an earlier
+# dimension of the same array is skipped (so activations shard the batch over
+# data x fsdp while weights shard `embed` over fsdp).
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

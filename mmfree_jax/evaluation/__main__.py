@@ -1,5 +1,17 @@
-"""Zero-shot evaluation CLI.
+"""Zero-shot evaluation CLI."""
 
+from __future__ import annotations
+
+import json
+import os
+
+from mmfree_jax import cli
+from mmfree_jax.data.tokenizer import load_tokenizer
+from mmfree_jax.evaluation import perplexity, tasks
+from mmfree_jax.evaluation.scoring import EvalError, Scorer
+from mmfree_jax.interop.checkpoint import load_model, tokenizer_file
+
+_HELP = """\
     python -m mmfree_jax.evaluation --checkpoint DIR \
         --tasks arc_easy=arc_e.jsonl,arc_challenge=arc_c.jsonl,hellaswag=hs.jsonl,piqa=piqa.jsonl,winogrande=wg.jsonl,openbookqa=obqa.jsonl \
         [--perplexity text.txt] [--tokenizer spm.model] [--batch_size 8] [--max_length 2048] \
@@ -13,20 +25,10 @@ log-likelihoods and predictions to `<output stem>_samples_<task>.jsonl`. Bad inp
 one line and exits 2.
 """
 
-from __future__ import annotations
-
-import json
-import os
-
-from mmfree_jax import cli
-from mmfree_jax.data.tokenizer import load_tokenizer
-from mmfree_jax.evaluation import perplexity, tasks
-from mmfree_jax.evaluation.scoring import EvalError, Scorer
-from mmfree_jax.interop.checkpoint import load_model, tokenizer_file
-
 
 def parse_args(argv=None):
-  ap = cli.ArgumentParser(prog="python -m mmfree_jax.evaluation", description=__doc__)
+  ap = cli.ArgumentParser(prog="python -m mmfree_jax.evaluation", description=__doc__,
+                          epilog=_HELP)
   ap.add_argument("--checkpoint", required=True, help="model or run directory")
   ap.add_argument("--tasks", default="", help="comma-separated NAME=FILE.jsonl")
   ap.add_argument("--perplexity", action="append", default=[], help="text file (repeatable)")

@@ -1,18 +1,4 @@
-"""lm-evaluation-harness adapter: registers model "mmfree_jax" when `lm_eval` is installed.
-
-    python -m mmfree_jax.evaluation.lm_eval_adapter --model mmfree_jax \
-        --model_args checkpoint=DIR --tasks arc_easy     # lm_eval CLI, with the model registered
-
-    import mmfree_jax.evaluation.lm_eval_adapter  # registers the model
-    import lm_eval
-    lm_eval.simple_evaluate(model="mmfree_jax", model_args="checkpoint=DIR,batch_size=16",
-                            tasks=["arc_easy", "piqa"])
-
-`MMFreeJaxLM` holds the logic and needs no lm_eval (requests are any objects with an
-`.args` tuple, as lm_eval's `Instance`); `register()` builds the registered subclass of
-`lm_eval.api.model.LM`. Note: lm-eval's own HF adapter adds no bos for causal LMs;
-this one prepends bos by default (`add_bos=False` to match).
-"""
+"""lm-evaluation-harness adapter: registers model "mmfree_jax" when `lm_eval` is installed."""
 
 from __future__ import annotations
 
@@ -25,6 +11,18 @@ from mmfree_jax.evaluation.tasks import encode_pair
 from mmfree_jax.infer import generate as gen
 from mmfree_jax.infer.sampling import Sampling
 from mmfree_jax.interop.checkpoint import load_model, tokenizer_file
+
+#     python -m mmfree_jax.evaluation.lm_eval_adapter --model mmfree_jax         --model_args checkpoint=DIR --tasks arc_easy     # lm_eval CLI, with the model registered
+#
+#     import mmfree_jax.evaluation.lm_eval_adapter  # registers the model
+#     import lm_eval
+#     lm_eval.simple_evaluate(model="mmfree_jax", model_args="checkpoint=DIR,batch_size=16",
+#                             tasks=["arc_easy", "piqa"])
+#
+# `MMFreeJaxLM` holds the logic and needs no lm_eval (requests are any objects with an
+# `.args` tuple, as lm_eval's `Instance`); `register()` builds the registered subclass of
+# `lm_eval.api.model.LM`. Note: lm-eval's own HF adapter adds no bos for causal LMs;
+# this one prepends bos by default (`add_bos=False` to match).
 
 MODEL_NAME = "mmfree_jax"
 

@@ -1,11 +1,4 @@
-r"""Perplexity of a text or of JSONL documents: per token, per byte (bits per byte) and per word.
-
-Each document is encoded with bos prepended; every token after bos is scored given all tokens
-before it (mmfree: exact, state carried across chunks; transformer: windows of `max_length`,
-see `scoring.Scorer.rolling_nll`). Bytes and words are counted as lm-evaluation-harness does
-(`count_words`: `len(re.split(r"\s+", doc))`, empty strings at the ends included), and the
-perplexities aggregate over documents as its weighted perplexity: exp(sum nll / sum units).
-"""
+r"""Perplexity of a text or of JSONL documents: per token, per byte (bits per byte) and per word."""
 
 from __future__ import annotations
 
@@ -16,6 +9,12 @@ import re
 from typing import Sequence
 
 from mmfree_jax.evaluation.scoring import EvalError, Scorer
+
+# Each document is encoded with bos prepended; every token after bos is scored given all tokens
+# before it (mmfree: exact, state carried across chunks; transformer: windows of `max_length`,
+# see `scoring.Scorer.rolling_nll`). Bytes and words are counted as lm-evaluation-harness does
+# (`count_words`: `len(re.split(r"\s+", doc))`, empty strings at the ends included), and the
+# perplexities aggregate over documents as its weighted perplexity: exp(sum nll / sum units).
 
 
 def count_words(doc: str) -> int:

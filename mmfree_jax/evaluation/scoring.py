@@ -1,15 +1,4 @@
-"""Log-likelihoods of token sequences, batched and jitted (the core of every eval).
-
-`Scorer.loglikelihood` scores (context, continuation) token pairs the way
-lm-evaluation-harness does: sum of log p(continuation | context) and whether the
-continuation is the greedy one. Requests are sorted by length, right-padded to a
-length bucket and run in fixed-size batches (one compile per bucket).
-
-`Scorer.rolling_nll` scores a whole token stream: the mmfree model carries its
-recurrent state from chunk to chunk (exact full-context likelihood at constant memory);
-the transformer scores disjoint windows of `max_length` tokens, each with one token of
-context (lm-eval's `loglikelihood_rolling` convention).
-"""
+"""Log-likelihoods of token sequences, batched and jitted (the core of every eval)."""
 
 from __future__ import annotations
 
@@ -24,6 +13,16 @@ import numpy as np
 from mmfree_jax.config import ModelConfig
 from mmfree_jax.infer.generate import model_forward
 from mmfree_jax.models import init_cache
+
+# `Scorer.loglikelihood` scores (context, continuation) token pairs the way
+# lm-evaluation-harness does: sum of log p(continuation | context) and whether the
+# continuation is the greedy one. Requests are sorted by length, right-padded to a
+# length bucket and run in fixed-size batches (one compile per bucket).
+#
+# `Scorer.rolling_nll` scores a whole token stream: the mmfree model carries its
+# recurrent state from chunk to chunk (exact full-context likelihood at constant memory);
+# the transformer scores disjoint windows of `max_length` tokens, each with one token of
+# context (lm-eval's `loglikelihood_rolling` convention).
 
 
 class EvalError(ValueError):

@@ -1,22 +1,4 @@
-"""Zero-shot multiple-choice tasks over local JSONL files, scored like lm-eval-harness.
-
-Each line of a task file is one document. Accepted fields (the Hugging Face dataset
-rows as published, or the simplified form `{"question": str, "choices": [str], "label":
-int}` for the ARC/OBQA family):
-
-| task | fields | context | continuation |
-|---|---|---|---|
-| arc_easy, arc_challenge | question, choices{text,label}, answerKey | "Question: {q}\\nAnswer:" | " {choice}" |
-| openbookqa | question_stem, choices{text,label}, answerKey | "{question_stem}" | " {choice}" |
-| piqa | goal, sol1, sol2, label (0/1) | "Question: {goal}\\nAnswer:" | " {sol}" |
-| hellaswag | activity_label, ctx_a, ctx_b (or ctx), endings[4], label | preprocess("{activity_label}: {ctx_a} {ctx_b.capitalize()}") | " {preprocess(ending)}" |
-| winogrande | sentence (with one "_"), option1, option2, answer ("1"/"2") | sentence[:blank] + option | " " + sentence[blank+1:].strip() |
-
-WinoGrande uses partial scoring: the continuation after the blank is scored given each
-option-filled prefix. `acc` = argmax of the summed log-likelihood; `acc_norm` = argmax
-of log-likelihood / length of the choice string in characters, exactly what lm-eval
-computes (`len(choice)`, = bytes for ASCII; `norm="bytes"` uses UTF-8 bytes).
-"""
+"""Zero-shot multiple-choice tasks over local JSONL files, scored like lm-eval-harness."""
 
 from __future__ import annotations
 
@@ -30,6 +12,23 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from mmfree_jax.evaluation.scoring import EvalError, Scorer
+
+# Each line of a task file is one document. Accepted fields (the Hugging Face dataset
+# rows as published, or the simplified form `{"question": str, "choices": [str], "label":
+# int}` for the ARC/OBQA family):
+#
+# | task | fields | context | continuation |
+# |---|---|---|---|
+# | arc_easy, arc_challenge | question, choices{text,label}, answerKey | "Question: {q}\nAnswer:" | " {choice}" |
+# | openbookqa | question_stem, choices{text,label}, answerKey | "{question_stem}" | " {choice}" |
+# | piqa | goal, sol1, sol2, label (0/1) | "Question: {goal}\nAnswer:" | " {sol}" |
+# | hellaswag | activity_label, ctx_a, ctx_b (or ctx), endings[4], label | preprocess("{activity_label}: {ctx_a} {ctx_b.capitalize()}") | " {preprocess(ending)}" |
+# | winogrande | sentence (with one "_"), option1, option2, answer ("1"/"2") | sentence[:blank] + option | " " + sentence[blank+1:].strip() |
+#
+# WinoGrande uses partial scoring: the continuation after the blank is scored given each
+# option-filled prefix. `acc` = argmax of the summed log-likelihood; `acc_norm` = argmax
+# of log-likelihood / length of the choice string in characters, exactly what lm-eval
+# computes (`len(choice)`, = bytes for ASCII; `norm="bytes"` uses UTF-8 bytes).
 
 
 @dataclasses.dataclass(frozen=True)

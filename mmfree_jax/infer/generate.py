@@ -1,21 +1,4 @@
-"""Autoregressive generation for both arches, fully on device.
-
-`generate` compiles one function: a prefill over the longest multiple of 8 tokens shorter
-than every prompt, then a `lax.while_loop` that feeds one token per step, carrying the decode state
-([L, B, d] float32 for mmfree, the KV cache for the transformer). Prompts of different
-lengths need no padding inside the sequence: while a row is still inside its prompt the
-loop feeds its next prompt token instead of the sampled one, so every row sees exactly
-its own tokens at positions 0, 1, ... and its result equals that of the prompt alone
-(up to float rounding: the prefill length depends on the shortest prompt of the batch).
-Each row stops at `eos_id` (then pad) or after `max_new_tokens`; the loop exits early
-when every row is done.
-
-`stream` is the host-driven variant for one prompt: it yields tokens as they come.
-Params may be latent (`models.LM`) or packed (`interop.packed`).
-
-    out = generate(cfg, params, [[1, 15, 27], [1, 9]], 32, Sampling(temperature=0.8, top_p=0.9))
-    out.tokens  # [B, 32] int32, pad after eos
-"""
+"""Autoregressive generation for both arches, fully on device."""
 
 from __future__ import annotations
 
@@ -32,6 +15,22 @@ from mmfree_jax.infer import packed as packed_forward
 from mmfree_jax.interop.packed import is_packed
 from mmfree_jax.infer.sampling import Sampling, SamplingError, sample
 from mmfree_jax.models import LM, init_cache
+
+# `generate` compiles one function: a prefill over the longest multiple of 8 tokens shorter
+# than every prompt, then a `lax.while_loop` that feeds one token per step, carrying the decode state
+# ([L, B, d] float32 for mmfree, the KV cache for the transformer). Prompts of different
+# lengths need no padding inside the sequence: while a row is still inside its prompt the
+# loop feeds its next prompt token instead of the sampled one, so every row sees exactly
+# its own tokens at positions 0, 1, ... and its result equals that of the prompt alone
+# (up to float rounding: the prefill length depends on the shortest prompt of the batch).
+# Each row stops at `eos_id` (then pad) or after `max_new_tokens`; the loop exits early
+# when every row is done.
+#
+# `stream` is the host-driven variant for one prompt: it yields tokens as they come.
+# Params may be latent (`models.LM`) or packed (`interop.packed`).
+#
+#     out = generate(cfg, params, [[1, 15, 27], [1, 9]], 32, Sampling(temperature=0.8, top_p=0.9))
+#     out.tokens  # [B, 32] int32, pad after eos
 
 
 def model_forward(cfg: ModelConfig, params: Any, tokens_BxT: jax.Array,

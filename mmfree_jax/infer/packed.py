@@ -1,13 +1,4 @@
-"""The MatMul-free forward pass on packed ternary weights (`interop.packed`).
-
-`forward` mirrors `models.LM` for arch="mmfree" but multiplies int8 activation codes by
-int8 ternary codes with int32 accumulation (`lax.dot_general(..., preferred_element_type=
-int32)`), then applies `g / s`. That integer product is exactly what the latent model's
-float matmul computes, so logits agree up to float32 rounding of the scales. (Measured:
-1e-7 on small models. At 370M shape the quantizers make the net sensitive to rounding:
-any reassociation, even switching the latent model's `scan_impl`, flips a few activation
-codes and moves logits by ~7% max on H200, the same as packed vs latent there.)
-"""
+"""The MatMul-free forward pass on packed ternary weights (`interop.packed`)."""
 
 from __future__ import annotations
 
@@ -23,6 +14,14 @@ from mmfree_jax.layers.bitlinear import activation_codes, gated_input, glu_input
 from mmfree_jax.layers.mlgru import lower_bounds
 from mmfree_jax.layers.scan import linear_recurrence, mlgru_gates
 from mmfree_jax.models import segment_resets
+
+# `forward` mirrors `models.LM` for arch="mmfree" but multiplies int8 activation codes by
+# int8 ternary codes with int32 accumulation (`lax.dot_general(..., preferred_element_type=
+# int32)`), then applies `g / s`. That integer product is exactly what the latent model's
+# float matmul computes, so logits agree up to float32 rounding of the scales. (Measured:
+# 1e-7 on small models. At 370M shape the quantizers make the net sensitive to rounding:
+# any reassociation, even switching the latent model's `scan_impl`, flips a few activation
+# codes and moves logits by ~7% max on H200, the same as packed vs latent there.)
 
 F32 = jnp.float32
 

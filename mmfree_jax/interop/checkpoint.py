@@ -1,26 +1,4 @@
-"""Model directories: one loader for our exports, HF `hgrn_bit` dirs and packed dirs.
-
-Our layout (written by `save_model`):
-
-    <dir>/config.json      ModelConfig fields as JSON (`dataclasses.asdict(cfg)`), plus
-                           "export": {"step", "run_dir", "params_sha256", "source"} when known
-    <dir>/params/          Orbax `StandardCheckpointer` of the unboxed param tree
-                           (float32 leaves, names as in `models.init_params`)
-    <dir>/tokenizer.model  the SentencePiece model it was trained with, when known
-
-The trainer exports versions: `<workdir>/model/step_<N>/` and `<workdir>/model/latest` (a
-relative symlink to the newest); an existing version is never replaced (`export_run`).
-
-Also accepted by `load_model`:
-
-    <dir>/config.json (with "model_type": "hgrn_bit") + model*.safetensors   (HF, §1.5)
-    <dir>/config.json + packed.safetensors   (2-bit ternary export, `interop.packed`)
-
-Every loader takes a model directory, a versioned `model/` directory (its `latest`) or a run
-directory (its `model/latest`):
-
-    cfg, params = load_model("runs/tiny", dtype="float32")
-"""
+"""Model directories: one loader for our exports, HF `hgrn_bit` dirs and packed dirs."""
 
 from __future__ import annotations
 
@@ -40,6 +18,27 @@ from mmfree_jax.config import ConfigError, ModelConfig, from_dict
 from mmfree_jax.interop import CheckpointError, hf
 from mmfree_jax.interop import packed as packed_lib
 from mmfree_jax.models import param_shapes
+
+# Our layout (written by `save_model`):
+#
+#     <dir>/config.json      ModelConfig fields as JSON (`dataclasses.asdict(cfg)`), plus
+#                            "export": {"step", "run_dir", "params_sha256", "source"} when known
+#     <dir>/params/          Orbax `StandardCheckpointer` of the unboxed param tree
+#                            (float32 leaves, names as in `models.init_params`)
+#     <dir>/tokenizer.model  the SentencePiece model it was trained with, when known
+#
+# The trainer exports versions: `<workdir>/model/step_<N>/` and `<workdir>/model/latest` (a
+# relative symlink to the newest); an existing version is never replaced (`export_run`).
+#
+# Also accepted by `load_model`:
+#
+#     <dir>/config.json (with "model_type": "hgrn_bit") + model*.safetensors   (HF, §1.5)
+#     <dir>/config.json + packed.safetensors   (2-bit ternary export, `interop.packed`)
+#
+# Every loader takes a model directory, a versioned `model/` directory (its `latest`) or a run
+# directory (its `model/latest`):
+#
+#     cfg, params = load_model("runs/tiny", dtype="float32")
 
 PARAMS_DIR = "params"
 TOKENIZER_FILE = hf.TOKENIZER_FILE  # the SentencePiece model beside the weights

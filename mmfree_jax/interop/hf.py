@@ -1,23 +1,4 @@
-"""HF `hgrn_bit` checkpoints (the released MMfreeLM models, SPEC §1.5) <-> our params.
-
-An HF directory holds `config.json` (model_type "hgrn_bit") and either `model.safetensors`
-or shards `model-0000x-of-0000y.safetensors` listed in `model.safetensors.index.json`.
-Tensors are 16-bit latent weights; PyTorch Linear weights are [out, in] and our kernels
-[in, out], so every projection is transposed. Per-layer tensors are stacked along a
-leading L axis (our layers are an `nn.scan`).
-
-    cfg, params = load_hf("ridger_MMfreeLM-370M/", dtype="float32")
-    save_hf("out_dir/", cfg, params, dtype="float32", max_shard_bytes=2**30,
-            tokenizer="tokenizer.model")
-
-Lossless round trip: `config_to_hf` stores every ModelConfig field under the extra key
-"mmfree_jax_config" (HF keeps unknown keys), and `config_from_hf` restores them; float32
-tensors keep every bit. A 16-bit export rounds the latent weights, which can flip ternary
-codes: `save_hf` then warns (`TernaryCodesChanged`) with the count. The SentencePiece model
-goes beside the weights with HF's `tokenizer_config.json` / `special_tokens_map.json`.
-
-Tensors are NumPy throughout (no torch).
-"""
+"""HF `hgrn_bit` checkpoints (the released MMfreeLM models, SPEC §1.5) <-> our params."""
 
 from __future__ import annotations
 
@@ -34,6 +15,24 @@ from safetensors.numpy import load_file, save_file
 
 from mmfree_jax.config import ConfigError, ModelConfig, glu_hidden
 from mmfree_jax.interop import CheckpointError
+
+# An HF directory holds `config.json` (model_type "hgrn_bit") and either `model.safetensors`
+# or shards `model-0000x-of-0000y.safetensors` listed in `model.safetensors.index.json`.
+# Tensors are 16-bit latent weights; PyTorch Linear weights are [out, in] and our kernels
+# [in, out], so every projection is transposed. Per-layer tensors are stacked along a
+# leading L axis (our layers are an `nn.scan`).
+#
+#     cfg, params = load_hf("ridger_MMfreeLM-370M/", dtype="float32")
+#     save_hf("out_dir/", cfg, params, dtype="float32", max_shard_bytes=2**30,
+#             tokenizer="tokenizer.model")
+#
+# Lossless round trip: `config_to_hf` stores every ModelConfig field under the extra key
+# "mmfree_jax_config" (HF keeps unknown keys), and `config_from_hf` restores them; float32
+# tensors keep every bit. A 16-bit export rounds the latent weights, which can flip ternary
+# codes: `save_hf` then warns (`TernaryCodesChanged`) with the count. The SentencePiece model
+# goes beside the weights with HF's `tokenizer_config.json` / `special_tokens_map.json`.
+#
+# Tensors are NumPy throughout (no torch).
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

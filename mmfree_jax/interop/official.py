@@ -1,6 +1,22 @@
 """Numbers from the official MatMul-free code itself (github.com/ridgerchu/matmulfreellm),
 run where it runs: a CUDA GPU with torch, triton and transformers.
+"""
 
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from mmfree_jax import cli
+
+_HELP = """\
     python -m mmfree_jax.interop.official fixtures --official=PATH --out=tests/fixtures/official
     python -m mmfree_jax.interop.official curves --official=PATH --out=results/faithfulness
     python -m mmfree_jax.interop.official plot --out=results/faithfulness   # CPU: curves.png
@@ -20,20 +36,6 @@ math: Triton >= 3 lacks `tl.math.round` (official issue #38), so a round-half-aw
 helper (what CUDA's `roundf`, which older Triton called, does) is supplied; and models are
 written with safetensors + json directly (its `save_pretrained` breaks on transformers 5).
 """
-
-from __future__ import annotations
-
-import datetime
-import json
-import os
-import subprocess
-import sys
-import time
-from typing import Any, Sequence
-
-import numpy as np
-
-from mmfree_jax import cli
 
 try:  # only where the official code runs
   import triton
@@ -370,7 +372,8 @@ def plot(out_dir: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  ap = cli.ArgumentParser(prog="python -m mmfree_jax.interop.official", description=__doc__)
+  ap = cli.ArgumentParser(prog="python -m mmfree_jax.interop.official", description=__doc__,
+                          epilog=_HELP)
   ap.add_argument("what", choices=("fixtures", "curves", "plot"))
   ap.add_argument("--official", help="checkout of ridgerchu/matmulfreellm (fixtures, curves)")
   ap.add_argument("--out", required=True, help="output directory")

@@ -1,13 +1,4 @@
-"""The 2-bit packed ternary format of a MatMul-free model's weights (arch="mmfree").
-
-Every BitLinear kernel [.., K, N] is ternarized ONCE from its latent weight (SPEC §1.1):
-codes `t + 1` in {0, 1, 2}, four per uint8 along K (`byte = c0 | c1<<2 | c2<<4 | c3<<6`
-for rows 4r..4r+3), plus one float32 absmean scale `g` per tensor (per layer for the
-stacked [L, K, N] kernels). Norms and lower bounds stay float32; the embedding too, or
-bfloat16 with `embed_dtype="bfloat16"` (half the file of a small model; logits then move
-by the embedding's rounding). On disk: `<dir>/packed.safetensors`, keys '/'-joined param
-paths, kernels as `<path>/codes` and `<path>/scale` (`checkpoint` adds config.json).
-"""
+"""The 2-bit packed ternary format of a MatMul-free model's weights (arch="mmfree")."""
 
 from __future__ import annotations
 
@@ -25,6 +16,14 @@ from mmfree_jax.config import ModelConfig
 from mmfree_jax.interop import CheckpointError, hf
 from mmfree_jax.layers.bitlinear import weight_codes
 from mmfree_jax.models import param_shapes
+
+# Every BitLinear kernel [.., K, N] is ternarized ONCE from its latent weight (SPEC §1.1):
+# codes `t + 1` in {0, 1, 2}, four per uint8 along K (`byte = c0 | c1<<2 | c2<<4 | c3<<6`
+# for rows 4r..4r+3), plus one float32 absmean scale `g` per tensor (per layer for the
+# stacked [L, K, N] kernels). Norms and lower bounds stay float32; the embedding too, or
+# bfloat16 with `embed_dtype="bfloat16"` (half the file of a small model; logits then move
+# by the embedding's rounding). On disk: `<dir>/packed.safetensors`, keys '/'-joined param
+# paths, kernels as `<path>/codes` and `<path>/scale` (`checkpoint` adds config.json).
 
 PACKED_FILE = "packed.safetensors"
 KERNEL_KEYS = ("codes", "scale")

@@ -1,17 +1,16 @@
-"""Float64 NumPy forward of an HF `hgrn_bit` checkpoint, written from SPEC §1 alone.
-
-It reads the raw HF tensors ([out, in] weights, per-layer names) and shares no code
-with the JAX model, so agreement between the two checks the conversion and the model.
-Sequential recurrence, one token at a time; for small models only.
-
-    logits_BxTxV = forward(tensors, hf_config, tokens_BxT)
-"""
+"""Float64 NumPy forward of an HF `hgrn_bit` checkpoint, written from SPEC §1 alone."""
 
 from __future__ import annotations
 
 from typing import Any, Mapping
 
 import numpy as np
+
+# It reads the raw HF tensors ([out, in] weights, per-layer names) and shares no code
+# with the JAX model, so agreement between the two checks the conversion and the model.
+# Sequential recurrence, one token at a time; for small models only.
+#
+#     logits_BxTxV = forward(tensors, hf_config, tokens_BxT)
 
 # The released models' FusedBitLinear normalizes at `layer_norm_linear_quant_fn`'s default
 # eps (mmfreelm/ops/fusedbitnet.py); pinned by tests/fixtures/official (test_official.py).

@@ -1,18 +1,4 @@
-"""Scaling-law fits in numpy: L(C), L(N, D), compute-optimal allocation, crossovers, bootstrap.
-
-    L(C)    = a + slope * log10(C)                   `fit_loglinear(C, L)` (the paper's lines)
-    L(C)    = E + A * C^-alpha                       `fit_power_law(C, L)`
-    L(N, D) = E + A / N^alpha + B / D^beta           `fit_nd(N, D, L)`
-    under C = 6 N D: N_opt = G (C/6)^(beta/(alpha+beta))   `NDLaw.optimal_n`, `.optimal_loss`
-
-Method (variable projection): for fixed exponents the model is linear in (E, A[, B]);
-those come from an exact non-negative least squares (E, A, B >= 0; every active set is
-tried), the exponents from a grid search refined around the best cell. Inputs are divided
-by their geometric mean for conditioning; reported coefficients are for raw C, N, D.
-Intervals: 95% percentile bootstrap over points (resample with replacement, refit; a
-resample the model cannot be fitted to counts as a failed draw).
-`analysis.analyze(rows)` applies them to a results table of both arches.
-"""
+"""Scaling-law fits in numpy: L(C), L(N, D), compute-optimal allocation, crossovers, bootstrap."""
 
 from __future__ import annotations
 
@@ -22,6 +8,19 @@ import math
 from typing import Any, Callable, Sequence
 
 import numpy as np
+
+#     L(C)    = a + slope * log10(C)                   `fit_loglinear(C, L)` (the paper's lines)
+#     L(C)    = E + A * C^-alpha                       `fit_power_law(C, L)`
+#     L(N, D) = E + A / N^alpha + B / D^beta           `fit_nd(N, D, L)`
+#     under C = 6 N D: N_opt = G (C/6)^(beta/(alpha+beta))   `NDLaw.optimal_n`, `.optimal_loss`
+#
+# Method (variable projection): for fixed exponents the model is linear in (E, A[, B]);
+# those come from an exact non-negative least squares (E, A, B >= 0; every active set is
+# tried), the exponents from a grid search refined around the best cell. Inputs are divided
+# by their geometric mean for conditioning; reported coefficients are for raw C, N, D.
+# Intervals: 95% percentile bootstrap over points (resample with replacement, refit; a
+# resample the model cannot be fitted to counts as a failed draw).
+# `analysis.analyze(rows)` applies them to a results table of both arches.
 
 ALPHA_GRID = np.linspace(0.002, 2.0, 400)
 ND_GRID = np.linspace(0.01, 1.5, 50)

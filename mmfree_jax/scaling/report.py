@@ -1,5 +1,19 @@
-"""Fit and plot a sweep's results: `python -m mmfree_jax.scaling.report --workdir=DIR [--paper]`.
+"""Fit and plot a sweep's results: `python -m mmfree_jax.scaling.report --workdir=DIR [--paper]`."""
 
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import Any, Sequence
+
+from mmfree_jax import cli
+from mmfree_jax.scaling import analysis as analysis_lib
+from mmfree_jax.scaling import fit as fit_lib
+from mmfree_jax.scaling import results as res_lib
+
+_HELP = """\
 Reads `DIR/results.csv` (written by `python -m mmfree_jax.sweep`; per-point `metrics.jsonl`
 for the loss curves) and writes next to it (or into `--out`):
   report.md            findings, what the data can support, every fit with its 95% bootstrap
@@ -16,19 +30,6 @@ outputs byte for byte. Figures are PNG; PDFs too when `--out` is not a results d
 `--readme_table` prints the findings table of an existing `fit.json` (for results/README.md).
 Bad input -> one-line error, exit 2.
 """
-
-from __future__ import annotations
-
-import json
-import math
-import os
-import sys
-from typing import Any, Sequence
-
-from mmfree_jax import cli
-from mmfree_jax.scaling import analysis as analysis_lib
-from mmfree_jax.scaling import fit as fit_lib
-from mmfree_jax.scaling import results as res_lib
 
 ARCHS = ("mmfree", "transformer")
 NAMES = {"mmfree": "MatMul-free", "transformer": "Transformer++",
@@ -363,7 +364,8 @@ def run(workdir: str, paper: bool = False, n_boot: int = 200, loss_key: str = "e
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  ap = cli.ArgumentParser(prog="python -m mmfree_jax.scaling.report", description=__doc__)
+  ap = cli.ArgumentParser(prog="python -m mmfree_jax.scaling.report", description=__doc__,
+                          epilog=_HELP)
   ap.add_argument("--workdir", required=True, help="sweep directory holding results.csv")
   ap.add_argument("--out", default=None, help="output directory (default: --workdir)")
   ap.add_argument("--paper", action="store_true", help="add the paper's points and slopes")

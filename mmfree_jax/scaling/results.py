@@ -1,10 +1,5 @@
 """Sweep outputs: the results table (its columns, writing and reading it), per-run metrics,
 trained params; the paper's published points (SPEC §4).
-
-    rows = load_results(study_dir(ROOT))         # results.csv -> list of dicts
-    write_results("runs/micro")                  # the table of every finished point
-    curve = read_metrics("runs/micro/mmfree-d32-L2")
-    cfg, params = load_point_params("runs/micro/mmfree-d32-L2")
 """
 
 from __future__ import annotations
@@ -14,6 +9,11 @@ import functools
 import json
 import os
 from typing import Any
+
+#     rows = load_results(study_dir(ROOT))         # results.csv -> list of dicts
+#     write_results("runs/micro")                  # the table of every finished point
+#     curve = read_metrics("runs/micro/mmfree-d32-L2")
+#     cfg, params = load_point_params("runs/micro/mmfree-d32-L2")
 
 # The results table: one row per finished point directory (`point_row`).
 COLUMNS = ("name", "arch", "d_model", "n_layers", "d_ff", "seq_len", "batch_size", "steps",

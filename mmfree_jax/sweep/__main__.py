@@ -1,5 +1,18 @@
-"""Run a sweep's points one after another (resumable), or print one launch command each.
+"""Run a sweep's points one after another (resumable), or print one launch command each."""
 
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from typing import Sequence
+
+from mmfree_jax import cli
+from mmfree_jax.sweep.plan import format_plan, plan
+from mmfree_jax.sweep.runner import command, run_sweep
+from mmfree_jax.sweep.spec import SweepError, load_sweep, parse_sets, point_config, select
+
+_HELP = """\
     python -m mmfree_jax.sweep --sweep=experiments/sweeps.py:micro --workdir=runs/micro
     python -m mmfree_jax.sweep --sweep=experiments/sweeps.py:paper --workdir=/mnt/BUCKET/paper \\
         --print_commands --set=data.corpus=/data/slimpajama/*.jsonl.zst \\
@@ -31,21 +44,10 @@ Output: `<workdir>/results.csv` and `results.jsonl`, one row per finished point 
 (wall time summed over attempts, attempt count, command).
 """
 
-from __future__ import annotations
-
-import os
-import shlex
-import sys
-from typing import Sequence
-
-from mmfree_jax import cli
-from mmfree_jax.sweep.plan import format_plan, plan
-from mmfree_jax.sweep.runner import command, run_sweep
-from mmfree_jax.sweep.spec import SweepError, load_sweep, parse_sets, point_config, select
-
 
 def main(argv: Sequence[str] | None = None) -> int:
-  ap = cli.ArgumentParser(prog="python -m mmfree_jax.sweep", description=__doc__)
+  ap = cli.ArgumentParser(prog="python -m mmfree_jax.sweep", description=__doc__,
+                          epilog=_HELP)
   ap.add_argument("--sweep", required=True, help="experiments/sweeps.py:<name>")
   ap.add_argument("--workdir", help="one directory per point below it")
   ap.add_argument("--points", default="", help="comma-separated names or globs")

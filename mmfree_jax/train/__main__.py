@@ -1,10 +1,8 @@
 """`python -m mmfree_jax.train --config=experiments/tiny.py --workdir=runs/tiny`
 
-Trains (or resumes) as configured, evaluates on the held-out split, prints a sample
-and where the run's files are. Bad config/data/workdir -> one-line error, exit 2;
-training stopped on purpose (non-finite steps, a failed checkpoint save) -> one line,
-exit 1; SIGTERM at any point -> a line saying what is saved, exit 0.
-"""
+Trains (or resumes), evaluates, prints a sample and where the run's files are. Bad input
+-> one line, exit 2; training stopped on purpose (non-finite steps, a failed save) -> one
+line, exit 1; SIGTERM -> a line saying what is saved, exit 0."""
 
 from __future__ import annotations
 

@@ -1,20 +1,4 @@
-"""Orbax checkpoints of the train state, the grain iterator and the token accounting.
-
-Layout: `<workdir>/checkpoints/<step>/{state,data,meta}` (Orbax CheckpointManager, async).
-`state` holds params, optimizer state, step and skip counter; `data` the grain iterator
-position (one file per process); `meta` the tokens seen so far and the data layout that
-consumed them (`LAYOUT_KEYS`). Checkpoints written before `meta` existed still restore.
-
-Restore: a checkpoint with an unreadable item (state, data or meta) is moved aside to
-`<workdir>/checkpoints_corrupt/` (never deleted) and the previous one is used; one written
-for another model, data layout or process count is refused with a one-line ConfigError,
-untouched. Damage that still reads back (a flipped bit inside a tensor) is not detected:
-Orbax stores no checksums of the array data.
-
-Saves run in the background; `Checkpoints.poll()` / `.wait()` turn a failed save (a full
-disk, a lost mount) into one SaveError naming the step, the cause and the last good
-checkpoint, and remove the failed save's temporary directory.
-"""
+"""Orbax checkpoints of the train state, the grain iterator and the token accounting."""
 
 from __future__ import annotations
 
@@ -33,6 +17,21 @@ from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from mmfree_jax.config import ConfigError
+
+# Layout: `<workdir>/checkpoints/<step>/{state,data,meta}` (Orbax CheckpointManager, async).
+# `state` holds params, optimizer state, step and skip counter; `data` the grain iterator
+# position (one file per process); `meta` the tokens seen so far and the data layout that
+# consumed them (`LAYOUT_KEYS`). Checkpoints written before `meta` existed still restore.
+#
+# Restore: a checkpoint with an unreadable item (state, data or meta) is moved aside to
+# `<workdir>/checkpoints_corrupt/` (never deleted) and the previous one is used; one written
+# for another model, data layout or process count is refused with a one-line ConfigError,
+# untouched. Damage that still reads back (a flipped bit inside a tensor) is not detected:
+# Orbax stores no checksums of the array data.
+#
+# Saves run in the background; `Checkpoints.poll()` / `.wait()` turn a failed save (a full
+# disk, a lost mount) into one SaveError naming the step, the cause and the last good
+# checkpoint, and remove the failed save's temporary directory.
 
 LAYOUT_KEYS = ("train.batch_size", "data.seq_len", "data.process_shard")
 

@@ -1,15 +1,5 @@
 """Metric sinks: `<workdir>/metrics.jsonl` (one JSON object per logged step), TensorBoard
 event files under `<workdir>/tb` (tensorboardX, no TensorFlow), and optionally W&B.
-
-A row is `{"step", "wall_time" (unix seconds), <metric>: value, ...}` with flat keys
-(`loss`, `lr`, `eval_loss`, ...). TensorBoard and W&B get the same values at the same step and
-wall time under namespaced tags (`tag`): `train/loss`, `train/lr`, ..., `eval/loss`,
-`eval/ppl`. Identifiers (`data_fingerprint`, a 32-bit hash) stay exact in metrics.jsonl only:
-a float scalar would round them. The run's config goes to TensorBoard once per start, as
-hparams (the HParams tab) and as JSON text (the Text tab, tag `config`).
-
-clu.metric_writers would give the same with TensorFlow (~600 MB) behind its SummaryWriter;
-tensorboardX writes the same event files without it.
 """
 
 from __future__ import annotations
@@ -24,6 +14,16 @@ from absl import logging
 import jax
 from tensorboardX import SummaryWriter
 from tensorboardX.summary import hparams
+
+# A row is `{"step", "wall_time" (unix seconds), <metric>: value, ...}` with flat keys
+# (`loss`, `lr`, `eval_loss`, ...). TensorBoard and W&B get the same values at the same step and
+# wall time under namespaced tags (`tag`): `train/loss`, `train/lr`, ..., `eval/loss`,
+# `eval/ppl`. Identifiers (`data_fingerprint`, a 32-bit hash) stay exact in metrics.jsonl only:
+# a float scalar would round them. The run's config goes to TensorBoard once per start, as
+# hparams (the HParams tab) and as JSON text (the Text tab, tag `config`).
+#
+# clu.metric_writers would give the same with TensorFlow (~600 MB) behind its SummaryWriter;
+# tensorboardX writes the same event files without it.
 
 IDENTIFIERS = ("data_fingerprint",)
 WANDB_ID_FILE = "wandb_run_id"

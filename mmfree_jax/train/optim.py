@@ -1,15 +1,5 @@
 """Learning-rate schedules of the paper (SPEC §3), the AdamW optimizer, and the LR plan a
 resumed run follows.
-
-The LR plan (stored in every checkpoint's `meta`) is the schedule of the config that started
-the run (`steps` + the `optim` keys) plus any extensions `[start, lr, end]`. Resuming with
-another `train.steps` or schedule (`train.on_schedule_change`):
-  - "refuse" (default): one line naming the change and the LR jump it would cause;
-  - "continue" (train.steps changed only): from the resume step the LR goes on from the value
-    the old plan has there, along a cosine to the schedule's floor (0 for "mmfree",
-    `min_lr_ratio * peak_lr` for "cosine"; "constant" stays) at the new `train.steps`; the
-    midpoint events of the original schedule (LR halving, weight decay off) keep their step;
-  - "restart": the new config's schedule from this step on (the LR may jump; a note says so).
 """
 
 from __future__ import annotations
@@ -22,6 +12,16 @@ import ml_collections
 import optax
 
 from mmfree_jax.config import ConfigError
+
+# The LR plan (stored in every checkpoint's `meta`) is the schedule of the config that started
+# the run (`steps` + the `optim` keys) plus any extensions `[start, lr, end]`. Resuming with
+# another `train.steps` or schedule (`train.on_schedule_change`):
+#   - "refuse" (default): one line naming the change and the LR jump it would cause;
+#   - "continue" (train.steps changed only): from the resume step the LR goes on from the value
+#     the old plan has there, along a cosine to the schedule's floor (0 for "mmfree",
+#     `min_lr_ratio * peak_lr` for "cosine"; "constant" stays) at the new `train.steps`; the
+#     midpoint events of the original schedule (LR halving, weight decay off) keep their step;
+#   - "restart": the new config's schedule from this step on (the LR may jump; a note says so).
 
 SCHEDULES = ("mmfree", "cosine", "constant")
 SCHEDULE_CHANGES = ("refuse", "continue", "restart")

@@ -1,13 +1,4 @@
-"""The run directory: one trainer at a time, and small files written whole.
-
-`<workdir>/train.lock` is an flock(2) taken before anything is written to the workdir
-and held for the whole run (by process 0 of a multi-process run); it records the
-holder's pid and host. The kernel drops the lock when its process dies (kill -9
-included), so a lock file left by a dead trainer is taken over, never trusted or
-guessed at. Across hosts the lock holds where the shared filesystem implements flock:
-NFSv4, Lustre mounted with `-o flock`, GPFS; gcsfuse and other FUSE mounts lock per host
-only (there, give every job its own workdir).
-"""
+"""The run directory: one trainer at a time, and small files written whole."""
 
 from __future__ import annotations
 
@@ -21,6 +12,14 @@ import time
 from typing import Any, Iterator
 
 from mmfree_jax.config import ConfigError
+
+# `<workdir>/train.lock` is an flock(2) taken before anything is written to the workdir
+# and held for the whole run (by process 0 of a multi-process run); it records the
+# holder's pid and host. The kernel drops the lock when its process dies (kill -9
+# included), so a lock file left by a dead trainer is taken over, never trusted or
+# guessed at. Across hosts the lock holds where the shared filesystem implements flock:
+# NFSv4, Lustre mounted with `-o flock`, GPFS; gcsfuse and other FUSE mounts lock per host
+# only (there, give every job its own workdir).
 
 LOCK_FILE = "train.lock"
 
