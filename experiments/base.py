@@ -25,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
       vocab_size=32000,       # must match the tokenizer (Mistral 32k by default)
       gate="code",            # code: RMSNorm(g)*silu(h) (released ckpts) | paper: sigmoid(g)*h
       dtype="bfloat16",       # compute dtype; master weights are always float32
-      scan_impl="pallas",     # pallas (GPU kernel; associative elsewhere) | associative | chunked | sequential
+      scan_impl="pallas",     # one of config.SCAN_IMPLS: pallas (GPU kernels; associative elsewhere)
       scan_chunk=8,
       bitlinear_impl="pallas",  # pallas (fused kernels around the matmuls on GPU; XLA elsewhere) | xla
       remat="none",           # none | lean | lean_inputs | full  (memory-saving modes)

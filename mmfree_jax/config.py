@@ -38,8 +38,8 @@ class ModelConfig:
       default 1e-6 applies; the `RMSNorm(eps=1e-8)` it builds only holds the weight).
     rope_theta: RoPE base (transformer only).
     dtype: compute dtype ("bfloat16" on accelerators, "float32" for exactness tests).
-    scan_impl: recurrence implementation: sequential | associative | chunked | pallas
-      (Pallas kernels on CUDA GPUs, associative elsewhere).
+    scan_impl: recurrence implementation, one of SCAN_IMPLS (`layers.scan`; "pallas": the
+      Pallas kernels on CUDA GPUs, the associative scan elsewhere).
     scan_chunk: chunk length of the chunked recurrence.
     bitlinear_impl: "pallas" runs the elementwise work around each BitLinear matmul (input
       norm + int8 quantization; its backward) as fused kernels on CUDA GPUs (XLA

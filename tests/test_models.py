@@ -10,7 +10,6 @@ import pytest
 from jax.ad_checkpoint import print_saved_residuals
 
 from mmfree_jax.config import ConfigError, from_dict, preset
-from mmfree_jax.layers import mlgru
 from mmfree_jax.layers.mlgru import lower_bounds
 from mmfree_jax.models import LM, init_cache, init_params, param_counts, segment_positions
 
@@ -136,16 +135,14 @@ def test_remat_policies_and_unrolled_layers_agree(arch):
                  other[1], results[0][1])
 
 
-@pytest.mark.parametrize("arch,gate,in_o_proj,kept", [
-    ("mmfree", "code", False, 3), ("mmfree", "code", True, 2), ("mmfree", "paper", False, 3),
-    ("transformer", "code", False, 2)])
-def test_lean_inputs_remat_keeps_each_projection_groups_input(arch, gate, in_o_proj, kept,
-                                                              capsys, monkeypatch):
+@pytest.mark.parametrize("arch,gate,kept", [
+    ("mmfree", "code", 2), ("mmfree", "paper", 3), ("transformer", "code", 2)])
+def test_lean_inputs_remat_keeps_each_projection_groups_input(arch, gate, kept, capsys):
   """remat="lean_inputs" saves, per layer, the projection groups' inputs that "lean"
-  recomputes: the attn_norm and mlp_norm outputs and the MLGRU's gated output (unless
-  o_proj forms the gate from g and h, which "lean" keeps; attention's output is kept
-  already), i.e. `kept` more [B, T, d] activations per layer, nothing else."""
-  monkeypatch.setattr(mlgru, "GATE_IN_O_PROJ", in_o_proj)
+  recomputes: the attn_norm and mlp_norm outputs and the MLGRU's gated output (with the
+  paper's gate: the code's gate is formed inside o_proj from g and h, which "lean" keeps;
+  attention's output is kept already), i.e. `kept` more [B, T, d] activations per layer,
+  nothing else."""
   toks = jax.random.randint(jax.random.key(1), (2, 8), 0, 100)
   saved = {}
   for remat in ("lean", "lean_inputs"):
@@ -159,26 +156,6 @@ def test_lean_inputs_remat_keeps_each_projection_groups_input(arch, gate, in_o_p
   for shape in saved["lean"]:
     extra.remove(shape)  # everything "lean" keeps is still kept
   assert extra == [f"f32[{cfg.n_layers},2,8,{cfg.d_model}]"] * kept
-
-
-def test_gate_in_o_proj_is_the_same_model(monkeypatch):
-  """The code's gate formed inside o_proj (`gated_bitlinear`) or by XLA before it: the
-  same parameters, logits and gradients."""
-  cfg = preset("micro", dtype="float32")
-  params = nn.unbox(init_params(cfg, jax.random.key(0)))
-  toks = jax.random.randint(jax.random.key(1), (2, 8), 0, 100)
-  loss = lambda p: jnp.mean(LM(cfg).apply({"params": p}, toks)[0] ** 2)
-  runs = []
-  for flag in (False, True):
-    monkeypatch.setattr(mlgru, "GATE_IN_O_PROJ", flag)
-    shapes = jax.eval_shape(lambda: nn.unbox(init_params(cfg, jax.random.key(0))))
-    assert jax.tree.map(jnp.shape, shapes) == jax.tree.map(jnp.shape, params)
-    runs.append(jax.jit(jax.value_and_grad(loss))(params))
-  np.testing.assert_allclose(runs[1][0], runs[0][0], rtol=1e-6)
-  # Gradients leaf by leaf in norm (seen <= 8.5e-6): elementwise, an entry that is a sum with
-  # cancellation (the final norm's scale) can differ by more than float32 rounding of its size.
-  rel = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))
-  assert max(jax.tree.leaves(jax.tree.map(rel, runs[1][1], runs[0][1]))) <= 1e-5
 
 
 def test_bad_config_is_a_clear_error():

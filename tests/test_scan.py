@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from mmfree_jax import sharding
+from mmfree_jax.config import SCAN_IMPLS as IMPLS
 from mmfree_jax.layers import scan_pallas
-from mmfree_jax.layers.scan import IMPLS, linear_recurrence, mlgru_gates, mlgru_recurrence
+from mmfree_jax.layers.mlgru import mlgru_gates, mlgru_recurrence
+from mmfree_jax.layers.scan import linear_recurrence
 
 
 def np_recurrence(f, x, h0, resets):

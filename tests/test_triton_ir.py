@@ -13,7 +13,8 @@ from mmfree_jax.bench import triton_report
 from mmfree_jax.config import preset
 from mmfree_jax.layers import bitlinear as bl
 from mmfree_jax.layers import bitlinear_pallas, scan_pallas
-from mmfree_jax.layers.scan import linear_recurrence, mlgru_recurrence
+from mmfree_jax.layers.mlgru import mlgru_recurrence
+from mmfree_jax.layers.scan import linear_recurrence
 
 pytest.importorskip("jax._src.pallas.triton.pallas_call_registration")
 

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 from mmfree_jax.bench.measure import hbm_bw, median_time, peak_gib, rel_err
 from mmfree_jax.layers import bitlinear as bl
 from mmfree_jax.layers import bitlinear_pallas
-from mmfree_jax.layers.scan import linear_recurrence, mlgru_gates, mlgru_recurrence
+from mmfree_jax.layers.mlgru import mlgru_gates, mlgru_recurrence
+from mmfree_jax.layers.scan import linear_recurrence
 
 
 def bitlinear_case(variant: str, d: int = 2048, tokens: int = 16384, iters: int = 20,

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 from mmfree_jax.config import ModelConfig
 from mmfree_jax.interop.packed import unpack_codes
 from mmfree_jax.layers.bitlinear import activation_codes, gated_input, glu_input, rms_normalize
-from mmfree_jax.layers.mlgru import lower_bounds
-from mmfree_jax.layers.scan import linear_recurrence, mlgru_gates
+from mmfree_jax.layers.mlgru import lower_bounds, mlgru_gates
+from mmfree_jax.layers.scan import linear_recurrence
 from mmfree_jax.models import segment_resets
 
 # `forward` mirrors `models.LM` for arch="mmfree" but multiplies int8 activation codes by

@@ -1,17 +1,21 @@
-"""MLGRU token mixer (SPEC §1.2): ternary projections around an elementwise recurrence."""
+"""MLGRU token mixer (SPEC §1.2): ternary projections around an elementwise recurrence; its
+gates (`mlgru_gates`) and their recurrence (`mlgru_recurrence`) live here."""
 
 from __future__ import annotations
+
+import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from mmfree_jax import sharding
 from mmfree_jax.config import ModelConfig
+from mmfree_jax.layers import scan, scan_pallas
 from mmfree_jax.layers.bitlinear import (BitLinear, BitLinearWeights, bitlinear_shared,
-                                         gated_bitlinear, gated_input, xavier_uniform)
+                                         gated_bitlinear, xavier_uniform)
 from mmfree_jax.layers.norm import RMSNormScale
-from mmfree_jax.layers.scan import mlgru_gates, mlgru_recurrence
 
 F32 = jnp.float32
 
@@ -22,11 +26,109 @@ def lower_bounds(gamma_LxD: jax.Array) -> jax.Array:
   return jnp.cumsum(p, axis=0) - p[0]
 
 
-# The code's gate formed inside o_proj's kernels (`gated_bitlinear`: neither the gated
-# output nor its gradient is written to memory) instead of by XLA before o_proj. The same
-# results either way (tests/test_models.py); on because the gated output's bytes dominate
-# that part of the step (BENCHMARKS.md, "History", 838ec18).
-GATE_IN_O_PROJ = True
+def mlgru_gates(fp: jax.Array, ip: jax.Array, lb: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+  """The MLGRU's recurrence inputs from its projections: the forget gate
+  `f = lb + (1 - lb) * sigmoid(fp)` (float32) and `x = silu(ip) * (1 - f)` in `dtype`."""
+  f = lb + (1.0 - lb) * jax.nn.sigmoid(fp.astype(F32))
+  return f, (jax.nn.silu(ip.astype(F32)) * (1.0 - f)).astype(dtype)
+
+
+def _masked(v, *resets):
+  """v, zero where a document starts (`resets`: () or (resets_BxT,))."""
+  return jnp.where(resets[0][..., None], jnp.zeros((), v.dtype), v) if resets else v
+
+
+def _gate_two_steps_forward(recurrence, fp, ip, lb, h0, *resets):
+  """`mlgru_gates`, then `recurrence(f, x, h0)` -> (h, last)."""
+  f, x = mlgru_gates(fp, ip, lb, fp.dtype)
+  return recurrence(_masked(f, *resets), x, h0)
+
+
+def _gate_two_steps_backward(recurrence_bwd, fp, ip, h, dh, lb, h0, dlast, *resets):
+  """The gate kernels' backward through `recurrence_bwd(f, h, dh, h0, dlast)` -> (df, dx,
+  dh0) and the gates' VJP: (d fp, d ip, d lb per batch row [B, D], dh0)."""
+  b, _, d = fp.shape
+  lb_b = jnp.broadcast_to(lb, (b, 1, d))  # per batch row, as the kernel's partial sums
+  (f, _), gates_vjp = jax.vjp(lambda fp, ip, lb: mlgru_gates(fp, ip, lb, fp.dtype), fp, ip, lb_b)
+  df, dx, dh0 = recurrence_bwd(_masked(f, *resets), h, dh, h0, dlast)
+  dfp, dip, dlb = gates_vjp((_masked(df, *resets), dx))
+  return dfp, dip, dlb[:, 0], dh0
+
+
+def _gate_kernel_forward(fp, ip, lb, h0, *resets):
+  """On one device's rows: the gate kernels, or where those rows are few enough for the
+  time-chunked kernels (which take f and x), the two steps through those."""
+  kw = scan_pallas.gate_kernel_for(*fp.shape)
+  if kw is not None:
+    return scan_pallas.gate_forward(fp, ip, lb, h0, *resets, **kw)
+  plain = functools.partial(scan_pallas.forward, **scan_pallas.kernel_for(*fp.shape))
+  return _gate_two_steps_forward(plain, fp, ip, lb, h0, *resets)
+
+
+def _gate_kernel_backward(fp, ip, h, dh, lb, h0, dlast, *resets):
+  kw = scan_pallas.gate_kernel_for(*fp.shape)
+  if kw is not None:
+    return scan_pallas.gate_backward(fp, ip, h, dh, lb, h0, dlast, *resets, **kw)
+  plain = functools.partial(scan_pallas.backward, **scan_pallas.kernel_for(*fp.shape))
+  return _gate_two_steps_backward(plain, fp, ip, h, dh, lb, h0, dlast, *resets)
+
+
+def _gate_forward(chunk, fp, ip, lb, h0, resets):
+  r = () if resets is None else (resets,)
+  xla = functools.partial(_gate_two_steps_forward,
+                          functools.partial(scan.xla_forward, "associative", chunk=chunk))
+  return sharding.cuda_kernel(_gate_kernel_forward, xla, fp, ip, lb, h0, *r,
+                              replicated_args=(2,))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _gate_scan(fp, ip, lb, h0, resets, chunk: int):
+  return _gate_forward(chunk, fp, ip, lb, h0, resets)
+
+
+def _gate_scan_fwd(fp, ip, lb, h0, resets, chunk):
+  out, last = _gate_forward(chunk, fp, ip, lb, h0, resets)
+  out = checkpoint_name(out, "recurrence_h")  # as the recurrence names it (`scan`)
+  return (out, last), (fp, ip, lb, out, h0, resets)
+
+
+def _gate_scan_bwd(chunk, res, cot):
+  fp, ip, lb, h, h0, resets = res
+  dh, dlast = cot
+  r = () if resets is None else (resets,)
+  xla = functools.partial(_gate_two_steps_backward,
+                          functools.partial(scan.xla_backward, "associative", chunk))
+  dfp, dip, dlb, dh0 = sharding.cuda_kernel(
+      _gate_kernel_backward, xla,
+      fp, ip, h, jnp.asarray(dh, h.dtype), lb, h0, dlast, *r, replicated_args=(4,))
+  return dfp, dip, dlb.sum(0), dh0, None
+
+
+_gate_scan.defvjp(_gate_scan_fwd, _gate_scan_bwd)
+
+
+def mlgru_recurrence(fp_BxTxD: jax.Array, ip_BxTxD: jax.Array, lb_D: jax.Array,
+                     h0_BxD: jax.Array | None = None, resets_BxT: jax.Array | None = None,
+                     impl: str = "chunked", chunk: int = 16) -> tuple[jax.Array, jax.Array]:
+  """The MLGRU's recurrence from its forget and input projections: `linear_recurrence` of
+  `mlgru_gates(fp, ip, lb)` (h in fp's dtype, the last state in float32).
+
+  With impl "pallas", where the whole-sequence kernels run, one custom_vjp whose kernels
+  form the gates in registers and return the projections' gradients (`scan_pallas.
+  gate_forward/gate_backward`): f (float32), x and df never cross HBM. Elsewhere (the
+  time-chunked kernels' few lanes, decode steps, the other impls) the two steps as written
+  (`mlgru_gates`, then `linear_recurrence`).
+  """
+  scan.check_impl(impl)
+  lb_D = jnp.asarray(lb_D, F32)
+  # The gate kernels run where the whole-sequence kernels would (the time-chunked kernels
+  # for few lanes take f and x as they are).
+  if scan.kernel_tiling(impl, fp_BxTxD.shape, scan_pallas.gate_kernel_for) is None:
+    f, x = mlgru_gates(fp_BxTxD, ip_BxTxD, lb_D, fp_BxTxD.dtype)
+    return scan.linear_recurrence(f, x, h0_BxD, resets_BxT, impl, chunk)
+  if h0_BxD is None:
+    h0_BxD = jnp.zeros((fp_BxTxD.shape[0], fp_BxTxD.shape[2]), F32)
+  return _gate_scan(fp_BxTxD, ip_BxTxD, lb_D, h0_BxD.astype(F32), resets_BxT, int(chunk))
 
 
 class MLGRU(nn.Module):
@@ -59,15 +161,14 @@ class MLGRU(nn.Module):
     h_BxTxD, h_last = mlgru_recurrence(f, i, lb_D, h0_BxD, resets_BxT, cfg.scan_impl,
                                        cfg.scan_chunk)
     if cfg.gate == "code":
+      # o_proj(RMSNorm(g) * silu(h)) as one function: o_proj's kernels form the gate, so
+      # neither the gated output nor its gradient is written to memory (`gated_bitlinear`).
       gnorm_w = RMSNormScale("state", name="g_norm")(d)
-      if GATE_IN_O_PROJ:  # o_proj(RMSNorm(g) * silu(h)) as one function
-        norm_w, w = BitLinearWeights(d, ("state", "embed"), init, name="o_proj")(d)
-        out = gated_bitlinear(g, h_BxTxD, gnorm_w, norm_w, w, cfg.norm_eps, cfg.bitlinear_eps,
-                              dt, None, cfg.bitlinear_impl)
-        return checkpoint_name(out, "proj"), h_last
-      o = gated_input(g, h_BxTxD, gnorm_w, cfg.norm_eps, dt)
-    else:
-      o = (nn.sigmoid(g.astype(F32)) * h_BxTxD).astype(dt)
+      norm_w, w = BitLinearWeights(d, ("state", "embed"), init, name="o_proj")(d)
+      out = gated_bitlinear(g, h_BxTxD, gnorm_w, norm_w, w, cfg.norm_eps, cfg.bitlinear_eps,
+                            dt, None, cfg.bitlinear_impl)
+      return checkpoint_name(out, "proj"), h_last
+    o = (nn.sigmoid(g.astype(F32)) * h_BxTxD).astype(dt)
     o = checkpoint_name(nn.with_logical_constraint(o, ("batch", "length", "state")),
                         "block_in")  # o_proj's input: kept by remat="lean_inputs"
     return BitLinear(d, ("state", "embed"), cfg.bitlinear_eps, dt, kernel_init=init,

@@ -1,40 +1,32 @@
-"""The elementwise linear recurrence `h_t = f_t * h_{t-1} + x_t` (SPEC §1.2).
-
-Three forward implementations share one `custom_vjp`: the backward pass is the same
-recurrence run in reverse (`g_t = dh_t + f_{t+1} g_{t+1}`, `df_t = g_t h_{t-1}`,
-`dx_t = g_t`), so only `f` and `h` are saved and every variant gets an equally lean,
-equally fast backward. All accumulation is float32.
-
-- `sequential`: `lax.scan` over time (the reference; slow on accelerators).
-- `associative`: `lax.associative_scan` over the whole sequence.
-- `chunked`: the plain recurrence unrolled inside chunks of `chunk` steps (all chunks
-  in parallel, one fusion), a short associative scan over the chunk carries, and one
-  elementwise fix-up: a few passes over memory instead of 2*log2(T).
-- `pallas`: one-pass Pallas kernels for the forward and the reverse pass
-  (`mmfree_jax.layers.scan_pallas`) on CUDA GPUs, per device under a data/fsdp mesh
-  (`sharding.cuda_kernel`); `associative` on other platforms, for T = 1 (decode
-  steps), when D has no power-of-two block of >= 16 channels, or under a tensor-parallel
-  mesh.
-
-`mlgru_recurrence` is the MLGRU's use of it, from its forget and input projections: with
-"pallas", wherever the whole-sequence kernels run, one more `custom_vjp` whose kernels form
-the gates in registers and return the projections' gradients, so the float32 forget gate,
-the recurrence input and their gradients never cross HBM.
-"""
+"""The elementwise linear recurrence `h_t = f_t * h_{t-1} + x_t` (SPEC §1.2), float32
+accumulation: one entry point, `linear_recurrence`, for every implementation in
+`config.SCAN_IMPLS`, and one choice between the Pallas kernels and XLA (`kernel_or_xla`)."""
 
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from mmfree_jax import sharding
+from mmfree_jax.config import SCAN_IMPLS
 from mmfree_jax.layers import scan_pallas
 
+# One `custom_vjp` for every implementation: the backward pass is the same recurrence run in
+# reverse (`g_t = dh_t + f_{t+1} g_{t+1}`, `df_t = g_t h_{t-1}`, `dx_t = g_t`), so only `f`
+# and `h` are saved and every variant gets an equally lean backward.
+# - `sequential`: `lax.scan` over time (the reference; slow on accelerators).
+# - `associative`: `lax.associative_scan` over the whole sequence.
+# - `chunked`: the plain recurrence unrolled inside chunks of `chunk` steps (all chunks in
+#   parallel, one fusion), a short associative scan over the chunk carries, and one
+#   elementwise fix-up: a few passes over memory instead of 2*log2(T).
+# - `pallas`: one-pass Pallas kernels for the forward and the reverse pass
+#   (`scan_pallas`) where `kernel_or_xla` picks them, `associative` elsewhere.
+
 F32 = jnp.float32
-IMPLS = ("sequential", "associative", "chunked", "pallas")
 
 
 def _combine(a, b):
@@ -103,42 +95,57 @@ def _run(impl, f32, x32, h0, reverse, chunk):
   return _IMPL_FNS[impl](f32, x32, reverse, chunk)
 
 
-def _xla_forward(impl, f, x, h0, chunk):
-  h = _run(impl, jnp.asarray(f, F32), jnp.asarray(x, F32), h0, False, chunk)
+def _xla_impl(impl: str) -> str:
+  return "associative" if impl == "pallas" else impl
+
+
+def xla_forward(impl, f, x, h0, chunk):
+  """The recurrence in XLA: (h in x's dtype, the last state in float32)."""
+  h = _run(_xla_impl(impl), jnp.asarray(f, F32), jnp.asarray(x, F32), h0, False, chunk)
   return h.astype(x.dtype), h[:, -1]
 
 
-def _xla_backward(impl, chunk, f, h, dh, h0, dlast):
+def xla_backward(impl, chunk, f, h, dh, h0, dlast):
+  """The reverse recurrence in XLA: (df, dx, dh0)."""
   dh = jnp.asarray(dh, F32).at[:, -1].add(dlast)
   f32 = f.astype(F32)
   f_next = jnp.concatenate([f32[:, 1:], jnp.zeros_like(f32[:, :1])], axis=1)
-  g = _IMPL_FNS[impl](f_next, dh, True, chunk)
+  g = _IMPL_FNS[_xla_impl(impl)](f_next, dh, True, chunk)
   h_prev = jnp.concatenate([h0[:, None], h[:, :-1].astype(F32)], axis=1)
   return (g * h_prev).astype(f.dtype), g.astype(h.dtype), f32[:, 0] * g[:, 0]
 
 
-def _use_kernel(impl, shape) -> bool:
-  """Whether the Pallas kernels run (else the XLA associative scan: also for single-token
-  decode steps, where the recurrence is one fused multiply-add). Their tiling is picked
-  from each device's own rows (`scan_pallas.kernel_for`), inside `sharding.cuda_kernel`."""
-  return impl == "pallas" and shape[1] > 1 and scan_pallas.kernel_for(*shape) is not None
+def kernel_tiling(impl: str, shape, tiling: Callable = scan_pallas.kernel_for) -> dict | None:
+  """The one "kernel or XLA" decision of the recurrence: the kernels' tiling (`tiling`, by
+  default `scan_pallas.kernel_for`) when impl is "pallas", the sequence has more than one
+  step (a decode step is one fused multiply-add in XLA) and the kernels tile this shape;
+  None for XLA. Where the kernels are picked they run on CUDA GPUs, per device under a
+  data/fsdp mesh, with XLA on other platforms (`sharding.cuda_kernel`)."""
+  if impl != "pallas" or shape[1] == 1:
+    return None
+  return tiling(*shape)
+
+
+def kernel_or_xla(impl: str, shape, kernel: Callable, xla: Callable, *args,
+                  replicated_args: tuple[int, ...] = (), tiling: Callable = scan_pallas.kernel_for):
+  """`kernel(*args)` where `kernel_tiling` picks the kernels (on each device's own rows),
+  else `xla(*args)`."""
+  if kernel_tiling(impl, shape, tiling) is None:
+    return xla(*args)
+  return sharding.cuda_kernel(kernel, xla, *args, replicated_args=replicated_args)
 
 
 def _forward(impl, f, x, h0, chunk):
-  xla = functools.partial(_xla_forward, "associative" if impl == "pallas" else impl, chunk=chunk)
-  if not _use_kernel(impl, x.shape):
-    return xla(f, x, h0)
   kernel = lambda f, x, h0: scan_pallas.forward(f, x, h0, **scan_pallas.kernel_for(*x.shape))
-  return sharding.cuda_kernel(kernel, xla, f, x, h0)
+  return kernel_or_xla(impl, x.shape, kernel, functools.partial(xla_forward, impl, chunk=chunk),
+                       f, x, h0)
 
 
 def _backward(impl, chunk, f, h, h0, dh, dlast):
-  xla = functools.partial(_xla_backward, "associative" if impl == "pallas" else impl, chunk)
-  if not _use_kernel(impl, h.shape):
-    return xla(f, h, dh, h0, dlast)
   kernel = lambda f, h, dh, h0, dlast: scan_pallas.backward(
       f, h, dh, h0, dlast, **scan_pallas.kernel_for(*h.shape))
-  return sharding.cuda_kernel(kernel, xla, f, h, jnp.asarray(dh, h.dtype), h0, dlast)
+  return kernel_or_xla(impl, h.shape, kernel, functools.partial(xla_backward, impl, chunk),
+                       f, h, jnp.asarray(dh, h.dtype), h0, dlast)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -173,14 +180,13 @@ def linear_recurrence(f_BxTxD: jax.Array, x_BxTxD: jax.Array, h0_BxD: jax.Array 
     x_BxTxD: inputs; `h` is returned (and saved for the backward pass) in this dtype.
     h0_BxD: initial state (zeros if None), float32.
     resets_BxT: True at the first token of a new document: there `f_t := 0`.
-    impl: "sequential" | "associative" | "chunked" | "pallas".
+    impl: one of `config.SCAN_IMPLS`.
     chunk: chunk length for "chunked".
 
   Returns:
     (h_BxTxD in x's dtype, h_last_BxD in float32 — exact state for decoding).
   """
-  if impl not in IMPLS:
-    raise ValueError(f"unknown recurrence impl {impl!r}; use one of {IMPLS}")
+  check_impl(impl)
   if resets_BxT is not None:
     f_BxTxD = jnp.where(resets_BxT[..., None], jnp.zeros((), f_BxTxD.dtype), f_BxTxD)
   if h0_BxD is None:
@@ -188,111 +194,8 @@ def linear_recurrence(f_BxTxD: jax.Array, x_BxTxD: jax.Array, h0_BxD: jax.Array 
   return _scan(f_BxTxD, x_BxTxD, h0_BxD.astype(F32), impl, int(chunk))
 
 
-def mlgru_gates(fp: jax.Array, ip: jax.Array, lb: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-  """The MLGRU's recurrence inputs from its projections: the forget gate
-  `f = lb + (1 - lb) * sigmoid(fp)` (float32) and `x = silu(ip) * (1 - f)` in `dtype`."""
-  f = lb + (1.0 - lb) * jax.nn.sigmoid(fp.astype(F32))
-  return f, (jax.nn.silu(ip.astype(F32)) * (1.0 - f)).astype(dtype)
 
 
-def _masked(v, *resets):
-  """v, zero where a document starts (`resets`: () or (resets_BxT,))."""
-  return jnp.where(resets[0][..., None], jnp.zeros((), v.dtype), v) if resets else v
-
-
-def _use_gate_kernel(impl, shape) -> bool:
-  """Whether the gate-fused kernels run: where the whole-sequence recurrence kernels would
-  (the time-chunked kernels for few lanes take f and x as they are)."""
-  return _use_kernel(impl, shape) and scan_pallas.gate_kernel_for(*shape) is not None
-
-
-def _gate_two_steps_forward(recurrence, fp, ip, lb, h0, *resets):
-  """`mlgru_gates`, then `recurrence(f, x, h0)` -> (h, last)."""
-  f, x = mlgru_gates(fp, ip, lb, fp.dtype)
-  return recurrence(_masked(f, *resets), x, h0)
-
-
-def _gate_two_steps_backward(recurrence_bwd, fp, ip, h, dh, lb, h0, dlast, *resets):
-  """The gate kernels' backward through `recurrence_bwd(f, h, dh, h0, dlast)` -> (df, dx,
-  dh0) and the gates' VJP: (d fp, d ip, d lb per batch row [B, D], dh0)."""
-  b, _, d = fp.shape
-  lb_b = jnp.broadcast_to(lb, (b, 1, d))  # per batch row, as the kernel's partial sums
-  (f, _), gates_vjp = jax.vjp(lambda fp, ip, lb: mlgru_gates(fp, ip, lb, fp.dtype), fp, ip, lb_b)
-  df, dx, dh0 = recurrence_bwd(_masked(f, *resets), h, dh, h0, dlast)
-  dfp, dip, dlb = gates_vjp((_masked(df, *resets), dx))
-  return dfp, dip, dlb[:, 0], dh0
-
-
-def _gate_kernel_forward(fp, ip, lb, h0, *resets):
-  """On one device's rows: the gate kernels, or where those rows are few enough for the
-  time-chunked kernels (which take f and x), the two steps through those."""
-  kw = scan_pallas.gate_kernel_for(*fp.shape)
-  if kw is not None:
-    return scan_pallas.gate_forward(fp, ip, lb, h0, *resets, **kw)
-  plain = functools.partial(scan_pallas.forward, **scan_pallas.kernel_for(*fp.shape))
-  return _gate_two_steps_forward(plain, fp, ip, lb, h0, *resets)
-
-
-def _gate_kernel_backward(fp, ip, h, dh, lb, h0, dlast, *resets):
-  kw = scan_pallas.gate_kernel_for(*fp.shape)
-  if kw is not None:
-    return scan_pallas.gate_backward(fp, ip, h, dh, lb, h0, dlast, *resets, **kw)
-  plain = functools.partial(scan_pallas.backward, **scan_pallas.kernel_for(*fp.shape))
-  return _gate_two_steps_backward(plain, fp, ip, h, dh, lb, h0, dlast, *resets)
-
-
-def _gate_forward(chunk, fp, ip, lb, h0, resets):
-  r = () if resets is None else (resets,)
-  xla = functools.partial(_gate_two_steps_forward,
-                          functools.partial(_xla_forward, "associative", chunk=chunk))
-  return sharding.cuda_kernel(_gate_kernel_forward, xla, fp, ip, lb, h0, *r,
-                              replicated_args=(2,))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _gate_scan(fp, ip, lb, h0, resets, chunk: int):
-  return _gate_forward(chunk, fp, ip, lb, h0, resets)
-
-
-def _gate_scan_fwd(fp, ip, lb, h0, resets, chunk):
-  out, last = _gate_forward(chunk, fp, ip, lb, h0, resets)
-  out = checkpoint_name(out, "recurrence_h")  # as in _scan_fwd
-  return (out, last), (fp, ip, lb, out, h0, resets)
-
-
-def _gate_scan_bwd(chunk, res, cot):
-  fp, ip, lb, h, h0, resets = res
-  dh, dlast = cot
-  r = () if resets is None else (resets,)
-  xla = functools.partial(_gate_two_steps_backward,
-                          functools.partial(_xla_backward, "associative", chunk))
-  dfp, dip, dlb, dh0 = sharding.cuda_kernel(
-      _gate_kernel_backward, xla,
-      fp, ip, h, jnp.asarray(dh, h.dtype), lb, h0, dlast, *r, replicated_args=(4,))
-  return dfp, dip, dlb.sum(0), dh0, None
-
-
-_gate_scan.defvjp(_gate_scan_fwd, _gate_scan_bwd)
-
-
-def mlgru_recurrence(fp_BxTxD: jax.Array, ip_BxTxD: jax.Array, lb_D: jax.Array,
-                     h0_BxD: jax.Array | None = None, resets_BxT: jax.Array | None = None,
-                     impl: str = "chunked", chunk: int = 16) -> tuple[jax.Array, jax.Array]:
-  """The MLGRU's recurrence from its forget and input projections: `linear_recurrence` of
-  `mlgru_gates(fp, ip, lb)` (h in fp's dtype, the last state in float32).
-
-  With impl "pallas", where the whole-sequence kernels run, one custom_vjp whose kernels
-  form the gates in registers and return the projections' gradients (`scan_pallas.
-  gate_forward/gate_backward`): f (float32), x and df never cross HBM. Elsewhere (the
-  time-chunked kernels' few lanes, decode steps, the other impls) the two steps as written
-  (`mlgru_gates`, then `linear_recurrence`).
-  """
-  if impl not in IMPLS:
-    raise ValueError(f"unknown recurrence impl {impl!r}; use one of {IMPLS}")
-  lb_D = jnp.asarray(lb_D, F32)
-  if not _use_gate_kernel(impl, fp_BxTxD.shape):
-    f, x = mlgru_gates(fp_BxTxD, ip_BxTxD, lb_D, fp_BxTxD.dtype)
-    return linear_recurrence(f, x, h0_BxD, resets_BxT, impl, chunk)
-  if h0_BxD is None:
-    h0_BxD = jnp.zeros((fp_BxTxD.shape[0], fp_BxTxD.shape[2]), F32)
-  return _gate_scan(fp_BxTxD, ip_BxTxD, lb_D, h0_BxD.astype(F32), resets_BxT, int(chunk))
+def check_impl(impl: str):
+  if impl not in SCAN_IMPLS:
+    raise ValueError(f"unknown recurrence impl {impl!r}; use one of {SCAN_IMPLS}")
