@@ -108,13 +108,13 @@ def test_one_case_can_patch_a_module_attribute_first(monkeypatch):
   """`--one` specs with "patch" set a lever that is not the default (for an A/B) before
   the case runs, and say so in the case name; a patch of nothing is an error."""
   from mmfree_jax.bench.__main__ import _run_one
-  from mmfree_jax.layers import scan_pallas
-  monkeypatch.setattr(scan_pallas, "GATE_TILE_T", 8)  # restored after the test
+  from mmfree_jax.layers import mlgru_pallas
+  monkeypatch.setattr(mlgru_pallas, "GATE_TILE_T", 8)  # restored after the test
   row = _run_one({"kind": "gates", "b": 2, "t": 12, "d": 32, "iters": 1,
-                  "patch": {"mmfree_jax.layers.scan_pallas.GATE_TILE_T": 16}})
-  assert scan_pallas.GATE_TILE_T == 16
+                  "patch": {"mmfree_jax.layers.mlgru_pallas.GATE_TILE_T": 16}})
+  assert mlgru_pallas.GATE_TILE_T == 16
   assert row["case"] == "gates-fused-2x12x32-GATE_TILE_T=16"
-  for target in ("mmfree_jax.layers.scan_pallas.NO_SUCH_LEVER", "mmfree_jax.no_such_module.LEVER"):
+  for target in ("mmfree_jax.layers.mlgru_pallas.NO_SUCH_LEVER", "mmfree_jax.no_such_module.LEVER"):
     with pytest.raises(ValueError, match="does not exist"):
       _run_one({"kind": "gates", "patch": {target: 1}})
 

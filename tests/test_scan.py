@@ -9,7 +9,7 @@ import pytest
 
 from mmfree_jax import sharding
 from mmfree_jax.config import SCAN_IMPLS as IMPLS
-from mmfree_jax.layers import scan_pallas
+from mmfree_jax.layers import mlgru_pallas, scan_pallas
 from mmfree_jax.layers.mlgru import mlgru_gates, mlgru_recurrence
 from mmfree_jax.layers.scan import linear_recurrence
 
@@ -239,13 +239,13 @@ def test_gate_kernels_match_the_two_steps(t, with_resets):
   fp, ip, lb, h0, resets = _gate_inputs(2, t, 32, with_resets)
   r = () if resets is None else (resets,)
   kw = {"block_d": 16, "tile_t": 8, "interpret": True}
-  h, last = scan_pallas.gate_forward(fp, ip, lb, h0, *r, **kw)
+  h, last = mlgru_pallas.gate_forward(fp, ip, lb, h0, *r, **kw)
   (want_h, want_last), vjp = jax.vjp(lambda *a: _two_steps(*a, resets), fp, ip, lb, h0)
   assert h.dtype == jnp.bfloat16 and _rel(h, want_h) < 1e-2 and _rel(last, want_last) < 1e-5
   rng = np.random.default_rng(1)
   dh = jnp.asarray(rng.normal(size=h.shape), jnp.bfloat16)
   dlast = jnp.asarray(rng.normal(size=last.shape), jnp.float32)
-  dfp, dip, dlb, dh0 = scan_pallas.gate_backward(fp, ip, h, dh, lb, h0, dlast, *r, **kw)
+  dfp, dip, dlb, dh0 = mlgru_pallas.gate_backward(fp, ip, h, dh, lb, h0, dlast, *r, **kw)
   for got, want in zip((dfp, dip, dlb.sum(0), dh0), vjp((dh, dlast))):
     assert got.dtype == want.dtype and _rel(got, want) < 1e-2
 
@@ -284,12 +284,12 @@ def test_gate_kernels_run_where_the_whole_sequence_kernels_would():
 def test_gate_kernel_tiling():
   """One channel per thread, 16 steps per tile (the H200 sweep); none where the time-chunked
   kernels run or no kernel does."""
-  assert scan_pallas.gate_kernel_for(16, 2048, 2048) == {
+  assert mlgru_pallas.gate_kernel_for(16, 2048, 2048) == {
       "block_d": 64, "num_warps": 2, "tile_t": 16}
-  assert scan_pallas.gate_kernel_for(8, 2048, 2048) == {
+  assert mlgru_pallas.gate_kernel_for(8, 2048, 2048) == {
       "block_d": 32, "num_warps": 1, "tile_t": 16}
-  assert scan_pallas.gate_kernel_for(8, 2048, 1024) is None  # time chunks
-  assert scan_pallas.gate_kernel_for(2, 16, 24) is None  # no kernel
+  assert mlgru_pallas.gate_kernel_for(8, 2048, 1024) is None  # time chunks
+  assert mlgru_pallas.gate_kernel_for(2, 16, 24) is None  # no kernel
 
 
 def test_gate_kernels_follow_each_devices_rows():

@@ -82,7 +82,7 @@ def gates_case(b: int, t: int, d: int, fused: bool = True, iters: int = 20,
   """The MLGRU's recurrence from its bf16 forget/input projections, forward and
   forward+backward: `mlgru_recurrence(impl="pallas")` (`fused`: the gate kernels where they
   run) or the two steps (`mlgru_gates` in XLA, then the plain recurrence kernels). `kernel`
-  (fused only) passes block_d / tile_t / num_warps to `scan_pallas.gate_forward/backward`
+  (fused only) passes block_d / tile_t / num_warps to `mlgru_pallas.gate_forward/backward`
   (off GPU in interpret mode).
 
   HBM floor (bf16): forward reads fp, ip and writes h (3 tensors); the backward reads fp, ip,
@@ -94,15 +94,15 @@ def gates_case(b: int, t: int, d: int, fused: bool = True, iters: int = 20,
   lb = jax.random.uniform(k[3], (d,), maxval=0.9)
   h0, dlast = jnp.zeros((b, d), jnp.float32), jnp.zeros((b, d), jnp.float32)
   if kernel:
-    from mmfree_jax.layers import scan_pallas  # noqa: PLC0415
+    from mmfree_jax.layers import mlgru_pallas  # noqa: PLC0415
     kw = {**kernel, "interpret": jax.default_backend() != "gpu"}
 
     def run(fp, ip, lb):
-      return scan_pallas.gate_forward(fp, ip, lb, h0, **kw)[0]
+      return mlgru_pallas.gate_forward(fp, ip, lb, h0, **kw)[0]
 
     def vjp(fp, ip, lb, dh):
       h = run(fp, ip, lb)
-      return scan_pallas.gate_backward(fp, ip, h, dh, lb, h0, dlast, **kw)[:3]
+      return mlgru_pallas.gate_backward(fp, ip, h, dh, lb, h0, dlast, **kw)[:3]
   else:
     def run(fp, ip, lb):
       if fused:

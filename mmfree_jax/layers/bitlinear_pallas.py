@@ -1,41 +1,6 @@
-"""Pallas (Triton backend) kernels for the elementwise work around BitLinear matmuls.
-
-A BitLinear group is n ternary projections of ONE input row x (the MLGRU's f/i/g
-projections share theirs; most BitLinears are a group of one), each with its own input
-RMSNorm weight. The input comes in one of three forms:
-- "x": an array x [M, K];
-- "glu": the GLU's gate/up projection as (p [M, 2K], r [M, 1]): its unscaled product and
-  per-row scale, from which the kernels form gate | up = p * r rounded to `x_dtype` and
-  the input `silu(gate) * up` (rounded to `x_dtype`) in registers, so the GLU's down
-  projection never materializes the scaled halves or their product;
-- "gate": the MLGRU's output gate as (g [M, K], h [M, K], gw [1, K]): the input
-  `RMSNorm(g) * gw * silu(h)` (rounded to `x_dtype`) is formed in registers, so o_proj
-  reads g and h and the gated output is never written (nor its gradient: the backward
-  writes dg and dh).
-
-- `activation_codes`: one program per tile of rows reads the input once and writes each
-  projection's int8 activation codes and per-token scale (RMSNorm, norm weight, absmax,
-  round-half-away all in registers). XLA needs three fusions per projection, with a
-  float32 copy of the normalized row written and read back twice.
-- `backward`: one program per block of rows reads the input and the n matmul cotangents
-  dy_j = d(out_j) @ W_j^T once and writes the input's gradient (RMSNorm backward summed
-  over the group; with "glu" the gradient of gate | up as one [M, 2K] array), the
-  fake-quantized activations q_j / s_j that the weight-gradient matmuls need, and
-  per-block partial sums of the norm-weight gradients (reduced over blocks by XLA: a
-  deterministic order; with "gate", also those of the g-norm weight's gradient). It walks
-  its block a few rows at a time, loading the next rows
-  while it computes the current ones, with the three row reductions independent of each
-  other (computed on x, then scaled by the row's rstd).
-
-Both work on a row as column pieces of power-of-two widths (`_pieces`; 5632 = 4096 + 1024
-+ 512) rather than one tile padded to the next power of two (8192 for 5632, where 31% of
-the lanes would carry nothing but registers and arithmetic).
-
-`mmfree_jax.layers.bitlinear` uses them on CUDA GPUs and the same math in XLA elsewhere;
-`interpret=True` runs them on any backend for tests. Results agree with the XLA path up
-to float32 summation order and association in the row reductions (an activation within
-an ulp of a rounding boundary can land on the neighbouring code).
-"""
+"""Pallas (Triton backend) kernels for the elementwise work around BitLinear matmuls,
+used by `layers.bitlinear` on CUDA GPUs (the same math in XLA elsewhere);
+`interpret=True` runs them on any backend for tests."""
 
 from __future__ import annotations
 
@@ -46,6 +11,41 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
+
+# A BitLinear group is n ternary projections of ONE input row x (the MLGRU's f/i/g
+# projections share theirs; most BitLinears are a group of one), each with its own input
+# RMSNorm weight. The input comes in one of three forms:
+# - "x": an array x [M, K];
+# - "glu": the GLU's gate/up projection as (p [M, 2K], r [M, 1]): its unscaled product and
+#   per-row scale, from which the kernels form gate | up = p * r rounded to `x_dtype` and
+#   the input `silu(gate) * up` (rounded to `x_dtype`) in registers, so the GLU's down
+#   projection never materializes the scaled halves or their product;
+# - "gate": the MLGRU's output gate as (g [M, K], h [M, K], gw [1, K]): the input
+#   `RMSNorm(g) * gw * silu(h)` (rounded to `x_dtype`) is formed in registers, so o_proj
+#   reads g and h and the gated output is never written (nor its gradient: the backward
+#   writes dg and dh).
+#
+# - `activation_codes`: one program per tile of rows reads the input once and writes each
+#   projection's int8 activation codes and per-token scale (RMSNorm, norm weight, absmax,
+#   round-half-away all in registers). XLA needs three fusions per projection, with a
+#   float32 copy of the normalized row written and read back twice.
+# - `backward`: one program per block of rows reads the input and the n matmul cotangents
+#   dy_j = d(out_j) @ W_j^T once and writes the input's gradient (RMSNorm backward summed
+#   over the group; with "glu" the gradient of gate | up as one [M, 2K] array), the
+#   fake-quantized activations q_j / s_j that the weight-gradient matmuls need, and
+#   per-block partial sums of the norm-weight gradients (reduced over blocks by XLA: a
+#   deterministic order; with "gate", also those of the g-norm weight's gradient). It walks
+#   its block a few rows at a time, loading the next rows
+#   while it computes the current ones, with the three row reductions independent of each
+#   other (computed on x, then scaled by the row's rstd).
+#
+# Both work on a row as column pieces of power-of-two widths (`_pieces`; 5632 = 4096 + 1024
+# + 512) rather than one tile padded to the next power of two (8192 for 5632, where 31% of
+# the lanes would carry nothing but registers and arithmetic).
+#
+# Results agree with the XLA path up to float32 summation order and association in the
+# row reductions (an activation within an ulp of a rounding boundary can land on the
+# neighbouring code).
 
 F32 = jnp.float32
 BLOCK_M = 32  # rows per backward program (its norm-weight partial sums are one row each)

@@ -12,7 +12,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from mmfree_jax import sharding
 from mmfree_jax.config import ModelConfig
-from mmfree_jax.layers import scan, scan_pallas
+from mmfree_jax.layers import mlgru_pallas, scan, scan_pallas
 from mmfree_jax.layers.bitlinear import (BitLinear, BitLinearWeights, bitlinear_shared,
                                          gated_bitlinear, xavier_uniform)
 from mmfree_jax.layers.norm import RMSNormScale
@@ -58,17 +58,17 @@ def _gate_two_steps_backward(recurrence_bwd, fp, ip, h, dh, lb, h0, dlast, *rese
 def _gate_kernel_forward(fp, ip, lb, h0, *resets):
   """On one device's rows: the gate kernels, or where those rows are few enough for the
   time-chunked kernels (which take f and x), the two steps through those."""
-  kw = scan_pallas.gate_kernel_for(*fp.shape)
+  kw = mlgru_pallas.gate_kernel_for(*fp.shape)
   if kw is not None:
-    return scan_pallas.gate_forward(fp, ip, lb, h0, *resets, **kw)
+    return mlgru_pallas.gate_forward(fp, ip, lb, h0, *resets, **kw)
   plain = functools.partial(scan_pallas.forward, **scan_pallas.kernel_for(*fp.shape))
   return _gate_two_steps_forward(plain, fp, ip, lb, h0, *resets)
 
 
 def _gate_kernel_backward(fp, ip, h, dh, lb, h0, dlast, *resets):
-  kw = scan_pallas.gate_kernel_for(*fp.shape)
+  kw = mlgru_pallas.gate_kernel_for(*fp.shape)
   if kw is not None:
-    return scan_pallas.gate_backward(fp, ip, h, dh, lb, h0, dlast, *resets, **kw)
+    return mlgru_pallas.gate_backward(fp, ip, h, dh, lb, h0, dlast, *resets, **kw)
   plain = functools.partial(scan_pallas.backward, **scan_pallas.kernel_for(*fp.shape))
   return _gate_two_steps_backward(plain, fp, ip, h, dh, lb, h0, dlast, *resets)
 
@@ -114,7 +114,7 @@ def mlgru_recurrence(fp_BxTxD: jax.Array, ip_BxTxD: jax.Array, lb_D: jax.Array,
   `mlgru_gates(fp, ip, lb)` (h in fp's dtype, the last state in float32).
 
   With impl "pallas", where the whole-sequence kernels run, one custom_vjp whose kernels
-  form the gates in registers and return the projections' gradients (`scan_pallas.
+  form the gates in registers and return the projections' gradients (`mlgru_pallas.
   gate_forward/gate_backward`): f (float32), x and df never cross HBM. Elsewhere (the
   time-chunked kernels' few lanes, decode steps, the other impls) the two steps as written
   (`mlgru_gates`, then `linear_recurrence`).
@@ -123,7 +123,7 @@ def mlgru_recurrence(fp_BxTxD: jax.Array, ip_BxTxD: jax.Array, lb_D: jax.Array,
   lb_D = jnp.asarray(lb_D, F32)
   # The gate kernels run where the whole-sequence kernels would (the time-chunked kernels
   # for few lanes take f and x as they are).
-  if scan.kernel_tiling(impl, fp_BxTxD.shape, scan_pallas.gate_kernel_for) is None:
+  if scan.kernel_tiling(impl, fp_BxTxD.shape, mlgru_pallas.gate_kernel_for) is None:
     f, x = mlgru_gates(fp_BxTxD, ip_BxTxD, lb_D, fp_BxTxD.dtype)
     return scan.linear_recurrence(f, x, h0_BxD, resets_BxT, impl, chunk)
   if h0_BxD is None:

@@ -1,25 +1,6 @@
-"""Pallas (Triton backend) kernels for `h_t = f_t * h_{t-1} + x_t` and its reverse pass.
-
-One program per (batch row, block of `block_d` channels) walks the sequence once,
-keeping the float32 state in registers: the forward reads f and x and writes h (plus
-the last state), the backward reads f, h and dh and writes dx and df — each tensor
-crosses HBM exactly once. Time is unrolled in tiles of `tile_t` steps whose loads are
-all issued before the tile's arithmetic, so many loads are in flight per program (the
-sequence dimension is the only source of latency hiding: there are just B*D/block_d
-programs).
-
-With few lanes (small B*D) those programs leave the GPU mostly idle and their dependent
-chains set the time. `chunk_t` > 0 cuts the sequence into time chunks instead, one program
-each, in two launches: chunk summaries, then every chunk from its predecessors' composed
-summaries (the kernels after the whole-sequence ones). `kernel_for` picks them for
-B*D <= 8,192, where they beat the whole-sequence kernels (BENCHMARKS.md, "H100 recurrence").
-
-`gate_forward`/`gate_backward` are the whole-sequence kernels with the MLGRU's gates
-formed in registers from its bf16 projections (`scan.mlgru_recurrence`).
-
-`mmfree_jax.layers.scan` uses these on GPUs (impl "pallas") and the XLA associative
-scan elsewhere; `interpret=True` runs the same kernels on any backend for tests.
-"""
+"""Pallas (Triton backend) kernels for `h_t = f_t * h_{t-1} + x_t` and its reverse pass,
+used by `layers.scan` on CUDA GPUs (impl "pallas"); `interpret=True` runs the same kernels
+on any backend for tests."""
 
 from __future__ import annotations
 
@@ -29,6 +10,21 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
+
+# One program per (batch row, block of `block_d` channels) walks the sequence once,
+# keeping the float32 state in registers: the forward reads f and x and writes h (plus
+# the last state), the backward reads f, h and dh and writes dx and df — each tensor
+# crosses HBM exactly once. Time is unrolled in tiles of `tile_t` steps whose loads are
+# all issued before the tile's arithmetic, so many loads are in flight per program (the
+# sequence dimension is the only source of latency hiding: there are just B*D/block_d
+# programs).
+#
+# With few lanes (small B*D) those programs leave the GPU mostly idle and their dependent
+# chains set the time. `chunk_t` > 0 cuts the sequence into time chunks instead, one program
+# each, in two launches: chunk summaries, then every chunk from its predecessors' composed
+# summaries (the kernels after the whole-sequence ones). `kernel_for` picks them for
+# B*D <= 8,192, where they beat the whole-sequence kernels (BENCHMARKS.md, "H100 recurrence").
+# The MLGRU's gate-fused variants of the whole-sequence kernels are in `mlgru_pallas`.
 
 F32 = jnp.float32
 # The fastest tile of the whole-sequence kernels (BENCHMARKS.md, "H200 recurrence").
@@ -64,14 +60,14 @@ def kernel_for(b: int, t: int, d: int) -> dict | None:
   return None if bd is None else {"block_d": bd}
 
 
-def _walk(rows, t: int, tile: int, h):
+def walk(rows, t: int, tile: int, h):
   """`rows(t0, n, h)` over steps 0..t-1: in tiles of `tile` steps, then the rest singly."""
   n_tiles = t // tile
   h = jax.lax.fori_loop(0, n_tiles, lambda i, h: rows(i * tile, tile, h), h)
   return jax.lax.fori_loop(n_tiles * tile, t, lambda s, h: rows(s, 1, h), h)
 
 
-def _walk_back(rows, t: int, tile: int, c):
+def walk_back(rows, t: int, tile: int, c):
   """`rows(top, n, c)` (rows top, top-1, ...) over steps t-1..1, in tiles of `tile` steps
   from the end, then the rest singly; step 0 is the caller's."""
   n_tiles = (t - 1) // tile
@@ -89,7 +85,7 @@ def _fwd_kernel(f_ref, x_ref, h0_ref, h_ref, hlast_ref, *, t: int, tile: int):
       h_ref[t0 + k, :] = h.astype(h_ref.dtype)
     return h
 
-  hlast_ref[...] = _walk(rows, t, tile, h0_ref[...].astype(F32))
+  hlast_ref[...] = walk(rows, t, tile, h0_ref[...].astype(F32))
 
 
 def _bwd_kernel(f_ref, h_ref, dh_ref, h0_ref, dlast_ref, df_ref, dx_ref, dh0_ref, *, t: int,
@@ -107,14 +103,14 @@ def _bwd_kernel(f_ref, h_ref, dh_ref, h0_ref, dlast_ref, df_ref, dx_ref, dh0_ref
       c = fs[k] * g
     return c
 
-  c = _walk_back(rows, t, tile, dlast_ref[...].astype(F32))
+  c = walk_back(rows, t, tile, dlast_ref[...].astype(F32))
   g = dh_ref[0, :].astype(F32) + c
   dx_ref[0, :] = g.astype(dx_ref.dtype)
   df_ref[0, :] = (g * h0_ref[...].astype(F32)).astype(df_ref.dtype)
   dh0_ref[...] = f_ref[0, :].astype(F32) * g
 
 
-def _specs(t: int, bd: int):
+def seq_specs(t: int, bd: int):
   seq = pl.BlockSpec((pl.squeezed, t, bd), lambda b, j: (b, 0, j))
   vec = pl.BlockSpec((pl.squeezed, bd), lambda b, j: (b, j))
   return seq, vec
@@ -140,7 +136,7 @@ def forward(f_BxTxD, x_BxTxD, h0_BxD, *, block_d: int, tile_t: int = TILE_T,
         [jax.ShapeDtypeStruct((b, t, d), x_BxTxD.dtype), jax.ShapeDtypeStruct((b, d), F32)],
         b=b, t=t, d=d, block_d=block_d, chunk_t=chunk_t, tile_t=tile_t, num_warps=num_warps,
         groups=groups, interpret=interpret, name="mlgru_scan_fwd")
-  seq, vec = _specs(t, block_d)
+  seq, vec = seq_specs(t, block_d)
   return pl.pallas_call(
       functools.partial(_fwd_kernel, t=t, tile=min(tile_t, t)),
       grid=(b, d // block_d), in_specs=[seq, seq, vec], out_specs=[seq, vec],
@@ -165,7 +161,7 @@ def backward(f_BxTxD, h_BxTxD, dh_BxTxD, h0_BxD, dlast_BxD, *, block_d: int,
          jax.ShapeDtypeStruct((b, t, d), h_BxTxD.dtype), jax.ShapeDtypeStruct((b, d), F32)],
         b=b, t=t, d=d, block_d=block_d, chunk_t=chunk_t, tile_t=tile_t, num_warps=num_warps,
         groups=groups, interpret=interpret, name="mlgru_scan_bwd")
-  seq, vec = _specs(t, block_d)
+  seq, vec = seq_specs(t, block_d)
   return pl.pallas_call(
       functools.partial(_bwd_kernel, t=t, tile=min(tile_t, max(t - 1, 1))),
       grid=(b, d // block_d), in_specs=[seq, seq, seq, vec, vec], out_specs=[seq, seq, vec],
@@ -342,156 +338,3 @@ def _chunked_call(step, chunk_kernel, summary_args, args, outs, *, b: int, t: in
       res = call(skip, outs, "chunks", g * rows, {n_in + i: i for i in range(len(outs))})(
           *args, *summary, *res)
   return res
-
-
-# ---- The MLGRU's gates fused into the whole-sequence kernels -------------------------------
-#
-# `gate_forward` reads the bf16 forget and input projections fp, ip (the BitLinear outputs)
-# instead of f and x, and forms in registers what `mmfree_jax.layers.mlgru` computes:
-#   f = lb + (1 - lb) sigmoid(fp)   (float32; f := 0 in the recurrence where a document
-#                                     starts, not in x),
-#   x = silu(ip) (1 - f)            (rounded to h's dtype),   h_t = f_t h_{t-1} + x_t.
-# `gate_backward` returns the projections' gradients directly (and per-lane partial sums of
-# the lower bounds' gradient), so f (float32), x and df never cross HBM.
-#
-# The gate arithmetic (two exps and divisions per element) runs inside the sequential walk,
-# so these kernels want more threads than the plain ones: one channel per thread (block_d / 32
-# warps) and 16 steps per tile, the fastest tiling of the sweep (BENCHMARKS.md, "H200
-# recurrence"); longer tiles unroll into a backward that takes minutes to compile.
-GATE_TILE_T = 16
-
-
-def gate_kernel_for(b: int, t: int, d: int) -> dict | None:
-  """Keyword arguments of `gate_forward`/`gate_backward` for a [b, t, d] recurrence: where
-  the whole-sequence kernels run (None for no kernel or the time-chunked kernels)."""
-  k = kernel_for(b, t, d)
-  if k is None or "chunk_t" in k:
-    return None
-  return {"block_d": k["block_d"], "num_warps": _gate_warps(k["block_d"]),
-          "tile_t": GATE_TILE_T}
-
-
-def _gate_warps(block_d: int) -> int:
-  """One channel per thread."""
-  return max(1, block_d // 32)
-
-
-def _gates(fp, ip, lb):
-  """(f, sigmoid(fp), silu(ip), sigmoid(ip)) in float32."""
-  sig = 1.0 / (1.0 + jnp.exp(-fp))
-  si = 1.0 / (1.0 + jnp.exp(-ip))
-  return lb + (1.0 - lb) * sig, sig, ip * si, si
-
-
-def _reset(v, r_ref, s):
-  """v, or 0 where step s starts a document (`r_ref` None: no resets)."""
-  return v if r_ref is None else jnp.where(r_ref[s] != 0, 0.0, v)
-
-
-def _gate_fwd_kernel(*refs, t: int, tile: int, resets: bool):
-  fp_ref, ip_ref, lb_ref, h0_ref = refs[:4]
-  r_ref = refs[4] if resets else None
-  h_ref, hlast_ref = refs[4 + resets:]
-  lb = lb_ref[...].astype(F32)
-
-  def rows(t0, n, h):
-    fps = [fp_ref[t0 + k, :].astype(F32) for k in range(n)]
-    ips = [ip_ref[t0 + k, :].astype(F32) for k in range(n)]
-    for k in range(n):
-      f, _, silu_i, _ = _gates(fps[k], ips[k], lb)
-      x = (silu_i * (1.0 - f)).astype(h_ref.dtype).astype(F32)
-      h = _reset(f, r_ref, t0 + k) * h + x
-      h_ref[t0 + k, :] = h.astype(h_ref.dtype)
-    return h
-
-  hlast_ref[...] = _walk(rows, t, tile, h0_ref[...].astype(F32))
-
-
-def _gate_bwd_kernel(*refs, t: int, tile: int, resets: bool):
-  # As _bwd_kernel, then through the gates: df = g h_{s-1} (0 at a document start) - dx
-  # silu(ip), d fp = df (1 - lb) sigma'(fp), d ip = dx (1 - f) silu'(ip), d lb += df (1 - sig).
-  fp_ref, ip_ref, h_ref, dh_ref, lb_ref, h0_ref, dlast_ref = refs[:7]
-  r_ref = refs[7] if resets else None
-  dfp_ref, dip_ref, dlb_ref, dh0_ref = refs[7 + resets:]
-  lb = lb_ref[...].astype(F32)
-
-  def step(s, fp, ip, dh, h_prev, carry):
-    c, dlb = carry
-    f, sig, silu_i, si = _gates(fp, ip, lb)
-    g = dh + c
-    dx = g.astype(h_ref.dtype).astype(F32)  # the cotangent of x, which is in h's dtype
-    df = _reset(g * h_prev, r_ref, s) - dx * silu_i
-    dfp_ref[s, :] = (df * (1.0 - lb) * sig * (1.0 - sig)).astype(dfp_ref.dtype)
-    dip_ref[s, :] = (dx * (1.0 - f) * si * (1.0 + ip * (1.0 - si))).astype(dip_ref.dtype)
-    return _reset(f, r_ref, s) * g, dlb + df * (1.0 - sig)
-
-  def rows(top, n, carry):  # rows top, top-1, ..., top-n+1 (all >= 1)
-    fps = [fp_ref[top - k, :].astype(F32) for k in range(n)]
-    ips = [ip_ref[top - k, :].astype(F32) for k in range(n)]
-    dhs = [dh_ref[top - k, :].astype(F32) for k in range(n)]
-    hps = [h_ref[top - k - 1, :].astype(F32) for k in range(n)]
-    for k in range(n):
-      carry = step(top - k, fps[k], ips[k], dhs[k], hps[k], carry)
-    return carry
-
-  carry = _walk_back(rows, t, tile, (dlast_ref[...].astype(F32), jnp.zeros(lb.shape, F32)))
-  c, dlb = step(0, fp_ref[0, :].astype(F32), ip_ref[0, :].astype(F32),
-                dh_ref[0, :].astype(F32), h0_ref[...].astype(F32), carry)
-  dlb_ref[...] = dlb
-  dh0_ref[...] = c
-
-
-def _gate_specs(t: int, bd: int, resets: bool):
-  seq, vec = _specs(t, bd)
-  chan = pl.BlockSpec((bd,), lambda b, j: (j,))
-  row = pl.BlockSpec((pl.squeezed, t), lambda b, j: (b, 0))
-  return seq, vec, chan, [row] * resets
-
-
-_GATE_STATIC = ("block_d", "tile_t", "num_warps", "interpret")
-
-
-def _gate_params(block_d: int, num_warps: int | None) -> pltriton.CompilerParams:
-  return pltriton.CompilerParams(num_warps=num_warps or _gate_warps(block_d), num_stages=1)
-
-
-@functools.partial(jax.jit, static_argnames=_GATE_STATIC)
-def gate_forward(fp_BxTxD, ip_BxTxD, lb_D, h0_BxD, resets_BxT=None, *, block_d: int,
-                 tile_t: int = GATE_TILE_T, num_warps: int | None = None,
-                 interpret: bool = False):
-  """Returns (h in fp's dtype, last state float32) of the MLGRU recurrence on the gate
-  projections (see above); `resets_BxT` (bool or int, None: none) marks document starts.
-  `num_warps` None: one channel per thread."""
-  b, t, d = fp_BxTxD.shape
-  r = () if resets_BxT is None else (resets_BxT.astype(jnp.int32),)
-  seq, vec, chan, row = _gate_specs(t, block_d, bool(r))
-  return pl.pallas_call(
-      functools.partial(_gate_fwd_kernel, t=t, tile=min(tile_t, t), resets=bool(r)),
-      grid=(b, d // block_d), in_specs=[seq, seq, chan, vec, *row], out_specs=[seq, vec],
-      out_shape=[jax.ShapeDtypeStruct((b, t, d), fp_BxTxD.dtype),
-                 jax.ShapeDtypeStruct((b, d), F32)],
-      compiler_params=_gate_params(block_d, num_warps),
-      interpret=interpret, name="mlgru_gate_scan_fwd",
-  )(fp_BxTxD, ip_BxTxD, lb_D, h0_BxD, *r)
-
-
-@functools.partial(jax.jit, static_argnames=_GATE_STATIC)
-def gate_backward(fp_BxTxD, ip_BxTxD, h_BxTxD, dh_BxTxD, lb_D, h0_BxD, dlast_BxD,
-                  resets_BxT=None, *, block_d: int, tile_t: int = GATE_TILE_T,
-                  num_warps: int | None = None, interpret: bool = False):
-  """Returns (d fp, d ip in their dtypes, the lower bounds' gradient summed over each
-  batch row [B, D] float32, dh0 float32)."""
-  b, t, d = fp_BxTxD.shape
-  r = () if resets_BxT is None else (resets_BxT.astype(jnp.int32),)
-  seq, vec, chan, row = _gate_specs(t, block_d, bool(r))
-  return pl.pallas_call(
-      functools.partial(_gate_bwd_kernel, t=t, tile=min(tile_t, max(t - 1, 1)),
-                        resets=bool(r)),
-      grid=(b, d // block_d), in_specs=[seq, seq, seq, seq, chan, vec, vec, *row],
-      out_specs=[seq, seq, vec, vec],
-      out_shape=[jax.ShapeDtypeStruct((b, t, d), fp_BxTxD.dtype),
-                 jax.ShapeDtypeStruct((b, t, d), ip_BxTxD.dtype),
-                 jax.ShapeDtypeStruct((b, d), F32), jax.ShapeDtypeStruct((b, d), F32)],
-      compiler_params=_gate_params(block_d, num_warps),
-      interpret=interpret, name="mlgru_gate_scan_bwd",
-  )(fp_BxTxD, ip_BxTxD, h_BxTxD, dh_BxTxD, lb_D, h0_BxD, dlast_BxD, *r)
