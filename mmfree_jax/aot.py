@@ -345,20 +345,26 @@ class Report:
 
   @property
   def used(self) -> float:
-    """Per-device bytes: the compiled peak (or total), or what an OOM compile asked for."""
-    return max(self.total, self.memory["peak"]) if self.memory else self.needed
+    """Per-device bytes: on TPUs the compiler's peak (it fails with RESOURCE_EXHAUSTED where
+    the peak exceeds HBM; the total double-counts buffers that are never live together),
+    elsewhere the larger of peak and total; after an OOM, at least what XLA asked for."""
+    if not self.memory:
+      return self.needed
+    peak = self.memory["peak"]
+    return peak if self.platform == "tpu" and peak else max(self.total, peak)
 
 
 def _oom(msg: str, hbm_bytes: float) -> tuple[float, str]:
   """RESOURCE_EXHAUSTED text -> (bytes needed per device or 0, one line that says how much
-  was needed and what there is)."""
-  need = re.search(r"(?:temporaries|required)\D*\(?([\d.]+)\s*([GMK])", msg)
+  was needed, in all or of temporaries as XLA's message tells, and what there is)."""
+  total = re.search(r"Total hbm usage >= ([\d.]+)([GMK])", msg)
+  need = total or re.search(r"(?:temporaries|required)\D*\(?([\d.]+)\s*([GMK])", msg)
   have = re.search(r"available HBM \(([\d.]+)\s*([GMK])", msg) or re.search(r"of ([\d.]+)([GMK]) hbm", msg)
   unit = {"G": 1, "M": 1 / 1024, "K": 1 / 1024**2}
   if need and have:
     n, h = float(need.group(1)) * unit[need.group(2)], float(have.group(1)) * unit[have.group(2)]
-    return n * GIB, (f"the step needs {n:.2f} GiB of temporaries per device but the chip has "
-                     f"{h:.2f} GiB of HBM (XLA RESOURCE_EXHAUSTED)")
+    return n * GIB, (f"the step needs {n:.2f} GiB {'in all' if total else 'of temporaries'} per "
+                     f"device but the chip has {h:.2f} GiB of HBM (XLA RESOURCE_EXHAUSTED)")
   first = msg.strip().splitlines()[0] if msg.strip() else "RESOURCE_EXHAUSTED"
   return 0.0, f"{first[:300]} (chip HBM {hbm_bytes / GIB:.2f} GiB)"
 
@@ -488,7 +494,7 @@ def plan(slices: Sequence[str] = PLAN_SLICES) -> Iterator[str]:
                   f"{r.matmuls.int8_count}/{r.matmuls.count} int8 matmuls" if r.memory else "")
       step = r.matmuls.seconds(topo.chip) if r.memory else 0
       est = f"{step:.3g} | {step * config.train.steps / 3600:.3g}" if step else "- | -"
-      used = f"{r.used / GIB:.1f}" if r.memory else f">= {r.used / GIB:.1f}"  # OOM: temporaries
+      used = f"{r.used / GIB:.1f}" if r.memory else f">= {r.used / GIB:.1f}"
       yield (f"| {name} | {s} | {mesh} | {per_chip} | {used} / {topo.chip.hbm_gib:g} | "
              f"{'FITS' if r.fits else 'OOM'} | {compiled} | {est} |")
 

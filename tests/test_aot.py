@@ -185,6 +185,30 @@ def test_matmuls_of_hlo_text_count_loop_trips_int8_and_padded_convolutions():
   assert m.seconds(chip) == (loop + conv) / chip.peak_flops + int8 / chip.int8_peak
 
 
+def test_a_tpu_fit_is_the_compilers_peak():
+  """The TPU compiler fails where its peak exceeds HBM, so a compiled TPU program is
+  judged by that peak (the total counts buffers that are never live together); XLA:CPU
+  reports no peak, so a CPU estimate of a GPU target is judged by the total."""
+  mem = {"argument": 1 * aot.GIB, "output": 1 * aot.GIB, "alias": 1 * aot.GIB,
+         "temp": 35 * aot.GIB, "code": 0, "peak": 27 * aot.GIB}
+  tpu = aot.Report(fits=True, hbm_bytes=31.25 * aot.GIB, mesh={}, platform="tpu", memory=mem)
+  assert tpu.used == 27 * aot.GIB and tpu.total == 36 * aot.GIB
+  cpu = aot.Report(fits=True, hbm_bytes=0, mesh={}, platform="cpu", memory={**mem, "peak": 0})
+  assert cpu.used == 36 * aot.GIB
+  oom = aot.Report(fits=False, hbm_bytes=0, mesh={}, platform="tpu", needed=40 * aot.GIB)
+  assert oom.used == 40 * aot.GIB
+
+
+def test_tpu_oom_message_with_the_total_is_one_line():
+  msg = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. Ran out "
+         "of memory in memory space hbm. Used 31.25G of 31.25G hbm. Exceeded hbm capacity by "
+         "311.7K.\n\nTotal hbm usage >= 31.50G:\n    reserved        260.01M \n")
+  need, line = aot._oom(msg, 31.25 * aot.GIB)
+  assert need == 31.5 * aot.GIB
+  assert line == ("the step needs 31.50 GiB in all per device but the chip has 31.25 GiB of HBM "
+                  "(XLA RESOURCE_EXHAUSTED)")
+
+
 def test_compiled_matmuls_count_every_layer_of_the_loop():
   """XLA's cost analysis counts the layer loop's body once; `matmuls` counts it per layer:
   the scanned step's matmul FLOPs equal the unrolled step's, the most of the FLOPs XLA's
