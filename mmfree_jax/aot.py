@@ -133,7 +133,7 @@ def tpu_devices(topo: TpuTopology, num_slices: int = 1) -> list[Any]:
   try:
     import libtpu  # noqa: F401, PLC0415  # pytype: disable=import-error
   except ImportError:
-    raise ConfigError("TPU targets need libtpu on this host: pip install 'jax[tpu]==0.10.2' "
+    raise ConfigError("TPU targets need libtpu on this host: pip install -r requirements-tpu.txt "
                       "(or check a GPU target: --target=h200 --devices=8)") from None
   # libtpu on a non-TPU host: no metadata server, no lockfile, no TPU-worker warnings.
   for k, v in (("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"), ("TPU_SKIP_MDS_QUERY", "1"),

@@ -16,7 +16,7 @@ from mmfree_jax.train.optim import make_optimizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
-needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu absent: pip install 'jax[tpu]==0.10.2'")
+needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu absent: pip install -r requirements-tpu.txt")
 TINY = ["--config=experiments/tiny.py", "--config.model.preset=micro", "--config.model.d_model=32",
         "--config.data.seq_len=32", "--config.train.batch_size=8"]
 # 15B params on one device: does not fit any single chip.
