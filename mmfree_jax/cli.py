@@ -1,18 +1,42 @@
-"""Shared entry-point wrapper: bad input becomes one `error: ...` line and exit 1."""
+"""Entry points: the console scripts (`[project.scripts]` in pyproject.toml), the shared
+wrapper that turns bad input into one `error: ...` line, config-file imports, progress bars."""
 
 from __future__ import annotations
 
+import importlib
+import logging
+import os
 import sys
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 
 def run(main: Callable[[], int | None]):
-  """Runs `main()`; ValueError/OSError (bad config, data, checkpoint, flags) -> one line, exit 1."""
+  """Runs `main()`; ValueError/OSError (bad config, data, checkpoint, flags) and a damaged
+  .safetensors file -> one line, exit 1."""
+  from safetensors import SafetensorError  # noqa: PLC0415
+
   try:
     sys.exit(main())
   except (ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
+  except SafetensorError as e:
+    path = _safetensors_file(e) or "a .safetensors file"
+    print(f"error: {path} is damaged ({one_line(e)}); re-download or re-export the checkpoint",
+          file=sys.stderr)
+    sys.exit(1)
+
+
+def _safetensors_file(e: BaseException) -> str | None:
+  """The file a SafetensorError is about: the `filename` argument of the innermost
+  safetensors function in its traceback (the Rust error itself does not name it)."""
+  name, tb = None, e.__traceback__
+  while tb is not None:
+    frame = tb.tb_frame
+    if "safetensors" in frame.f_code.co_filename and "filename" in frame.f_locals:
+      name = str(frame.f_locals["filename"])
+    tb = tb.tb_next
+  return name
 
 
 def one_line(e: BaseException) -> str:
@@ -23,10 +47,32 @@ def one_line(e: BaseException) -> str:
   return " ".join(msg.split())
 
 
+def import_root(config_file: str) -> str:
+  """Puts the parent of a config file's directory on `sys.path` (so `experiments/tiny.py`'s
+  `from experiments import base` works wherever the checkout is); returns that directory."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(config_file)))
+  if root not in sys.path:
+    sys.path.insert(0, root)
+  return root
+
+
+def _config_files(argv: Sequence[str]) -> list[str]:
+  """The files named by `--config=FILE[:arg]` / `--config FILE` in `argv`."""
+  out = []
+  for i, a in enumerate(argv):
+    value = a.split("=", 1)[1] if a.startswith("--config=") else (
+        argv[i + 1] if a == "--config" and i + 1 < len(argv) else None)
+    if value and os.path.isfile(value.split(":")[0]):
+      out.append(value.split(":")[0])
+  return out
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl `flags_parser` for `app.run`: a bad flag or config override -> one line, exit 2."""
   from absl import flags  # noqa: PLC0415
 
+  for f in _config_files(argv):
+    import_root(f)
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # noqa: BLE001 - flags, config files and overrides all raise here
@@ -45,3 +91,66 @@ def load_config(holder):
     print(f"error: cannot load --config: {lines[-1] if lines else e}", file=sys.stderr)
     sys.exit(2)
   return config
+
+
+class _DropChatter(logging.Filter):
+  """tfds names its builder config at WARNING each time a dataset is opened (12 lines for
+  one sweep's --plan); it says nothing to act on."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Using custom data configuration")
+
+
+def quiet_output():
+  """For the trainer and the sweep: drop library chatter (`_DropChatter`), and off a terminal
+  make every tqdm bar (ours, tfds', the data builder's; child processes inherit it) redraw at
+  most once a minute (TQDM_MININTERVAL)."""
+  logging.getLogger("absl").addFilter(_DropChatter())
+  if not sys.stderr.isatty():
+    os.environ.setdefault("TQDM_MININTERVAL", "60")
+    os.environ.setdefault("TQDM_MAXINTERVAL", "60")  # tqdm's monitor would redraw after 10 s
+
+
+def progress_bar(**kw: Any):
+  """A tqdm bar on stderr that redraws at most every 5 s on a terminal and once a minute in a
+  log file (each redraw there is a new chunk of text, not an update in place)."""
+  import tqdm  # noqa: PLC0415
+
+  kw.setdefault("mininterval", 5.0 if sys.stderr.isatty() else 60.0)
+  kw.setdefault("maxinterval", max(kw["mininterval"], 10.0))  # the monitor thread's forced redraws
+  return tqdm.tqdm(dynamic_ncols=True, **kw)
+
+
+# Console scripts: `mmfree-<name> = mmfree_jax.cli:<name>` in pyproject.toml. Each runs the
+# `main` of the module that `python -m` runs: through absl's app.run (with `parse_flags`),
+# through `run` (one-line errors), or as sys.exit(main()).
+ENTRY_POINTS = {
+    "train": ("mmfree_jax.train.__main__", "absl"),
+    "sweep": ("mmfree_jax.sweep", "exit"),
+    "report": ("mmfree_jax.scaling.report", "exit"),
+    "convert": ("mmfree_jax.convert", "run"),
+    "generate": ("mmfree_jax.generate", "run"),
+    "evaluate": ("mmfree_jax.evaluation.__main__", "run"),
+    "aot": ("mmfree_jax.aot", "absl"),
+    "bench": ("mmfree_jax.bench.__main__", "absl"),
+}
+
+
+def _entry_point(name: str) -> Callable[[], None]:
+  module, how = ENTRY_POINTS[name]
+
+  def main():
+    fn = importlib.import_module(module).main
+    if how == "absl":
+      from absl import app  # noqa: PLC0415
+      app.run(fn, flags_parser=parse_flags)
+    elif how == "run":
+      run(fn)
+    else:
+      sys.exit(fn())
+
+  main.__doc__ = f"`mmfree-{name}`: `python -m {module.removesuffix('.__main__')}`."
+  return main
+
+
+train, sweep, report, convert, generate, evaluate, aot, bench = map(_entry_point, ENTRY_POINTS)

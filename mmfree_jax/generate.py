@@ -4,7 +4,9 @@
         [--prompt "..." | --prompts_file FILE] [--max_new_tokens 64] [--temperature 0.8] \
         [--top_k 50] [--top_p 0.95] [--seed 0] [--stream] [--tokenizer spm.model]
 
-Each prompt is encoded with bos prepended; generation stops per row at eos. Several
+--checkpoint takes a model directory or a run directory (its model/latest); the tokenizer is
+the one shipped beside the weights unless --tokenizer is given. Each prompt is encoded with
+bos prepended; generation stops per row at eos. Several
 prompts run as one batch. `--stream` prints tokens as they are produced (one prompt at a
 time). Errors print one line and exit 1.
 """
@@ -23,7 +25,7 @@ from mmfree_jax.interop import checkpoint
 def parse_args(argv=None) -> argparse.Namespace:
   ap = argparse.ArgumentParser(prog="python -m mmfree_jax.generate", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--checkpoint", required=True, help="model directory")
+  ap.add_argument("--checkpoint", required=True, help="model or run directory")
   ap.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
   ap.add_argument("--prompts_file", "--prompts-file", help="one prompt per line")
   ap.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=64)
@@ -32,7 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--top_p", "--top-p", type=float, default=1.0, help="1 = off")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--stream", action="store_true", help="print tokens as they come")
-  ap.add_argument("--tokenizer", default=None, help="SentencePiece .model (default Mistral v1)")
+  ap.add_argument("--tokenizer", default=None,
+                  help="SentencePiece .model (default: the model's, else Mistral v1)")
   ap.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                   help="compute dtype override")
   ap.add_argument("--no_bos", "--no-bos", action="store_true", help="do not prepend bos")
@@ -53,7 +56,7 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   prompts = _prompts(args)
   sampling = Sampling(args.temperature, args.top_k, args.top_p)
-  tok = load_tokenizer(args.tokenizer)
+  tok = load_tokenizer(args.tokenizer or checkpoint.tokenizer_file(args.checkpoint))
   cfg, params = checkpoint.load_model(args.checkpoint, dtype=args.dtype)
   if tok.vocab_size > cfg.vocab_size:
     raise SamplingError(f"tokenizer has {tok.vocab_size} ids but the model only "

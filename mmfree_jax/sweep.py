@@ -50,6 +50,8 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from mmfree_jax import cli
+
 POINT_FILE = "sweep_point.json"
 COLUMNS = ("name", "arch", "d_model", "n_layers", "d_ff", "seq_len", "batch_size", "steps",
            "peak_lr", "schedule", "params", "non_embedding_params", "flops_params", "tokens",
@@ -74,9 +76,7 @@ class Sweep:
 
 
 def _import_file(path: str):
-  root = os.path.dirname(os.path.dirname(path))  # so `from experiments import base` works
-  if root not in sys.path:
-    sys.path.insert(0, root)
+  cli.import_root(path)  # so `from experiments import base` works
   mod_name = "_sweep_" + os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(mod_name, path)
   mod = importlib.util.module_from_spec(spec)
@@ -303,7 +303,6 @@ def run_sweep(spec: str | Sweep, workdir: str, points: str | Sequence[str] | Non
 
   Raises SweepError if a point failed (after running the others).
   """
-  import tqdm  # noqa: PLC0415
   sw = spec if isinstance(spec, Sweep) else load_sweep(spec)
   sets = sets if isinstance(sets, dict) else parse_sets(sets)
   if jobs < 1 or (inprocess and jobs > 1):
@@ -311,29 +310,38 @@ def run_sweep(spec: str | Sweep, workdir: str, points: str | Sequence[str] | Non
   workdir = os.path.abspath(workdir)
   names = select(sw, points)
   configs = {n: point_config(sw, n, sets=sets) for n in names}
-  root = os.path.dirname(os.path.dirname(sw.file))
+  root = cli.import_root(sw.file)
   os.makedirs(workdir, exist_ok=True)
   env = _child_env(root, workdir, jobs, env, base_env)
   failed, fwd = [], _Forward()
-  todo = []
-  bar = tqdm.tqdm(total=len(names), unit="point", disable=not progress, dynamic_ncols=True)
-  for name in names:
-    if is_finished(os.path.join(workdir, name), configs[name]):
-      bar.write(f"{name}: finished, skipped")
-      bar.update(1)
-    else:
-      todo.append(name)
+  done = [n for n in names if is_finished(os.path.join(workdir, n), configs[n])]
+  todo = [n for n in names if n not in done]
+  # Progress in planned FLOPs, so that the one ETA (tqdm's) weighs points by their cost.
+  flops = {r["name"]: r["flops"] for r in plan(sw, names, sets, corpus_tokens=0.0)}
+  bar = cli.progress_bar(total=sum(flops.values()), initial=sum(flops[n] for n in done),
+                         disable=not progress,
+                         bar_format="{l_bar}{bar}| [{elapsed}<{remaining}]")
+
+  def show():
+    bar.set_description_str(f"{len(done)}/{len(names)} points" +
+                            (f", running {','.join(running)}" if running else ""), refresh=False)
+
+  for name in done:
+    bar.write(f"{name}: finished, skipped")
   # Each corpus is tokenized once, here, before points that share it start together.
   for c in {_corpus_key(configs[n]): configs[n] for n in todo}.values():
     bar.write(f"corpus {c.data.corpus}: preparing (once; later points reuse it)")
     _corpus_train_tokens(c, build=True)
   running: dict[str, tuple[subprocess.Popen | None, float]] = {}
+  show()
 
   def finish(name: str, rc: int, t0: float):
     pdir = os.path.join(workdir, name)
     rec = _record(pdir, add_wall_s=time.time() - t0,
                   runs=(_read_json(os.path.join(pdir, POINT_FILE)) or {}).get("runs", 0) + 1)
-    bar.update(1)
+    done.append(name)
+    show()
+    bar.update(flops[name])
     if fwd.stop:
       bar.write(f"{name}: stopped by SIGTERM (checkpointed); rerun to resume")
     elif rc != 0 or not is_finished(pdir, configs[name]):
@@ -360,7 +368,7 @@ def run_sweep(spec: str | Sweep, workdir: str, points: str | Sequence[str] | Non
         proc = _start(args, log, env, root)
         fwd.procs.add(proc)
         running[name] = (proc, t0)
-      bar.set_postfix_str(",".join(running))
+        show()
       for name, (proc, t0) in list(running.items()):
         if proc.poll() is not None:
           fwd.procs.discard(proc)
@@ -464,7 +472,8 @@ def write_results(workdir: str) -> list[dict[str, Any]]:
 
 def plan(sw: Sweep, names: Sequence[str], sets: dict[str, Any] | None = None,
          corpus_tokens: float | None = None, peak_flops: float = 989e12) -> list[dict[str, Any]]:
-  """Per point: sizes, tokens, FLOPs, tokens/param, epochs and planned single-H200 time."""
+  """Per point: sizes, tokens, FLOPs, tokens/param, epochs and planned single-H200 time.
+  `corpus_tokens`: the corpus' train-split tokens (None: read the prepared corpus; 0: unknown)."""
   from mmfree_jax.models import param_counts  # noqa: PLC0415
   from mmfree_jax.scaling import flops as flops_lib  # noqa: PLC0415
   from mmfree_jax.train import loop  # noqa: PLC0415
@@ -474,7 +483,7 @@ def plan(sw: Sweep, names: Sequence[str], sets: dict[str, Any] | None = None,
     cfg = loop.model_config(c).replace(attention_impl="xla")  # counting compiles no kernel
     counts = param_counts(cfg)
     tokens = float(c.train.steps * c.train.batch_size * c.data.seq_len)
-    ctok = corpus_tokens or _corpus_train_tokens(c, build=False)
+    ctok = corpus_tokens if corpus_tokens is not None else _corpus_train_tokens(c, build=False)
     rows.append({
         "name": n, "params": counts["total"], "non_embedding_params": counts["non_embedding"],
         "tokens": tokens, "flops": flops_lib.train_flops(cfg, c.data.seq_len, tokens),
@@ -536,6 +545,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = ap.parse_args(argv)
   # This process only plans and tabulates (unless --inprocess); it must not hold accelerator
   # memory that the point subprocesses need: it pins JAX to the CPU, they get the original env.
+  cli.quiet_output()
   child_base = dict(os.environ)
   if not args.inprocess:
     os.environ["JAX_PLATFORMS"] = "cpu"

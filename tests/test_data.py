@@ -231,6 +231,29 @@ def test_prepare_errors(tmp_path):
     pipeline.make_iterator(str(tmp_path), "train")
 
 
+BAD_FILES = {  # name: (content, what the error says after "<path>")
+    "empty.txt": (b"", ": no text"),
+    "blank.jsonl": (b'{"text": "  "}\n\n', ": no text"),
+    "binary.txt": (bytes(range(256)), ":1: NUL bytes: a binary file"),
+    "latin1.txt": ("one\n\ncaf\xe9\n".encode("latin-1"), ":3: not UTF-8 text \\(byte 0xe9\\)"),
+    "latin1.jsonl": ('{"text": "a"}\n{"text": "\xe9"}\n'.encode("latin-1"), ":2: not UTF-8"),
+    "field.jsonl": (b'{"text": "a"}\n{"body": "b"}\n', ":2: no 'text' field \\(got \\['body'\\]\\)"),
+    "number.jsonl": (b'{"text": 7}\n', ":1: field 'text' is not a string \\(int\\)"),
+    "torn.jsonl": (b'{"text": "a"}\n{"text": "b\n', ":2: not valid JSON \\(Unterminated string"),
+    "torn.txt.gz": (gzip.compress(b"some text " * 100)[:30], ": cannot decompress"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_bad_corpus_files_name_file_and_line(tmp_path, name):
+  content, match = BAD_FILES[name]
+  good = tmp_path / "good.txt"
+  good.write_text("\n\n".join(_docs(np.random.default_rng(0), 4, 5, 20)))
+  (tmp_path / name).write_bytes(content)
+  with pytest.raises(builder.CorpusError, match=f"{tmp_path / name}{match}"):
+    builder.prepare([good, tmp_path / name], tmp_path / "data", min_doc_chars=10)
+
+
 def test_shakespeare_corpus_and_stats(shakespeare_info):
   info = shakespeare_info
   assert len(info.metadata["files"]) == 42

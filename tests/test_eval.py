@@ -3,6 +3,7 @@ scoring, perplexity == exp(mean NLL), the lm-eval adapter core and the CLI."""
 
 import json
 import math
+import re
 import sys
 import types
 from types import SimpleNamespace
@@ -184,6 +185,52 @@ def test_cli_runs_tasks_and_perplexity(tmp_path, capsys):
   saved = json.loads((tmp_path / "r.json").read_text())
   assert saved["arc_easy"]["n"] == 3 and saved["winogrande"]["n"] == 2
   assert saved == json.loads(json.dumps(res))
+
+
+def test_log_samples_writes_each_documents_loglikelihoods(tmp_path, capsys):
+  path = _write(tmp_path, "arc_easy")
+  args = eval_cli.parse_args([
+      "--checkpoint", "unused", "--tasks", f"arc_easy={path}", "--batch_size", "4",
+      "--max_length", "64", "--output", str(tmp_path / "r.json"), "--log_samples"])
+  res = eval_cli.run(args, tokenizer=TOK, cfg=CFG, params=PARAMS)
+  assert "samples" not in res["arc_easy"]
+  lines = (tmp_path / "r_samples_arc_easy.jsonl").read_text().splitlines()
+  recs = [json.loads(l) for l in lines]
+  assert [r["doc"] for r in recs] == DOCS["arc_easy"]
+  docs = tasks.load_task("arc_easy", path)
+  for r, d in zip(recs, docs):
+    want = SCORER.loglikelihood([tasks.encode_pair(TOK, c, x) for c, x in
+                                 zip(d.contexts, d.continuations)])
+    np.testing.assert_allclose(r["loglikelihoods"], [ll for ll, _ in want], rtol=1e-6)
+    assert r["is_greedy"] == [g for _, g in want] and r["gold"] == d.gold
+    assert r["acc"] == float(int(np.argmax(r["loglikelihoods"])) == d.gold)
+  assert np.mean([r["acc"] for r in recs]) == res["arc_easy"]["acc"]
+  assert np.mean([r["acc_norm"] for r in recs]) == res["arc_easy"]["acc_norm"]
+  with pytest.raises(EvalError, match="--log_samples writes beside --output"):
+    eval_cli.run(eval_cli.parse_args(["--checkpoint", "x", "--tasks", f"arc_easy={path}",
+                                      "--log_samples"]), tokenizer=TOK, cfg=CFG, params=PARAMS)
+
+
+def _lm_eval_count_words(doc):
+  """lm-evaluation-harness 0.4's ConfigurableTask.count_words, verbatim."""
+  return len(re.split(r"\s+", doc))
+
+
+def test_word_counts_and_documents_aggregate_as_lm_eval(tmp_path):
+  docs = ["  First line.\nSecond  line\n\n", "héllo wörld, tab\tseparated\n"]
+  assert [perplexity.count_words(d) for d in docs] == [_lm_eval_count_words(d) for d in docs] \
+      == [6, 5]
+  path = tmp_path / "docs.jsonl"
+  path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+  res = perplexity.perplexity_of_file(SCORER, TOK, path)
+  parts = [perplexity.perplexity_of_text(SCORER, TOK, d) for d in docs]
+  assert res["docs"] == 2 and res["words"] == 11
+  for k in ("nll", "tokens", "bytes"):
+    assert res[k] == pytest.approx(sum(p[k] for p in parts), rel=1e-12), k
+  assert res["word_perplexity"] == pytest.approx(math.exp(res["nll"] / 11), rel=1e-12)
+  path.write_text('{"txt": "x"}\n')
+  with pytest.raises(EvalError, match="docs.jsonl:1 is not a JSON object with a 'text' string"):
+    perplexity.perplexity_of_file(SCORER, TOK, path)
 
 
 def test_bad_task_inputs_are_clear_errors(tmp_path):

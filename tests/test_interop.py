@@ -5,6 +5,10 @@ import os
 import subprocess
 import sys
 
+import dataclasses
+import functools
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -13,8 +17,10 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from mmfree_jax import convert
+from mmfree_jax.config import ModelConfig
+from mmfree_jax.data.tokenizer import default_model_path
 from mmfree_jax.interop import CheckpointError, checkpoint, hf, reference_numpy
-from mmfree_jax.models import LM
+from mmfree_jax.models import LM, init_params
 
 # intermediate_size given explicitly (not the 256-rule) so the config path is exercised.
 HF_CONFIG = {"model_type": "hgrn_bit", "architectures": ["HGRNBitForCausalLM"],
@@ -89,7 +95,8 @@ def test_cli_roundtrip_through_orbax_and_float32(tmp_path, capsys):
   assert checkpoint.detect_format(tmp_path / "ours") == "ours"
   assert convert.main([str(tmp_path / "ours"), str(tmp_path / "hf32"), "--to", "hf",
                        "--dtype", "float32"]) == 0
-  assert convert.main([str(tmp_path / "hf32"), str(tmp_path / "hf16"), "--to", "hf"]) == 0
+  assert convert.main([str(tmp_path / "hf32"), str(tmp_path / "hf16"), "--to", "hf",
+                       "--dtype", "bfloat16"]) == 0
   assert "wrote hf checkpoint" in capsys.readouterr().out
   f32 = hf.read_hf_tensors(tmp_path / "hf32")
   for k, v in TENSORS.items():
@@ -189,3 +196,77 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
   assert r.returncode == 1
   assert r.stderr.strip().startswith("error: checkpoint directory") and "Traceback" not in r.stderr
   assert len(r.stderr.strip().splitlines()) == 1
+
+
+# Every field off its default where hgrn_bit allows (arch, gate and lower_bound are its layout).
+EXACT = ModelConfig(arch="mmfree", vocab_size=300, d_model=32, n_layers=2, d_ff=64, head_dim=16,
+                    gate="code", lower_bound=True, norm_eps=1e-5, bitlinear_eps=1e-7,
+                    rope_theta=5000.0, dtype="float32", scan_impl="sequential", scan_chunk=4,
+                    bitlinear_impl="xla", remat="lean", unroll_layers=True,
+                    attention_impl="cudnn", init_std=0.03)
+
+
+@functools.lru_cache(maxsize=1)
+def _exact_params():
+  params = nn.unbox(init_params(EXACT, jax.random.key(0)))
+  params["lower_bounds"] = jax.random.normal(jax.random.key(1), params["lower_bounds"].shape)
+  return jax.device_get(params)
+
+
+def test_ours_to_hf_to_ours_keeps_every_config_field_and_the_logits_bitwise(tmp_path, capsys):
+  default = ModelConfig()
+  assert all(getattr(EXACT, f.name) != getattr(default, f.name)
+             for f in dataclasses.fields(ModelConfig)
+             if f.name not in ("arch", "gate", "lower_bound"))
+  params = _exact_params()
+  checkpoint.save_model(tmp_path / "ours", EXACT, params, {"step": 7}, default_model_path())
+  assert convert.main([str(tmp_path / "ours"), str(tmp_path / "hf")]) == 0  # float32 default
+  assert convert.main([str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+  assert "warning" not in capsys.readouterr().out
+  for f in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+    assert (tmp_path / "hf" / f).is_file(), f
+  tok_cfg = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+  assert (tok_cfg["bos_token"], tok_cfg["eos_token"], tok_cfg["add_bos_token"]) == ("<s>", "</s>", True)
+  cfg, back = checkpoint.load_model(tmp_path / "back")
+  assert cfg == EXACT
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(back), params)
+  run = jax.jit(lambda p, t: LM(EXACT).apply({"params": p}, t)[0])
+  np.testing.assert_array_equal(run(back, jnp.asarray(TOKENS)), run(params, jnp.asarray(TOKENS)))
+  assert checkpoint.tokenizer_file(tmp_path / "back") is not None
+  info = checkpoint.export_info(tmp_path / "back")
+  assert info == {"step": 7, "source": str(tmp_path / "hf")}
+
+
+def test_16bit_export_warns_when_it_flips_ternary_codes(tmp_path, capsys):
+  checkpoint.save_model(tmp_path / "ours", EXACT, _exact_params())
+  assert convert.main([str(tmp_path / "ours"), str(tmp_path / "hf"), "--dtype", "bfloat16"]) == 0
+  warn = [l for l in capsys.readouterr().out.splitlines() if l.startswith("warning:")]
+  assert len(warn) == 1 and "the bfloat16 export changes" in warn[0], warn
+  changed, total = hf.ternary_code_changes(EXACT, hf.params_to_hf(EXACT, _exact_params()),
+                                           "bfloat16")
+  assert 0 < changed < total and f"{changed:,} of {total:,} ternary weight codes" in warn[0]
+
+
+def test_trainer_exports_are_versioned_and_never_replaced(tmp_path):
+  wd = str(tmp_path / "run")
+  params = _exact_params()
+  other = jax.tree.map(lambda x: x + 1, params)
+  tok = default_model_path()
+  path, status = checkpoint.export_run(wd, EXACT, params, 4, tok)
+  assert (path, status) == (os.path.join(wd, "model", "step_4"), "written")
+  assert checkpoint.export_run(wd, EXACT, params, 4, tok)[1] == "unchanged"
+  digest = checkpoint.export_info(path)["params_sha256"]
+  assert checkpoint.export_run(wd, EXACT, other, 4, tok)[1] == "kept"
+  assert checkpoint.export_info(path)["params_sha256"] == digest  # not replaced
+  assert checkpoint.export_run(wd, EXACT, other, 8, tok)[1] == "written"
+  assert os.readlink(os.path.join(wd, "model", "latest")) == "step_8"
+  with open(os.path.join(wd, "config.json"), "w") as f:  # a run directory's training config
+    json.dump({"train": {"steps": 8}}, f)
+  for where in (wd, os.path.join(wd, "model")):  # a run directory, or its model/
+    _, got = checkpoint.load_model(where)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), other)
+    assert checkpoint.export_info(where) == {"step": 8, "run_dir": wd,
+                                             "params_sha256": checkpoint.params_sha256(other)}
+  _, first = checkpoint.load_model(path)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(first), params)
+  assert checkpoint.tokenizer_file(wd) == os.path.join(wd, "model", "step_8", "tokenizer.model")

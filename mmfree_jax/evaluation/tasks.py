@@ -124,10 +124,15 @@ def read_jsonl(path: str | os.PathLike, limit: int | None = None) -> list[dict[s
 
 def load_task(name: str, path: str | os.PathLike, limit: int | None = None) -> list[MCDoc]:
   """Documents of task `name` from a JSONL file."""
+  return parse_task(name, read_jsonl(path, limit), path)
+
+
+def parse_task(name: str, raw: Sequence[dict], path: str | os.PathLike) -> list[MCDoc]:
+  """Documents of task `name` from the JSON objects `raw` of file `path`."""
   if name not in TASKS:
     raise EvalError(f"unknown task {name!r}; use one of {sorted(TASKS)}")
   out = []
-  for n, doc in enumerate(read_jsonl(path, limit), 1):
+  for n, doc in enumerate(raw, 1):
     try:
       out.append(TASKS[name](doc))
     except (KeyError, TypeError, ValueError) as e:
@@ -150,6 +155,12 @@ def encode_pair(tokenizer, context: str, continuation: str, add_bos: bool = True
   return prefix + ctx, whole[len(ctx):]
 
 
+def _preds(doc: MCDoc, ll: np.ndarray, norm: str) -> tuple[int, int]:
+  """(argmax of log-likelihood, argmax of log-likelihood per choice length)."""
+  lens = np.array([len(c.encode()) if norm == "bytes" else len(c) for c in doc.choices], float)
+  return int(np.argmax(ll)), int(np.argmax(ll / lens))
+
+
 def score_docs(docs: Sequence[MCDoc], lls: Sequence[float],
                norm: str = "chars") -> dict[str, float]:
   """acc and acc_norm from per-choice log-likelihoods laid out doc by doc."""
@@ -157,23 +168,45 @@ def score_docs(docs: Sequence[MCDoc], lls: Sequence[float],
   k = 0
   for doc in docs:
     n = len(doc.continuations)
-    ll = np.asarray(lls[k:k + n], np.float64)
+    pred, pred_norm = _preds(doc, np.asarray(lls[k:k + n], np.float64), norm)
     k += n
-    lens = np.array([len(c.encode()) if norm == "bytes" else len(c) for c in doc.choices], float)
-    acc += int(np.argmax(ll) == doc.gold)
-    acc_norm += int(np.argmax(ll / lens) == doc.gold)
+    acc += int(pred == doc.gold)
+    acc_norm += int(pred_norm == doc.gold)
   return {"acc": acc / len(docs), "acc_norm": acc_norm / len(docs), "n": len(docs)}
 
 
+def samples(docs: Sequence[MCDoc], raw: Sequence[dict], results: Sequence[tuple[float, bool]],
+            norm: str = "chars") -> list[dict[str, Any]]:
+  """One record per document (lm-eval's --log_samples): the document, each choice's context,
+  continuation, log-likelihood and greedy flag, the predictions and whether they are right."""
+  out, k = [], 0
+  for i, (doc, src) in enumerate(zip(docs, raw)):
+    n = len(doc.continuations)
+    res = results[k:k + n]
+    k += n
+    pred, pred_norm = _preds(doc, np.asarray([ll for ll, _ in res], np.float64), norm)
+    out.append({"doc_id": i, "doc": src, "gold": doc.gold, "contexts": list(doc.contexts),
+                "continuations": list(doc.continuations),
+                "loglikelihoods": [ll for ll, _ in res], "is_greedy": [g for _, g in res],
+                "pred": pred, "pred_norm": pred_norm, "acc": float(pred == doc.gold),
+                "acc_norm": float(pred_norm == doc.gold)})
+  return out
+
+
 def evaluate(scorer: Scorer, tokenizer, name: str, path: str | os.PathLike,
-             limit: int | None = None, add_bos: bool = True) -> dict[str, float]:
-  """{"acc", "acc_norm", "n", "acc_stderr"} of one task file."""
-  docs = load_task(name, path, limit)
+             limit: int | None = None, add_bos: bool = True,
+             log_samples: bool = False) -> dict[str, Any]:
+  """{"acc", "acc_norm", "n", "acc_stderr"} of one task file, plus "samples" (see `samples`)
+  with `log_samples`."""
+  raw = read_jsonl(path, limit)
+  docs = parse_task(name, raw, path)
   if not docs:
     raise EvalError(f"task file {path!r} has no documents")
   reqs = [encode_pair(tokenizer, c, x, add_bos)
           for d in docs for c, x in zip(d.contexts, d.continuations)]
-  lls = [ll for ll, _ in scorer.loglikelihood(reqs)]
-  res = score_docs(docs, lls)
+  results = scorer.loglikelihood(reqs)
+  res: dict[str, Any] = score_docs(docs, [ll for ll, _ in results])
   res["acc_stderr"] = math.sqrt(res["acc"] * (1 - res["acc"]) / max(len(docs) - 1, 1))
+  if log_samples:
+    res["samples"] = samples(docs, raw, results)
   return res

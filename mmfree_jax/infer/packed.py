@@ -3,7 +3,9 @@
 Every BitLinear kernel [.., K, N] is ternarized ONCE from its latent weight (SPEC §1.1):
 codes `t + 1` in {0, 1, 2}, four per uint8 along K (`byte = c0 | c1<<2 | c2<<4 | c3<<6`
 for rows 4r..4r+3), plus one float32 absmean scale `g` per tensor (per layer for the
-stacked [L, K, N] kernels). Embeddings, norms and lower bounds stay float32.
+stacked [L, K, N] kernels). Norms and lower bounds stay float32; the embedding too, or
+bfloat16 with `embed_dtype="bfloat16"` (half the file of a small model; logits then move by the
+embedding's rounding).
 
 `forward` mirrors `models.LM` for arch="mmfree" but multiplies int8 activation codes by
 int8 ternary codes with int32 accumulation (`lax.dot_general(..., preferred_element_type=
@@ -26,6 +28,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
@@ -40,6 +43,7 @@ from mmfree_jax.models import segment_resets
 
 F32 = jnp.float32
 KERNEL_KEYS = ("codes", "scale")
+EMBED_DTYPES = ("float32", "bfloat16")
 
 
 def pack_codes(t_KxN: np.ndarray) -> np.ndarray:
@@ -69,15 +73,19 @@ def _is_kernel(path: tuple[str, ...]) -> bool:
   return path[-1] == "kernel"
 
 
-def pack_params(cfg: ModelConfig, params: Any) -> dict[str, Any]:
-  """Latent float params -> packed tree (NumPy). Kernels become {"codes", "scale"}."""
+def pack_params(cfg: ModelConfig, params: Any, embed_dtype: str = "float32") -> dict[str, Any]:
+  """Latent float params -> packed tree (NumPy). Kernels become {"codes", "scale"}; the
+  embedding is stored as `embed_dtype` (float32 | bfloat16)."""
+  if embed_dtype not in EMBED_DTYPES:
+    raise ValueError(f"embed_dtype={embed_dtype!r} is unsupported; use one of {EMBED_DTYPES}")
   if cfg.arch != "mmfree":
     raise ValueError(f"packing needs arch='mmfree' (got {cfg.arch!r}): only BitLinear "
                      "kernels are ternary")
   flat = {}
   for path, w in hf.flatten(params).items():
     if not _is_kernel(path):
-      flat[path] = np.asarray(w, np.float32)
+      dtype = ml_dtypes.bfloat16 if path == ("embed",) and embed_dtype == "bfloat16" else np.float32
+      flat[path] = np.asarray(w, np.float32).astype(dtype)
       continue
     _check_latent(path, np.asarray(w))
     codes = jax.vmap(weight_codes)(w) if np.ndim(w) == 3 else weight_codes(w)
@@ -168,30 +176,32 @@ def forward(cfg: ModelConfig, packed: Any, tokens_BxT: jax.Array,
 # ----------------------------------------------------------------------------- bytes & files
 
 
-def weight_bytes(cfg: ModelConfig, params: Any) -> dict[str, float]:
-  """Storage of the BitLinear kernels as bf16 latents vs 2-bit codes (+ f32 scales), and
-  of everything else (embeddings, norms, lower bounds) at bf16."""
-  kernel = other = packed_kernel = 0
-  for path, w in hf.flatten(params).items():
-    n = math.prod(np.shape(w))
-    if _is_kernel(path):
-      kernel += 2 * n
-      shape = np.shape(w)
-      layers = shape[0] if len(shape) == 3 else 1
-      packed_kernel += layers * math.ceil(shape[-2] / 4) * shape[-1] + 4 * layers
+def weight_bytes(params: Any, packed: Any) -> dict[str, float]:
+  """Bytes of the BitLinear kernels as bf16 latents (`params`) and as packed (2-bit codes +
+  float32 scales), and of everything else as `packed` stores it: the tensor bytes of
+  packed.safetensors (whose file adds a JSON header)."""
+  kernel = sum(2 * math.prod(np.shape(w)) for p, w in hf.flatten(params).items() if _is_kernel(p))
+  flat = hf.flatten(packed)
+  kernels = {p[:-1] for p in flat if p[-1] == "codes"}  # norms have a "scale" too
+  packed_kernel = other = 0
+  for path, v in flat.items():
+    if path[:-1] in kernels and path[-1] in KERNEL_KEYS:
+      packed_kernel += np.asarray(v).nbytes
     else:
-      other += 2 * n
-  del cfg
+      other += np.asarray(v).nbytes
   return {"kernel_bytes_bf16": kernel, "kernel_bytes_packed": packed_kernel,
-          "kernel_ratio": kernel / packed_kernel, "other_bytes_bf16": other,
-          "total_bytes_bf16": kernel + other, "total_bytes_packed": packed_kernel + other}
+          "kernel_ratio": kernel / packed_kernel, "other_bytes": other,
+          "total_bytes_packed": packed_kernel + other}
 
 
-def save_packed(path: str | os.PathLike, cfg: ModelConfig, packed: Any):
-  """Writes `<path>/config.json` + `<path>/packed.safetensors`."""
-  write_config(path, cfg)
+def save_packed(path: str | os.PathLike, cfg: ModelConfig, packed: Any,
+                export: dict[str, Any] | None = None, tokenizer: str | None = None):
+  """Writes `<path>/packed.safetensors`, then `checkpoint.write_config` (config.json with
+  `export` provenance, tokenizer.model)."""
+  os.makedirs(path, exist_ok=True)
   flat = {"/".join(p): np.ascontiguousarray(v) for p, v in hf.flatten(packed).items()}
   save_file(flat, os.path.join(path, PACKED_FILE), metadata={"format": "mmfree_jax_packed"})
+  write_config(path, cfg, export, tokenizer)
 
 
 def expected_packed_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -7,16 +7,26 @@ Tensors are 16-bit latent weights; PyTorch Linear weights are [out, in] and our 
 leading L axis (our layers are an `nn.scan`).
 
     cfg, params = load_hf("ridger_MMfreeLM-370M/", dtype="float32")
-    save_hf("out_dir/", cfg, params, dtype="bfloat16", max_shard_bytes=2**30)
+    save_hf("out_dir/", cfg, params, dtype="float32", max_shard_bytes=2**30,
+            tokenizer="tokenizer.model")
 
-Everything here is NumPy (no torch, no jax arrays needed).
+Lossless round trip: `config_to_hf` stores every ModelConfig field under the extra key
+"mmfree_jax_config" (HF keeps unknown keys), and `config_from_hf` restores them; float32
+tensors keep every bit. A 16-bit export rounds the latent weights, which can flip ternary
+codes: `save_hf` then warns (`TernaryCodesChanged`) with the count. The SentencePiece model
+goes beside the weights with HF's `tokenizer_config.json` / `special_tokens_map.json`.
+
+Tensors are NumPy throughout (no torch).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 from typing import Any, Iterator, Mapping
+import warnings
 
 import ml_dtypes
 import numpy as np
@@ -29,6 +39,13 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 MODEL_TYPE = "hgrn_bit"
 _DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32, "float16": np.float16}
+CONFIG_KEY = "mmfree_jax_config"   # every ModelConfig field
+EXPORT_KEY = "mmfree_jax_export"   # where the weights came from (step, run, params hash, source)
+TOKENIZER_FILE = "tokenizer.model"
+
+
+class TernaryCodesChanged(UserWarning):
+  """A 16-bit export flips ternary weight codes: its logits differ from the params'."""
 
 # (HF name inside a layer, our path under "layers", transposed?)
 _LAYER_MAP = (
@@ -73,6 +90,8 @@ def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> ModelConfig:
     if key not in hf:
       raise CheckpointError(f"config.json lacks {key!r}; it is not an hgrn_bit config")
   d = int(hf["hidden_size"])
+  if CONFIG_KEY in hf:
+    return _exact_config(hf, overrides)
   ffn = hf.get("intermediate_size")
   ffn = int(ffn) if ffn else glu_hidden(d, int(hf.get("hidden_ratio") or 4))
   kw: dict[str, Any] = dict(
@@ -85,6 +104,23 @@ def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> ModelConfig:
     return ModelConfig(**kw)
   except (ConfigError, TypeError) as e:
     raise CheckpointError(f"config.json gives an invalid model: {e}") from None
+
+
+def _exact_config(hf: Mapping[str, Any], overrides: Mapping[str, Any]) -> ModelConfig:
+  """The ModelConfig stored under CONFIG_KEY, checked against the HF keys it must agree with."""
+  kw = {**hf[CONFIG_KEY], **overrides}
+  try:
+    cfg = ModelConfig(**kw)
+  except (ConfigError, TypeError) as e:
+    raise CheckpointError(f"config.json's {CONFIG_KEY} is not a valid model: {e}") from None
+  want = config_to_hf(cfg)
+  diff = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
+                      "use_lower_bound", "rms_norm_eps") if k in hf and hf[k] != want[k]]
+  if diff:
+    raise CheckpointError(f"config.json's {CONFIG_KEY} disagrees with its {', '.join(diff)} "
+                          f"({', '.join(f'{k}={hf[k]!r}' for k in diff)}); fix or remove "
+                          f"{CONFIG_KEY}")
+  return cfg
 
 
 def config_to_hf(cfg: ModelConfig, torch_dtype: str = "bfloat16") -> dict[str, Any]:
@@ -104,6 +140,7 @@ def config_to_hf(cfg: ModelConfig, torch_dtype: str = "bfloat16") -> dict[str, A
       "pad_token_id": None, "bos_token_id": 1, "eos_token_id": 2,
       "tie_word_embeddings": False, "initializer_range": cfg.init_std,
       "fuse_cross_entropy": True, "torch_dtype": torch_dtype,
+      CONFIG_KEY: dataclasses.asdict(cfg),
   }
 
 
@@ -179,9 +216,8 @@ def params_from_hf(cfg: ModelConfig, tensors: Mapping[str, np.ndarray],
   return params
 
 
-def params_to_hf(cfg: ModelConfig, params: Mapping[str, Any],
-                 dtype: str = "bfloat16") -> dict[str, np.ndarray]:
-  """HF tensors (`dtype` = bfloat16 | float32 | float16) from our param tree."""
+def params_to_hf(cfg: ModelConfig, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """HF tensors (float32) from our param tree."""
   config_to_hf(cfg)  # arch / gate check
   flat = flatten(params)
   hf_shapes = expected_shapes(cfg)
@@ -191,12 +227,11 @@ def params_to_hf(cfg: ModelConfig, params: Mapping[str, Any],
     want["/".join(path)] = s if layer is None else (cfg.n_layers,) + s
   got = {"/".join(p): tuple(np.shape(v)) for p, v in flat.items()}
   check_names_and_shapes(got, want, "the param tree")
-  np_dtype = _np_dtype(dtype)
   out = {}
   for name, path, tr, layer in _entries(cfg):
     a = np.asarray(flat[path], np.float32)
     a = a if layer is None else a[layer]
-    out[name] = np.ascontiguousarray((a.T if tr else a).astype(np_dtype))
+    out[name] = np.ascontiguousarray(a.T if tr else a)
   return out
 
 
@@ -262,13 +297,65 @@ def load_hf(path: str | os.PathLike, **overrides: Any) -> tuple[ModelConfig, dic
   return cfg, params_from_hf(cfg, read_hf_tensors(path))
 
 
+def ternary_code_changes(cfg: ModelConfig, tensors: Mapping[str, np.ndarray],
+                         dtype: str) -> tuple[int, int]:
+  """(ternary codes that change, all codes) when the float32 BitLinear weights in HF
+  `tensors` are stored as `dtype` (codes as the model computes them, per tensor)."""
+  from mmfree_jax.layers.bitlinear import weight_codes  # noqa: PLC0415 - jax, only here
+
+  np_dtype, changed, total = _np_dtype(dtype), 0, 0
+  for name, _, transposed, _ in _entries(cfg):
+    if transposed:  # the BitLinear weights (projections and the head)
+      w = np.asarray(tensors[name], np.float32)
+      before = np.asarray(weight_codes(w)[0])
+      after = np.asarray(weight_codes(w.astype(np_dtype).astype(np.float32))[0])
+      changed += int(np.sum(before != after))
+      total += before.size
+  return changed, total
+
+
+def write_tokenizer(path: str | os.PathLike, spm_path: str):
+  """`tokenizer.model` (a copy of `spm_path`) + HF's tokenizer_config.json and
+  special_tokens_map.json (a LlamaTokenizer over it, bos prepended as in training)."""
+  from mmfree_jax.data.tokenizer import load_tokenizer  # noqa: PLC0415
+
+  tok = load_tokenizer(spm_path)
+  shutil.copyfile(spm_path, os.path.join(path, TOKENIZER_FILE))
+  special = {"bos_token": tok.sp.id_to_piece(tok.bos_id), "eos_token": tok.sp.id_to_piece(tok.eos_id),
+             "unk_token": tok.sp.id_to_piece(tok.sp.unk_id())}
+  with open(os.path.join(path, "special_tokens_map.json"), "w") as f:
+    json.dump(special, f, indent=2)
+  with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+    json.dump({"tokenizer_class": "LlamaTokenizer", **special, "pad_token": None,
+               "add_bos_token": True, "add_eos_token": False, "legacy": True,
+               "clean_up_tokenization_spaces": False, "sp_model_kwargs": {}}, f, indent=2)
+
+
 def save_hf(path: str | os.PathLike, cfg: ModelConfig, params: Mapping[str, Any],
-            dtype: str = "bfloat16", max_shard_bytes: int | None = None) -> list[str]:
-  """Writes config.json + safetensors (sharded above `max_shard_bytes`); returns file names."""
-  tensors = params_to_hf(cfg, params, dtype)
+            dtype: str = "float32", max_shard_bytes: int | None = None,
+            tokenizer: str | None = None, export: dict[str, Any] | None = None) -> list[str]:
+  """Writes config.json (+ `export` provenance) + safetensors (sharded above
+  `max_shard_bytes`) + the tokenizer files when `tokenizer` (a SentencePiece .model) is
+  given; returns the file names. Warns (TernaryCodesChanged) when `dtype` flips codes."""
+  tensors = params_to_hf(cfg, params)
+  if dtype != "float32":
+    changed, total = ternary_code_changes(cfg, tensors, dtype)
+    if changed:
+      warnings.warn(TernaryCodesChanged(
+          f"the {dtype} export changes {changed:,} of {total:,} ternary weight codes (and rounds "
+          "every other weight): its logits differ from these params'; a float32 export is "
+          "exact"), stacklevel=2)
+    tensors = {k: v.astype(_np_dtype(dtype)) for k, v in tensors.items()}
   os.makedirs(path, exist_ok=True)
+  hf_config = config_to_hf(cfg, dtype)
+  if export:
+    hf_config[EXPORT_KEY] = export
   with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump(config_to_hf(cfg, dtype), f, indent=2)
+    json.dump(hf_config, f, indent=2)
+  files = ["config.json"]
+  if tokenizer:
+    write_tokenizer(path, tokenizer)
+    files += [TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json"]
   shards: list[dict[str, np.ndarray]] = [{}]
   size = 0
   for name in sorted(tensors):
@@ -281,7 +368,7 @@ def save_hf(path: str | os.PathLike, cfg: ModelConfig, params: Mapping[str, Any]
   meta = {"format": "pt"}
   if len(shards) == 1:
     save_file(shards[0], os.path.join(path, SINGLE_FILE), metadata=meta)
-    return ["config.json", SINGLE_FILE]
+    return [*files, SINGLE_FILE]
   names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
   weight_map = {}
   for name, shard in zip(names, shards):
@@ -290,7 +377,7 @@ def save_hf(path: str | os.PathLike, cfg: ModelConfig, params: Mapping[str, Any]
   total = sum(t.nbytes for t in tensors.values())
   with open(os.path.join(path, INDEX_FILE), "w") as f:
     json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-  return ["config.json", INDEX_FILE, *names]
+  return [*files, INDEX_FILE, *names]
 
 
 # ----------------------------------------------------------------------------- trees

@@ -79,13 +79,20 @@ def load_official(path: str):
 
 
 def revision(path: str) -> str:
-  """The checkout's commit (git, or a REVISION file beside an exported tree)."""
+  """The checkout's commit: a REVISION file beside an exported tree, else git when `path` is
+  the top of its own repository (not a folder inside another one)."""
+  f = os.path.join(path, "REVISION")
+  if os.path.exists(f):
+    return open(f).read().strip()
+  def git(*args: str) -> str:
+    return subprocess.run(["git", "-C", path, *args], capture_output=True, text=True,
+                          check=True).stdout.strip()
   try:
-    return subprocess.run(["git", "-C", path, "rev-parse", "HEAD"], capture_output=True,
-                          text=True, check=True).stdout.strip()
+    if os.path.realpath(git("rev-parse", "--show-toplevel")) == os.path.realpath(path):
+      return git("rev-parse", "HEAD")
   except (OSError, subprocess.CalledProcessError):
-    f = os.path.join(path, "REVISION")
-    return open(f).read().strip() if os.path.exists(f) else "unknown"
+    pass
+  return "unknown"
 
 
 def environment(path: str) -> dict[str, Any]:
@@ -282,8 +289,10 @@ def train_ours(init_dir: str, rows: np.ndarray, order: np.ndarray, steps: int,
     return [float(v) for v in jax.device_get(losses)]
 
 
-def curves(official: str, out_dir: str, steps: int) -> dict[str, Any]:
-  """Trains every run of RUNS; writes `curves.json` (losses per step, summary, environment)."""
+def curves(official: str, out_dir: str, steps: int,
+           runs: Sequence[str] = tuple(RUNS)) -> dict[str, Any]:
+  """Trains `runs` (names in RUNS; "official" always); writes `curves.json` (losses per step,
+  summary, environment)."""
   import torch  # noqa: PLC0415
   mm = load_official(official)
   c = CURVES
@@ -296,7 +305,8 @@ def curves(official: str, out_dir: str, steps: int) -> dict[str, Any]:
   lrs = lr_values(steps)
   result: dict[str, Any] = {**environment(official), "setup": {**c, "steps": steps,
                             "corpus_rows": int(len(rows))}, "runs": {}, "seconds": {}}
-  for name, (init_seed, data_seed, impl, eps) in RUNS.items():
+  for name in dict.fromkeys(("official", *runs)):
+    init_seed, data_seed, impl, eps = RUNS[name]
     order = batch_order(len(rows), c["batch"], steps, data_seed)
     t0 = time.time()
     if impl == "official":
@@ -322,31 +332,39 @@ def summarize(runs: dict[str, Sequence[float]], last: int = 100) -> dict[str, fl
 
 
 def plot(out_dir: str) -> str:
-  """`curves.png` from `curves.json`: every run's loss, and each run minus the official one."""
+  """`curves.png` from `curves.json`: every run's loss, and each run minus the official one
+  (a 10-step running mean; the legend gives the mean |difference| over the last 100 steps)."""
   import matplotlib  # noqa: PLC0415
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
   with open(os.path.join(out_dir, "curves.json")) as f:
     res = json.load(f)
-  runs = res["runs"]
+  runs, summary = res["runs"], summarize(res["runs"])["mean_abs_dloss_last100"]
   ref = np.asarray(runs["official"])
-  fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2))
+  colors = dict(zip(runs, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+  fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.5))
   for name, v in runs.items():
-    ax.plot(np.arange(1, len(v) + 1), v, lw=1, label=name)
+    steps = np.arange(1, len(v) + 1)
+    ax.plot(steps, v, lw=1, color=colors[name], label=name)
     if name != "official":
-      bx.plot(np.arange(1, len(v) + 1), np.asarray(v) - ref, lw=0.8, label=name)
+      w = min(10, len(v))
+      diff = np.convolve(np.asarray(v) - ref, np.ones(w) / w, mode="valid")
+      bx.plot(steps[w - 1:], diff, lw=1, color=colors[name],
+              label=f"{name} (last 100: {summary[name]:.4f})")
   s = res["setup"]
   ax.set(xlabel="step", ylabel="training loss (nats/token)", yscale="log",
-         title=f"d={s['d']} L={s['n_layers']}, {s['batch']}x{s['seq_len']} tokens, "
-               f"peak LR {s['peak_lr']:g} ({res['device']})")
+         title=f"d={s['d']} L={s['n_layers']}, {s['batch']}x{s['seq_len']} tokens/step, "
+               f"peak LR {s['peak_lr']:g}, {res['device']}")
   bx.axhline(0, color="k", lw=0.5)
-  bx.set(xlabel="step", ylabel="loss - official loss", title="difference to the official run")
+  bx.set(xlabel="step", ylabel="loss - official loss (10-step mean)",
+         title="difference to the official run (mean |diff| over the last 100 steps)")
   for a in (ax, bx):
     a.legend(fontsize=8)
     a.grid(alpha=0.3)
   fig.tight_layout()
   path = os.path.join(out_dir, "curves.png")
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=110, metadata={"Software": None})
+  plt.close(fig)
   return path
 
 
@@ -357,13 +375,18 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--official", help="checkout of ridgerchu/matmulfreellm (fixtures, curves)")
   ap.add_argument("--out", required=True, help="output directory")
   ap.add_argument("--steps", type=int, default=CURVES["steps"], help="curves: training steps")
+  ap.add_argument("--runs", default=",".join(RUNS), help="curves: comma-separated runs of "
+                  f"{list(RUNS)} (official always)")
   args = ap.parse_args(argv)
+  runs = [r for r in args.runs.split(",") if r]
+  if unknown := sorted(set(runs) - set(RUNS)):
+    ap.error(f"--runs: unknown {unknown}; choose from {list(RUNS)}")
   if args.what != "plot" and not args.official:
     ap.error(f"{args.what} needs --official=<checkout of ridgerchu/matmulfreellm>")
   if args.what == "fixtures":
     fixtures(args.official, args.out)
   elif args.what == "curves":
-    res = curves(args.official, args.out, args.steps)
+    res = curves(args.official, args.out, args.steps, runs)
     print(json.dumps(res["summary"], indent=1))
   else:
     print(plot(args.out))

@@ -1,16 +1,18 @@
-"""Scaling-law fits in numpy: L(C), L(N, D), log-linear lines, crossovers, bootstrap.
+"""Scaling-law fits in numpy: L(C), L(N, D), compute-optimal allocation, crossovers, bootstrap.
 
+    L(C)    = a + slope * log10(C)                   `fit_loglinear(C, L)` (the paper's lines)
     L(C)    = E + A * C^-alpha                       `fit_power_law(C, L)`
     L(N, D) = E + A / N^alpha + B / D^beta           `fit_nd(N, D, L)`
-    L(C)    = a + slope * log10(C)                   `fit_loglinear(C, L)` (the paper's lines)
+    under C = 6 N D: N_opt = G (C/6)^(beta/(alpha+beta))   `NDLaw.optimal_n`, `.optimal_loss`
 
 Method (variable projection): for fixed exponents the model is linear in (E, A[, B]);
 those come from an exact non-negative least squares (E, A, B >= 0; every active set is
 tried), the exponents from a grid search refined around the best cell. Inputs are divided
 by their geometric mean for conditioning; reported coefficients are for raw C, N, D.
-Intervals: percentile bootstrap over points (resample with replacement, refit; resamples
-with fewer distinct x than the model has parameters are skipped).
-`analyze(rows)` does all of it for a results table of both arches, crossover included.
+Intervals: 95% percentile bootstrap over points (resample with replacement, refit; a
+resample the model cannot be fitted to counts as a failed draw).
+`analyze(rows)` does all of it for a results table of both arches: fits, the loss gap
+between the arches, compute-optimal N(C), crossovers.
 """
 
 from __future__ import annotations
@@ -25,27 +27,11 @@ import numpy as np
 ALPHA_GRID = np.linspace(0.002, 2.0, 400)
 ND_GRID = np.linspace(0.01, 1.5, 50)
 C_MAX = 1e27  # upper end of the "sensible" crossover range (beyond frontier training runs)
-
-
-def _nnls_small(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
-  """Exact NNLS for a few columns: best feasible least squares over all active sets."""
-  k = X.shape[1]
-  best, best_sse = np.zeros(k), float(np.sum(y ** 2))
-  for r in range(1, k + 1):
-    for cols in itertools.combinations(range(k), r):
-      sub = X[:, cols]
-      coef, *_ = np.linalg.lstsq(sub, y, rcond=None)
-      if np.all(coef >= 0):
-        sse = float(np.sum((sub @ coef - y) ** 2))
-        if sse < best_sse - 1e-15:
-          best = np.zeros(k)
-          best[list(cols)] = coef
-          best_sse = sse
-  return best, best_sse
+KINDS = ("loglinear", "power_law", "nd")  # the fits of one arch, in report order
 
 
 def _batched_nnls(X_GxNxK: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """`_nnls_small` for G design matrices at once: (coef [G, K], sse [G])."""
+  """Exact NNLS for G design matrices of a few columns: (coef [G, K], sse [G])."""
   g, _, k = X_GxNxK.shape
   best = np.zeros((g, k))
   best_sse = np.full(g, float(np.sum(y ** 2)))
@@ -68,6 +54,10 @@ def _geomean(x: np.ndarray) -> float:
   return float(np.exp(np.mean(np.log(x))))
 
 
+def _exp(log_x: float) -> float:
+  return math.exp(log_x) if log_x > -700 else 0.0
+
+
 @dataclasses.dataclass(frozen=True)
 class PowerLaw:
   """L(C) = E + A * C^-alpha (A for C in raw units: stored as log_A)."""
@@ -79,7 +69,7 @@ class PowerLaw:
 
   @property
   def A(self) -> float:
-    return math.exp(self.log_A) if self.log_A > -700 else 0.0
+    return _exp(self.log_A)
 
   def __call__(self, c) -> np.ndarray:
     c = np.asarray(c, np.float64)
@@ -99,16 +89,39 @@ class NDLaw:
 
   @property
   def A(self) -> float:
-    return math.exp(self.log_A)
+    return _exp(self.log_A)
 
   @property
   def B(self) -> float:
-    return math.exp(self.log_B)
+    return _exp(self.log_B)
+
+  @property
+  def has_optimum(self) -> bool:
+    """Both terms present: loss at fixed C = 6ND has a finite best N."""
+    return self.A > 0 and self.B > 0 and self.alpha > 0 and self.beta > 0
+
+  @property
+  def n_opt_exponent(self) -> float:
+    """a of N_opt ∝ C^a under C = 6ND: beta / (alpha + beta) (D_opt ∝ C^(1-a))."""
+    return self.beta / (self.alpha + self.beta) if self.has_optimum else math.nan
 
   def __call__(self, n, d) -> np.ndarray:
     n, d = np.asarray(n, np.float64), np.asarray(d, np.float64)
     return (self.E + np.exp(self.log_A - self.alpha * np.log(n))
             + np.exp(self.log_B - self.beta * np.log(d)))
+
+  def optimal_n(self, c) -> np.ndarray:
+    """N minimising L(N, C / 6N): alpha A N^-alpha = beta B D^-beta (nan without optimum)."""
+    c = np.asarray(c, np.float64)
+    if not self.has_optimum:
+      return np.full(c.shape, math.nan)
+    log_g = math.log(self.alpha / self.beta) + self.log_A - self.log_B
+    return np.exp((log_g + self.beta * np.log(c / 6.0)) / (self.alpha + self.beta))
+
+  def optimal_loss(self, c) -> np.ndarray:
+    """Loss of the compute-optimal model at C = 6ND."""
+    n = self.optimal_n(c)
+    return self(n, np.asarray(c, np.float64) / (6.0 * n))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,13 +174,13 @@ def fit_power_law(c: Sequence[float], loss: Sequence[float],
 def fit_nd(n: Sequence[float], d: Sequence[float], loss: Sequence[float],
            grid: np.ndarray = ND_GRID) -> NDLaw:
   """Least-squares L(N, D) = E + A/N^alpha + B/D^beta, E, A, B >= 0 (needs N and D to vary
-  independently: >= 5 points not on one line in (log N, log D))."""
+  independently: >= 5 distinct (N, D) points, not all on one line in (log N, log D))."""
   n, d, y = (np.asarray(v, np.float64) for v in (n, d, loss))
-  _check_xy(n, y, 2, "fit_nd")
-  _check_xy(d, y, 2, "fit_nd")
-  if not varies_both(n, d) or len(y) < 5:
-    raise ValueError("fit_nd: N and D must vary independently (>= 5 points, not all on one "
-                     "line in log N, log D); fit L(C) instead")
+  _check_xy(n, y, 1, "fit_nd")
+  _check_xy(d, y, 1, "fit_nd")
+  if not varies_both(n, d) or len(set(zip(n.tolist(), d.tolist()))) < 5:
+    raise ValueError("fit_nd: N and D must vary independently (>= 5 distinct points, not "
+                     "all on one line in log N, log D); fit L(C) instead")
   rn, rd = _geomean(n), _geomean(d)
   ln, ld = np.log(n / rn), np.log(d / rd)
 
@@ -189,7 +202,7 @@ def fit_nd(n: Sequence[float], d: Sequence[float], loss: Sequence[float],
   alpha, beta, (e, a, b), sse = best
   log_a = math.log(a) + alpha * math.log(rn) if a > 0 else -math.inf
   log_b = math.log(b) + beta * math.log(rd) if b > 0 else -math.inf
-  return NDLaw(float(e), log_a, float(alpha), log_b, float(beta), float(sse))
+  return NDLaw(float(e), float(log_a), float(alpha), float(log_b), float(beta), float(sse))
 
 
 def varies_both(n: Sequence[float], d: Sequence[float], tol: float = 1e-3) -> bool:
@@ -248,14 +261,28 @@ def loglinear_crossover(l1: LogLinear, l2: LogLinear, lo: float = 0.0,
   return c if lo <= c <= hi else None
 
 
-def bootstrap(fit: Callable[..., Any], *arrays: Sequence[float], n_boot: int = 200,
-              seed: int = 0, min_distinct: int = 3, keep_failed: bool = False) -> list[Any]:
-  """Fits of `n_boot` resamples (rows drawn with replacement) of the parallel `arrays`.
+def curve(kind: str, law) -> Callable:
+  """Loss as a function of compute for a fit of `kind` (L(N, D): the compute-optimal one)."""
+  if kind == "nd":
+    if not law.has_optimum:
+      raise ValueError("L(N, D) with a dropped term has no compute-optimal curve")
+    return law.optimal_loss
+  return law
 
-  Resamples with fewer than `min_distinct` distinct x are dropped, or kept as None with
-  `keep_failed` (then the i-th entry always belongs to the i-th draw: two tables of the same
-  length and seed get the same draws, i.e. a paired bootstrap).
-  """
+
+def kind_crossover(kind: str, law1, law2, lo: float, hi: float = C_MAX) -> float | None:
+  """Crossover compute of two fits of `kind` in [lo, hi] (None: they do not cross there)."""
+  if kind == "loglinear":
+    return loglinear_crossover(law1, law2, lo, hi)
+  return crossover(curve(kind, law1), curve(kind, law2), lo, hi)
+
+
+def bootstrap(fit: Callable[..., Any], *arrays: Sequence[float], n_boot: int = 200,
+              seed: int = 0, min_distinct: int = 3) -> list[Any]:
+  """Fits of `n_boot` resamples (rows drawn with replacement) of the parallel `arrays`; None
+  for a draw with fewer than `min_distinct` distinct x or that `fit` rejects. The i-th entry
+  always belongs to the i-th draw: two tables of the same length and seed get the same draws
+  (a paired bootstrap)."""
   arrays = [np.asarray(a, np.float64) for a in arrays]
   n = len(arrays[0])
   rng = np.random.default_rng(seed)
@@ -268,14 +295,14 @@ def bootstrap(fit: Callable[..., Any], *arrays: Sequence[float], n_boot: int = 2
         f = fit(*(a[idx] for a in arrays))
       except ValueError:
         f = None
-    if f is not None or keep_failed:
-      out.append(f)
+    out.append(f)
   return out
 
 
 def interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
-  """Percentile interval (inf values count: 'beyond the range')."""
+  """Percentile interval (inf values count: 'beyond the range'; nan values are dropped)."""
   v = np.asarray(values, np.float64)
+  v = v[~np.isnan(v)]
   if len(v) == 0:
     return (math.nan, math.nan)
   q = (1 - level) / 2  # order statistics, no interpolation (an inf stays inf)
@@ -288,21 +315,105 @@ def median(values: Sequence[float]) -> float:
   return float(np.quantile(v, 0.5, method="inverted_cdf")) if len(v) else math.nan
 
 
+def pairs(boots1: Sequence, boots2: Sequence, paired: bool, seed: int = 0) -> list[tuple]:
+  """Bootstrap refits of two arches taken together: the i-th with the i-th when `paired`
+  (same grid: both resample the same grid positions, so what the arches share does not
+  count as disagreement), else each with a seeded random draw of the other's."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for i, f1 in enumerate(boots1):
+    f2 = boots2[i if paired else int(rng.integers(0, len(boots2)))]
+    if f1 is not None and f2 is not None:
+      out.append((f1, f2))
+  return out
+
+
+# --- one arch's fits ----------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Fitted:
+  """A fit, its bootstrap refits (None: a draw that could not be fitted), the 95% intervals
+  of its parameters, and why it is unconstrained ("" when it is not)."""
+
+  law: Any
+  boots: list
+  ci: dict[str, tuple[float, float]]
+  unconstrained: str = ""
+
+
+# Parameters with intervals per kind: name -> value of a law.
+PARAMS: dict[str, dict[str, Callable]] = {
+    "loglinear": {"a": lambda f: f.a, "slope_per_decade": lambda f: f.slope},
+    "power_law": {"E": lambda f: f.E, "A": lambda f: f.A, "alpha": lambda f: f.alpha},
+    "nd": {"E": lambda f: f.E, "A": lambda f: f.A, "alpha": lambda f: f.alpha,
+           "B": lambda f: f.B, "beta": lambda f: f.beta,
+           "beta_minus_alpha": lambda f: f.beta - f.alpha,
+           "n_opt_exponent": lambda f: f.n_opt_exponent},
+}
+
+
+def _unconstrained(kind: str, law, exact: bool) -> str:
+  """Why a fit does not pin its parameters down ("" when it does)."""
+  why = ["as many distinct points as parameters: exact interpolation"] if exact else []
+  if kind == "power_law":
+    if not ALPHA_GRID[0] + 1e-9 < law.alpha < ALPHA_GRID[-1] - 1e-9:
+      why.append(f"alpha at its search bound ({law.alpha:g})")
+    if law.A == 0:
+      why.append("A = 0: a flat line")
+  if kind == "nd":
+    for name, v in (("alpha", law.alpha), ("beta", law.beta)):
+      if not ND_GRID[0] + 1e-9 < v < ND_GRID[-1] - 1e-9:
+        why.append(f"{name} at its search bound ({v:g})")
+    for name, v in (("A", law.A), ("B", law.B)):
+      if v == 0:
+        why.append(f"{name} = 0: its term dropped")
+  return "; ".join(why)
+
+
+def fit_arch(c: np.ndarray, n: np.ndarray, d: np.ndarray, y: np.ndarray, n_boot: int,
+             seed: int) -> tuple[dict[str, Fitted], dict[str, str]]:
+  """L(C) (line, power law) and L(N, D) fits of one arch with bootstrap intervals (none for
+  an exact interpolation), and the fits skipped with the reason ({kind: why})."""
+  fits, skipped = {}, {}
+  distinct_c = len(np.unique(c))
+  distinct_nd = len(set(zip(n.tolist(), d.tolist())))
+  # kind: (fit, its inputs, min distinct first input of a resample, parameters, distinct points)
+  specs = {"loglinear": (fit_loglinear, (c, y), 2, 2, distinct_c),
+           "power_law": (fit_power_law, (c, y), 3, 3, distinct_c),
+           "nd": (fit_nd, (n, d, y), 2, 5, distinct_nd)}
+  for i, (kind, (fn, arrays, need, n_params, distinct)) in enumerate(specs.items()):
+    try:
+      law = fn(*arrays)
+    except ValueError as e:
+      skipped[kind] = str(e).split(": ", 1)[-1]
+      continue
+    exact = distinct <= n_params
+    boots = ([None] * n_boot if exact else
+             bootstrap(fn, *arrays, n_boot=n_boot, seed=seed + i, min_distinct=need))
+    ci = {k: interval([g(b) for b in boots if b is not None]) for k, g in PARAMS[kind].items()}
+    fits[kind] = Fitted(law, boots, ci, _unconstrained(kind, law, exact))
+  return fits, skipped
+
+
 # --- results tables -----------------------------------------------------------------
 
 def scaling_points(rows: Sequence[dict], loss_key: str = "eval_loss") -> dict[str, list[dict]]:
-  """Rows of the compute axis per arch: at each arch's most common peak LR (an LR-axis
-  point at another LR is left out), finite loss, sorted by FLOPs."""
+  """Rows of the scaling grid per arch, finite loss, sorted by (non-embedding params, tokens):
+  those at the arch's grid LR, the peak LR used at the most model sizes, then for the most
+  points (an LR axis varies the LR at one size: its other LRs are left out)."""
   out: dict[str, list[dict]] = {}
   for arch in sorted({r["arch"] for r in rows}):
     rs = [r for r in rows if r["arch"] == arch and r.get(loss_key) is not None
           and math.isfinite(float(r[loss_key]))]
     if not rs:
       continue
-    lrs = [float(r["peak_lr"]) for r in rs]
-    mode = max(sorted(set(lrs)), key=lrs.count)
-    out[arch] = sorted([r for r in rs if float(r["peak_lr"]) == mode],
-                       key=lambda r: float(r["flops"]))
+    by_lr: dict[float, list[dict]] = {}
+    for r in rs:
+      by_lr.setdefault(float(r["peak_lr"]), []).append(r)
+    lr = max(sorted(by_lr), key=lambda k: (
+        len({(r["d_model"], r["n_layers"]) for r in by_lr[k]}), len(by_lr[k])))
+    out[arch] = sorted(by_lr[lr], key=lambda r: (float(r["non_embedding_params"]),
+                                                  float(r["tokens"])))
   return out
 
 
@@ -316,105 +427,139 @@ def lr_axis(rows: Sequence[dict]) -> dict[tuple, list[dict]]:
           if len({float(r["peak_lr"]) for r in v}) >= 2}
 
 
-def _summary_ci(fits: list, names: Sequence[str]) -> dict[str, tuple[float, float]]:
-  return {k: interval([getattr(f, k) for f in fits if f is not None]) for k in names}
+def nd_gap(law1: NDLaw, law2: NDLaw, draws: Sequence[tuple], n, d
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """L1(N, D) - L2(N, D) and its 95% interval over paired bootstrap refits `draws`."""
+  point = law1(n, d) - law2(n, d)
+  if not draws:
+    nan = np.full(np.shape(point), math.nan)
+    return point, nan, nan
+  g = np.array([f1(n, d) - f2(n, d) for f1, f2 in draws])
+  lo, hi = np.quantile(g, [0.025, 0.975], axis=0, method="inverted_cdf")
+  return point, lo, hi
 
 
 def analyze(rows: Sequence[dict], n_boot: int = 200, seed: int = 0, loss_key: str = "eval_loss",
-            c_range: tuple[float | None, float] = (None, C_MAX),
             archs: tuple[str, str] = ("mmfree", "transformer")) -> dict[str, Any]:
-  """Fits per arch (power law, log-linear, L(N, D) when possible) with bootstrap intervals,
-  and the crossover compute of `archs[0]` and `archs[1]` with its interval."""
+  """Per arch: L(C) line and power law (C = the `flops` column) and L(N, D) (N = non-embedding
+  params, D = tokens) with bootstrap intervals; between `archs`: the L(N, D) loss gap on a
+  3 x 3 (N, D) grid spanning the data, and the crossover compute of each kind of fit."""
   pts = scaling_points(rows, loss_key)
-  res: dict[str, Any] = {"archs": {}, "n_boot": n_boot, "loss_key": loss_key}
-  all_c = [float(r["flops"]) for v in pts.values() for r in v]
-  lo = c_range[0] or (min(all_c) if all_c else 1.0)
-  hi = c_range[1]
-  res["c_range"] = (lo, hi)
+  res: dict[str, Any] = {"archs": {}, "n_boot": n_boot, "seed": seed, "loss_key": loss_key}
   for arch, rs in pts.items():
-    c = np.array([float(r["flops"]) for r in rs])
-    y = np.array([float(r[loss_key]) for r in rs])
-    a: dict[str, Any] = {"n": len(rs), "flops": c.tolist(), "loss": y.tolist(),
-                         "names": [r["name"] for r in rs]}
-    if len(np.unique(c)) >= 2:
-      ll = fit_loglinear(c, y)
-      boots = bootstrap(fit_loglinear, c, y, n_boot=n_boot, seed=seed, min_distinct=2,
-                        keep_failed=True)
-      a["loglinear"] = ll
-      a["loglinear_boot"] = boots
-      a["loglinear_ci"] = _summary_ci(boots, ("a", "slope"))
-    if len(np.unique(c)) >= 3:
-      pl = fit_power_law(c, y)
-      notes = []
-      if len(np.unique(c)) == 3:  # every usable resample is the full set: no interval
-        boots = [None] * n_boot
-        notes.append("exact interpolation (3 points, 3 parameters): no residual degrees of "
-                     "freedom, no bootstrap interval")
-      else:
-        boots = bootstrap(fit_power_law, c, y, n_boot=n_boot, seed=seed + 1, keep_failed=True)
-      if pl.alpha >= ALPHA_GRID[-1] - 1e-9 or pl.alpha <= ALPHA_GRID[0] + 1e-9:
-        notes.append(f"alpha at its search bound ({pl.alpha:g}): the data do not constrain "
-                     "the power law")
-      a["power_law"] = pl
-      a["power_law_boot"] = boots
-      a["power_law_ci"] = _summary_ci(boots, ("E", "A", "alpha"))
-      a["power_law_note"] = "; ".join(notes)
-    n = np.array([float(r["non_embedding_params"]) for r in rs])
-    d = np.array([float(r["tokens"]) for r in rs])
-    if len(rs) >= 5 and varies_both(n, d):
-      a["nd"] = fit_nd(n, d, y)
-    else:
-      a["nd_note"] = "L(N, D) not fitted: N and D do not vary independently in this grid"
-    res["archs"][arch] = a
-  res["crossover"] = _crossover_report(res, archs, lo, hi, seed)
+    col = {k: np.array([float(r[k]) for r in rs])
+           for k in ("flops", "non_embedding_params", "tokens", loss_key)}
+    fits, skipped = fit_arch(col["flops"], col["non_embedding_params"], col["tokens"],
+                             col[loss_key], n_boot, seed)
+    res["archs"][arch] = {"n": len(rs), "names": [r["name"] for r in rs],
+                          "flops": col["flops"].tolist(), "loss": col[loss_key].tolist(),
+                          "N": col["non_embedding_params"].tolist(),
+                          "D": col["tokens"].tolist(), "fits": fits, "skipped": skipped}
+  _optimal(res)
+  res["gap"] = _gap(res, archs, seed)
+  res["crossover"] = _crossovers(res, archs, seed)
   return res
 
 
-def _crossover_report(res: dict, archs: tuple[str, str], lo: float, hi: float,
-                      seed: int) -> dict[str, Any]:
-  out: dict[str, Any] = {}
-  if not all(a in res["archs"] for a in archs):
-    return {"status": f"needs both {archs[0]} and {archs[1]} points"}
-  a1, a2 = (res["archs"][a] for a in archs)
-  rng = np.random.default_rng(seed + 2)
-  for kind, fn in (("power_law", lambda f1, f2: crossover(f1, f2, lo, hi)),
-                   ("loglinear", lambda f1, f2: loglinear_crossover(f1, f2, lo, hi))):
-    if kind not in a1 or kind not in a2:
+def _optimal(res: dict):
+  """Per arch with an L(N, D) optimum: N_opt and its tokens per parameter at the largest
+  C = 6ND of the grid, with intervals (`a["optimal"]`)."""
+  c = max((6 * n * d for a in res["archs"].values() for n, d in zip(a["N"], a["D"])),
+          default=None)
+  for a in res["archs"].values():
+    f = a["fits"].get("nd")
+    if f is None or not f.law.has_optimum:
       continue
-    point = fn(a1[kind], a2[kind])
-    b1, b2 = a1[f"{kind}_boot"], a2[f"{kind}_boot"]
-    # Same grid for both arches (same number of points): paired bootstrap, the i-th draw of
-    # one arch's points goes with the i-th of the other's (sizes resampled together, so a
-    # shared curvature does not count as disagreement). Otherwise independent pairs.
+    n = float(f.law.optimal_n(c))
+    n_b = [float(b.optimal_n(c)) for b in f.boots if b is not None]
+    a["optimal"] = {"C": c, "N": n, "N_ci": interval(n_b), "tokens_per_param": c / 6 / n ** 2,
+                    "tokens_per_param_ci": interval([c / 6 / x ** 2 for x in n_b])}
+
+
+def _both(res: dict, archs: tuple[str, str], kind: str) -> str:
+  """Why `kind` cannot compare the two arches ("" when it can)."""
+  for arch in archs:
+    if arch not in res["archs"]:
+      return f"no {arch} points"
+    a = res["archs"][arch]
+    if kind not in a["fits"]:
+      return f"{arch}: {a['skipped'][kind]}"
+  return ""
+
+
+def _gap(res: dict, archs: tuple[str, str], seed: int) -> dict[str, Any]:
+  why = _both(res, archs, "nd")
+  if why:
+    return {"skipped": why}
+  a1, a2 = (res["archs"][a] for a in archs)
+  n_all, d_all = a1["N"] + a2["N"], a1["D"] + a2["D"]
+  n_ref = np.geomspace(min(n_all), max(n_all), 3)
+  d_ref = np.geomspace(min(d_all), max(d_all), 3)
+  f1, f2 = a1["fits"]["nd"], a2["fits"]["nd"]
+  paired = a1["n"] == a2["n"]
+  draws = pairs(f1.boots, f2.boots, paired, seed + 10)
+  g, lo, hi = nd_gap(f1.law, f2.law, draws, n_ref[:, None], d_ref[None, :])
+  return {"N": n_ref.tolist(), "D": d_ref.tolist(), "gap": g.tolist(), "lo": lo.tolist(),
+          "hi": hi.tolist(), "paired": paired, "draws": draws,
+          "E_gap": f1.law.E - f2.law.E,
+          "E_gap_ci": interval([b1.E - b2.E for b1, b2 in draws])}
+
+
+def _crossovers(res: dict, archs: tuple[str, str], seed: int) -> dict[str, Any]:
+  out: dict[str, Any] = {}
+  for k, kind in enumerate(KINDS):
+    why = _both(res, archs, kind)
+    if why:
+      out[kind] = {"skipped": why}
+      continue
+    a1, a2 = (res["archs"][a] for a in archs)
+    f1, f2 = a1["fits"][kind], a2["fits"][kind]
+    if kind == "nd":  # C = 6 N D with N the non-embedding params
+      lo = min(6 * n * d for a in (a1, a2) for n, d in zip(a["N"], a["D"]))
+    else:
+      lo = min(a1["flops"] + a2["flops"])
+    try:
+      point = kind_crossover(kind, f1.law, f2.law, lo)
+    except ValueError as e:
+      out[kind] = {"skipped": str(e)}
+      continue
     paired = a1["n"] == a2["n"]
     cs = []
-    for i in range(len(b1)):
-      j = i if paired else int(rng.integers(0, len(b2)))
-      if b1[i] is None or b2[j] is None:
+    for b1, b2 in pairs(f1.boots, f2.boots, paired, seed + 20 + k):
+      try:
+        x = kind_crossover(kind, b1, b2, lo)
+      except ValueError:
         continue
-      x = fn(b1[i], b2[j])
       cs.append(math.inf if x is None else x)
-    frac = float(np.mean(np.isfinite(cs))) if cs else math.nan
-    mid = median(cs)
-    ci = interval(cs)
-    if point is None:
-      status = f"no crossover in [{lo:.2g}, {hi:.2g}] FLOPs"
-      if not cs:
-        status += " (no bootstrap: too few points)"
-      elif frac >= 0.05:
-        status += f" (though {100 * frac:.0f}% of bootstrap resamples cross: not excluded)"
-    elif not cs:
-      status = f"crossover at {point:.2g} FLOPs (no bootstrap: too few points)"
-    elif frac < 0.5:
-      status = (f"crossover at {point:.2g} FLOPs but not robust: only {100 * frac:.0f}% of "
-                "bootstrap resamples cross in range")
-    else:
-      status = f"crossover at {point:.2g} FLOPs"
-    if point is not None:
-      before = archs[1] if a1[kind](point / 10) > a2[kind](point / 10) else archs[0]
-      after = archs[0] if before == archs[1] else archs[1]
-      status += f" ({before} lower before, {after} lower after)"
-    out[kind] = {"C": point, "median": mid, "ci": ci, "frac_crossing": frac, "paired": paired,
-                 "loss_at_C": None if point is None else float(a1[kind](point)),
-                 "status": status}
+    unc = "; ".join(f"{a}: {f.unconstrained}" for a, f in zip(archs, (f1, f2))
+                    if f.unconstrained)
+    out[kind] = {"C": point, "median": median(cs), "ci": interval(cs),
+                 "frac_crossing": float(np.mean(np.isfinite(cs))) if cs else math.nan,
+                 "paired": paired, "range": (lo, C_MAX),
+                 "loss_at_C": None if point is None else float(curve(kind, f1.law)(point)),
+                 "status": _status(point, cs, lo, archs, f1.law, f2.law, kind),
+                 "unconstrained": unc}
   return out
+
+
+def _status(point: float | None, cs: list[float], lo: float, archs: tuple[str, str],
+            law1, law2, kind: str) -> str:
+  frac = float(np.mean(np.isfinite(cs))) if cs else math.nan
+  if point is None:
+    status = f"no crossover in [{lo:.2g}, {C_MAX:.2g}] FLOPs"
+    if not cs:
+      status += " (no bootstrap)"
+    elif frac >= 0.05:
+      status += f" (though {100 * frac:.0f}% of bootstrap resamples cross: not excluded)"
+    return status
+  if not cs:
+    status = f"crossover at {point:.2g} FLOPs (no bootstrap)"
+  elif frac < 0.5:
+    status = (f"crossover at {point:.2g} FLOPs but not robust: only {100 * frac:.0f}% of "
+              "bootstrap resamples cross in range")
+  else:
+    status = f"crossover at {point:.2g} FLOPs"
+  c1, c2 = curve(kind, law1), curve(kind, law2)
+  before = archs[1] if c1(point / 10) > c2(point / 10) else archs[0]
+  after = archs[0] if before == archs[1] else archs[1]
+  return status + f" ({before} lower before, {after} lower after)"

@@ -1,7 +1,7 @@
 """Reading sweep outputs: the results table, per-run metrics, trained params; the paper's
 published points (SPEC §4).
 
-    rows = load_results("runs/micro")            # results.csv -> list of dicts
+    rows = load_results(study_dir(ROOT))         # results.csv -> list of dicts
     curve = read_metrics("runs/micro/mmfree-d32-L2")
     cfg, params = load_point_params("runs/micro/mmfree-d32-L2")
 """
@@ -9,6 +9,7 @@ published points (SPEC §4).
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 from typing import Any
@@ -27,6 +28,8 @@ PAPER_SLOPE = {"mmfree": -0.35, "transformer": -0.27}
 PAPER_CROSSOVER_C = 6e22
 PAPER_CROSSOVER_LOSS = 1.7
 PAPER_LABEL = "paper (read off Fig. 3)"
+STUDY = os.path.join("results", "mini")  # the committed GPU study, relative to the repo root
+MICRO = os.path.join("runs", "micro")  # the CPU micro sweep's default workdir
 
 
 class ResultsError(ValueError):
@@ -63,17 +66,35 @@ def load_results(path: str) -> list[dict[str, Any]]:
   return rows
 
 
+def study_dir(root: str) -> str:
+  """Results a notebook reads: $MMFREE_RESULTS if set, else the committed study
+  (`<root>/results/mini`) when it holds results, else the micro sweep's `<root>/runs/micro`."""
+  if os.environ.get("MMFREE_RESULTS"):
+    return os.environ["MMFREE_RESULTS"]
+  study = os.path.join(str(root), STUDY)
+  return study if os.path.isfile(os.path.join(study, "results.csv")) else os.path.join(
+      str(root), MICRO)
+
+
+def corpus(workdir: str, rows: list[dict[str, Any]]) -> str | None:
+  """The training corpus of the sweep (`data.corpus` of its first point's config.json)."""
+  for r in rows:
+    path = os.path.join(workdir, r["name"], "config.json")
+    if os.path.isfile(path):
+      with open(path) as f:
+        return json.load(f).get("data", {}).get("corpus") or None
+  return None
+
+
 def read_metrics(point_dir: str) -> list[dict[str, Any]]:
-  """`metrics.jsonl` rows of one run; a resumed run's repeated steps keep the last row."""
+  """`metrics.jsonl` rows of one run; a resumed run's repeated steps keep the last row; a
+  line torn by a crash is skipped with a warning (`train.metrics.read_jsonl`)."""
+  from mmfree_jax.train.metrics import read_jsonl  # noqa: PLC0415
+
   path = os.path.join(point_dir, "metrics.jsonl")
   if not os.path.isfile(path):
     raise ResultsError(f"no metrics.jsonl in {point_dir}")
-  by_key: dict[tuple, dict] = {}
-  with open(path) as f:
-    for line in f:
-      if line.strip():
-        r = json.loads(line)
-        by_key[(r["step"], "loss" in r)] = r
+  by_key = {(r["step"], "loss" in r): r for r in read_jsonl(path) if "step" in r}
   return [by_key[k] for k in sorted(by_key)]
 
 
@@ -97,12 +118,18 @@ def load_point_params(point_dir: str, step: int | None = None):
 def paper_points() -> list[dict[str, Any]]:
   """The paper's published final losses with C = 6 N D (N: all params but the input
   embedding, our `flops.flops_params`; D: 15B / 100B tokens)."""
-  from mmfree_jax.config import preset  # noqa: PLC0415
-  from mmfree_jax.scaling.flops import flops_params  # noqa: PLC0415
   out = []
   for (arch, size), loss in PAPER_LOSS.items():
-    n = flops_params(preset(size, arch))
+    n = _flops_params(size, arch)
     out.append({"name": f"paper {arch} {size}", "arch": arch, "size": size, "flops_params": n,
                 "tokens": PAPER_TOKENS[size], "flops": 6.0 * n * PAPER_TOKENS[size],
                 "final_loss": loss})
   return out
+
+
+@functools.lru_cache(maxsize=None)
+def _flops_params(size: str, arch: str) -> int:
+  """N of 6ND for a paper preset (traced once per process: ~0.4 s each)."""
+  from mmfree_jax.config import preset  # noqa: PLC0415
+  from mmfree_jax.scaling.flops import flops_params  # noqa: PLC0415
+  return flops_params(preset(size, arch))

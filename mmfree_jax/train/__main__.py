@@ -1,12 +1,17 @@
 """`python -m mmfree_jax.train --config=experiments/tiny.py --workdir=runs/tiny`
 
 Trains (or resumes) as configured, evaluates on the held-out split, prints a sample
-and where the run's files are. Bad config/data -> one-line error, exit 2.
+and where the run's files are. Bad config/data/workdir -> one-line error, exit 2;
+training stopped on purpose (non-finite steps, a failed checkpoint save) -> one line,
+exit 1; SIGTERM at any point -> a line saying what is saved, exit 0.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging as std_logging
 import os
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -19,15 +24,55 @@ _CONFIG = config_flags.DEFINE_config_file("config", "experiments/tiny.py", "Expe
 _WORKDIR = flags.DEFINE_string("workdir", "runs/tiny", "Run directory (checkpoints, logs).")
 
 
+class _DropOrbaxErrors(std_logging.Filter):
+  """Orbax logs a failed background save from each of its threads, with tracebacks; the
+  trainer reports it in one line (`--verbosity` shows them again)."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return not (record.levelno >= std_logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+def _drop_closed_loop_noise(hook=sys.unraisablehook):
+  """After a failed checkpoint write, TensorStore's pending callbacks find Orbax's event loop
+  closed (or the interpreter exiting) and print one traceback each, over a hundred for one
+  full disk; those are dropped, any other unraisable exception is printed as usual."""
+
+  def unraisable(u):
+    msg = str(u.exc_value)
+    if not ("Event loop is closed" in msg or "Python is likely shutting down" in msg):
+      hook(u)
+
+  sys.unraisablehook = unraisable
+
+
+def _on_sigterm(what: str):
+  """Outside `loop.run` (which handles SIGTERM itself): say `what` is saved, exit 0."""
+
+  def handler(signum, frame):
+    del signum, frame
+    print(f"preempted (SIGTERM) {what}; rerun the same command to resume", flush=True)
+    sys.exit(0)
+
+  signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv):
   del argv
+  cli.quiet_output()
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    logging.get_absl_handler().addFilter(_DropOrbaxErrors())
+    _drop_closed_loop_noise()
+  _on_sigterm("while starting: nothing new was saved")
   # Imported after flag parsing: keeps --help fast.
   from mmfree_jax.data.tokenizer import load_tokenizer  # noqa: PLC0415
   from mmfree_jax.infer.generate import generate  # noqa: PLC0415
   from mmfree_jax.interop import checkpoint  # noqa: PLC0415
-  from mmfree_jax.train import loop  # noqa: PLC0415
+  from mmfree_jax import multihost  # noqa: PLC0415
+  from mmfree_jax.train import loop, metrics  # noqa: PLC0415
+  distributed = multihost.wants_distributed()
+  if distributed:  # jax.distributed's preemption notifier owns SIGTERM from here on
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
   workdir = os.path.abspath(_WORKDIR.value)
   config = cli.load_config(_CONFIG)
   try:
@@ -40,24 +85,29 @@ def main(argv):
     sys.exit(1)
   if out.get("preempted"):
     return
+  if not distributed:
+    _on_sigterm(f"while exporting the model: the final checkpoint (step {config.train.steps}) "
+                "is saved")
   s = out["summary"]
-  model_dir = os.path.join(workdir, "model")
-  checkpoint.save_model(model_dir, out["cfg"], out["state"].params)
+  tok = load_tokenizer(config.data.tokenizer or None)
+  model_dir, status = checkpoint.export_run(workdir, out["cfg"], out["state"].params,
+                                            int(out["state"].step), tok.path)
   n = config.train.sample_tokens
   if n > 0:
-    tok = load_tokenizer(config.data.tokenizer or None)
     prompt = "ROMEO:"
     gen = generate(out["cfg"], out["state"].params, [[tok.bos_id, *tok.encode(prompt)]], n,
                    eos_id=tok.eos_id)
     print(f"\nsample (greedy, {n} tokens) >>> {prompt}{tok.decode(gen.row(0))}\n")
-  print(f"final train loss {s['final_loss']:.4f} | held-out loss {s.get('eval_loss', float('nan')):.4f} "
-        f"(ppl {s.get('eval_ppl', float('nan')):.1f}) | unigram entropy {s['unigram_entropy']:.4f} nats")
+  print(metrics.final_report(s))
   print(f"run directory: {workdir}")
   print(f"  metrics:     {workdir}/metrics.jsonl, summary.json")
-  print(f"  tensorboard: tensorboard --logdir {workdir}/tb")
+  viewer = "" if importlib.util.find_spec("tensorboard") else "  (pip install tensorboard)"
+  print(f"  tensorboard: tensorboard --logdir {workdir}/tb{viewer}")
   print(f"  checkpoints: {workdir}/checkpoints")
-  print(f"  model:       {model_dir}  (python -m mmfree_jax.generate --checkpoint {model_dir} "
-        "--prompt 'ROMEO:')")
+  what = {"written": "model/latest", "unchanged": "model/latest, exported before",
+          "kept": "holds an export of other params, not replaced: remove it to re-export"}
+  print(f"  model:       {model_dir} ({what[status]})")
+  print(f"  generate:    python -m mmfree_jax.generate --checkpoint {workdir} --prompt 'ROMEO:'")
 
 
 if __name__ == "__main__":

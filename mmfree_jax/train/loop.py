@@ -5,7 +5,11 @@ Everything is importable: `run(config, workdir)` trains and returns a summary di
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import importlib.util
 import json
+import math
 import os
 import signal
 import time
@@ -17,29 +21,48 @@ import jax
 from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
-import tqdm
 
+from mmfree_jax import cli
 from mmfree_jax import multihost
 from mmfree_jax import sharding
 from mmfree_jax.config import ConfigError, ModelConfig, from_dict
 from mmfree_jax.data import builder as data_builder
 from mmfree_jax.data import pipeline
-from mmfree_jax.models import init_params, param_counts
+from mmfree_jax.models import param_counts
 from mmfree_jax.scaling import flops as flops_lib
 from mmfree_jax.train import checkpoint as ckpt
+from mmfree_jax.train import workdir as workdir_lib
 from mmfree_jax.train.metrics import MetricWriter, fmt_duration, read_jsonl
-from mmfree_jax.train.optim import SCHEDULES, make_optimizer
+from mmfree_jax.train import optim
 from mmfree_jax.train.step import init_state, make_eval_step, make_train_step
 
 
 class TrainingAborted(RuntimeError):
-  """Training stopped on purpose (e.g. a non-finite loss); the message says why."""
+  """Training stopped on purpose (non-finite steps, a failed checkpoint save); the message
+  says why."""
+
+
+class Preempted(BaseException):
+  """SIGTERM outside the step loop; the message says what is saved. A BaseException (like
+  KeyboardInterrupt): the `except Exception` around a restore must not take it for an
+  unreadable checkpoint."""
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
   d = config.model.to_dict()
   d["attention_impl"] = d.get("attention_impl") or None
   return from_dict(d)
+
+
+_TRAIN_MINIMA = (  # (key, smallest value, what it means)
+    ("log_every", 1, "log every N steps"),
+    ("eval_every", 0, "0 = only at the end"),
+    ("eval_batches", 1, "batches per held-out evaluation"),
+    ("checkpoint_every", 0, "0 = only at the end"),
+    ("keep_checkpoints", 1, "a rerun resumes from the newest"),
+    ("max_consecutive_skips", 1, "use train.on_nonfinite=abort to stop at the first"),
+    ("sample_tokens", 0, "0 = no sample"),
+)
 
 
 def validate(config: ml_collections.ConfigDict) -> ModelConfig:
@@ -56,12 +79,21 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
   if not str(config.data.corpus).strip():
     raise ConfigError("data.corpus is empty; set --config.data.corpus=shakespeare or to "
                       "comma-separated text/JSONL files")
+  if t.on_schedule_change not in optim.SCHEDULE_CHANGES:
+    raise ConfigError(f"train.on_schedule_change={t.on_schedule_change!r} is unknown; use one "
+                      f"of {optim.SCHEDULE_CHANGES}")
   if t.on_nonfinite not in ("abort", "skip"):
     raise ConfigError(f"train.on_nonfinite={t.on_nonfinite!r} is unknown; use abort or skip")
-  if o.schedule not in SCHEDULES:
-    raise ConfigError(f"optim.schedule={o.schedule!r} is unknown; use one of {SCHEDULES}")
+  for key, low, why in _TRAIN_MINIMA:
+    if t[key] < low:
+      raise ConfigError(f"train.{key}={t[key]} must be >= {low} ({why})")
+  if o.schedule not in optim.SCHEDULES:
+    raise ConfigError(f"optim.schedule={o.schedule!r} is unknown; use one of {optim.SCHEDULES}")
   if o.peak_lr <= 0:
     raise ConfigError(f"optim.peak_lr={o.peak_lr} must be positive")
+  if t.wandb_project and importlib.util.find_spec("wandb") is None:
+    raise ConfigError(f"train.wandb_project={t.wandb_project!r} needs wandb: pip install wandb "
+                      "(or set train.wandb_project='' to log to metrics.jsonl and TensorBoard only)")
   return cfg
 
 
@@ -84,7 +116,9 @@ def prepare_data(config: ml_collections.ConfigDict, cfg: ModelConfig):
     info = multihost.process0_first(lambda: data_builder.prepare(
         _sources(config.data.corpus), data_dir, config.data.tokenizer or None,
         text_field=config.data.text_field))
-  except (FileNotFoundError, OSError) as e:
+  except data_builder.CorpusError as e:
+    raise ConfigError(f"data.corpus: {e}") from None
+  except OSError as e:
     raise ConfigError(f"data: {e}") from None
   vocab = int((info.metadata or {}).get("vocab_size", 0))
   if vocab > cfg.vocab_size:
@@ -110,20 +144,34 @@ def _process_shard(config: ml_collections.ConfigDict) -> str:
 
 
 class _Preemption:
-  """SIGTERM -> save a checkpoint and exit 0 at the next step boundary.
+  """SIGTERM at any phase -> exit 0 with a line saying what is saved.
 
-  Several processes: jax.distributed's preemption notifier owns SIGTERM (no Python
-  handler, which would hide the signal from it) and all processes agree on the step.
+  In the step loop the handler only sets a flag and the loop saves a checkpoint at the
+  next step boundary; elsewhere (data, init, restore, the end) it raises Preempted at
+  once, whose message names the phase and the checkpoint on disk. Several processes:
+  jax.distributed's preemption notifier owns SIGTERM (a Python handler would hide the
+  signal from it) and all processes agree on the step, in the loop only.
   """
 
   def __init__(self):
     self.requested = False
+    self.in_loop = False
+    self.phase = "starting"
+    self.saved: int | None = None  # the newest checkpoint step on disk, once known
     self._multi = jax.process_count() > 1
     self._prev = None if self._multi else signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
+    first = not self.requested
     self.requested = True
+    if first and not self.in_loop:
+      raise Preempted(self.message())
+
+  def message(self) -> str:
+    saved = ("nothing new was saved" if self.saved is None
+             else f"checkpoint step {self.saved} is on disk")
+    return f"preempted (SIGTERM) while {self.phase}: {saved}; rerun the same command to resume"
 
   def should_stop(self, step: int) -> bool:
     if self._multi:
@@ -148,16 +196,195 @@ def evaluate(eval_fn, params, info, config, batch_sh, per_proc_batch: int) -> di
   return {"eval_loss": loss, "eval_ppl": float(np.exp(min(loss, 50.0))), "eval_tokens": n}
 
 
+def _layout(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The settings a checkpoint's data position and token count depend on (ckpt.LAYOUT_KEYS)."""
+  return {"train.batch_size": config.train.batch_size, "data.seq_len": config.data.seq_len,
+          "data.process_shard": _process_shard(config)}
+
+
+def _resumed_tokens(meta: dict[str, Any] | None, start: int, tok_step: float) -> float:
+  """Tokens consumed before `start` (a checkpoint without `meta`: start x tokens per step)."""
+  if meta is not None:
+    return float(meta["tokens_seen"])
+  if start:
+    print(f"note: checkpoint step {start} stores no token count (an older checkpoint); counting "
+          f"{start} steps x {tok_step:.0f} tokens", flush=True)
+  return start * tok_step
+
+
+def nonfinite_message(step: int, loss: float, grad_norm: float) -> str:
+  """Which of loss / gradient norm was non-finite at `step`."""
+  what = "loss" if not math.isfinite(loss) else "gradient norm"
+  return (f"non-finite {what} at step {step} (loss={loss}, grad_norm={grad_norm}); "
+          "the update was dropped")
+
+
+class _StepLog:
+  """Checks each step's metrics one step late (no device sync), logs them, counts tokens."""
+
+  def __init__(self, config, writer: MetricWriter, bar, tokens_seen: float, flops_tok: float,
+               peak_flops: float, lr_plan: dict[str, Any]):
+    self._config, self.t, self._lr_plan = config, config.train, lr_plan
+    self.tok_step = float(config.train.batch_size * config.data.seq_len)
+    self.tokens_seen = tokens_seen
+    self.skips_in_a_row = 0
+    self._writer, self._bar, self._flops_tok, self._peak = writer, bar, flops_tok, peak_flops
+    self._pending = None  # (step, metrics, fingerprint) of the newest step, fetched lazily
+    self._interval_t, self._interval_tok = time.time(), 0.0
+
+  def meta(self) -> dict[str, Any]:
+    """The checkpoint's `meta` item: tokens consumed so far, the layout that consumed them and
+    the LR plan (`optim.resume_plan`)."""
+    return {"tokens_seen": self.tokens_seen, "layout": _layout(self._config),
+            "lr_plan": self._lr_plan}
+
+  def push(self, step: int, metrics, fingerprint: int | None):
+    """Records a dispatched step; checks and logs the previous one (its metrics are ready)."""
+    self.drain()
+    self._pending = (step, metrics, fingerprint)
+
+  def drain(self):
+    """Checks and logs the step still in flight (before eval / checkpoint / exit)."""
+    if self._pending is not None:
+      pending, self._pending = self._pending, None
+      self._flush(*pending)
+
+  def _check_finite(self, step: int, m: dict[str, Any]):
+    if bool(m["finite"]):
+      self.skips_in_a_row = 0
+      return
+    self.skips_in_a_row += 1
+    msg = nonfinite_message(step, float(m["loss"]), float(m["grad_norm"]))
+    if self.t.on_nonfinite == "abort":
+      raise TrainingAborted(msg + "; no checkpoint was written after it. Lower "
+                            "optim.peak_lr or set train.on_nonfinite=skip")
+    bound = self.t.max_consecutive_skips
+    if self.skips_in_a_row > bound:
+      raise TrainingAborted(f"{self.skips_in_a_row} non-finite steps in a row (more than "
+                            f"train.max_consecutive_skips={bound}), the last: {msg}; checkpoints "
+                            "hold only finite parameters. Lower optim.peak_lr or raise the bound")
+    logging.warning("%s (train.on_nonfinite=skip; %d in a row)", msg, self.skips_in_a_row)
+
+  def _flush(self, step: int, m, fp: int | None):
+    m = jax.device_get(m)
+    self._check_finite(step, m)
+    self.tokens_seen += self.tok_step
+    self._interval_tok += self.tok_step
+    if step % self.t.log_every and step != self.t.steps:
+      return
+    now = time.time()
+    tps = self._interval_tok / max(now - self._interval_t, 1e-9)
+    self._interval_t, self._interval_tok = now, 0.0
+    row = {"loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
+           "tokens_per_s": tps, "tokens_seen": self.tokens_seen,
+           "flops": self._flops_tok * self.tokens_seen, "data_fingerprint": fp}
+    if self._peak:
+      row["mfu"] = self._flops_tok * tps / self._peak
+    self._writer.write(step, row)
+    eta = (self.t.steps - step) * self.tok_step / max(tps, 1e-9)
+    self._bar.set_postfix_str(
+        f"loss {row['loss']:.3f} | {tps:,.0f} tok/s | eta {fmt_duration(eta)}", refresh=False)
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: str):
+  """Process 0 holds the workdir's lock for the run; every process stops if it could not."""
+  with contextlib.ExitStack() as stack:
+    error = None
+    if jax.process_index() == 0:
+      try:
+        stack.enter_context(workdir_lib.locked(workdir))
+      except ConfigError as e:
+        error = e
+    failed = np.int32(error is not None)
+    if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(failed):
+      error = error or ConfigError(f"process 0 could not lock workdir {workdir}; its log says why")
+    if error is not None:
+      raise error
+    yield
+
+
+# The workdir's storage failed (full, quota, remounted read-only, I/O error): one line, not a bug.
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[str, Any]:
   """Trains as configured; resumes from `<workdir>/checkpoints` if present.
 
-  `devices` (default: all) are arranged into the configured mesh.
+  `devices` (default: all) are arranged into the configured mesh. Returns
+  {"state", "summary", "cfg"}, or {"preempted": True, "step": newest checkpoint step or
+  None} after a SIGTERM (a line on stdout says what is saved). Raises ConfigError (bad
+  input; nothing in the workdir changed) or TrainingAborted (non-finite steps, a failed
+  checkpoint save, a full disk).
   """
   cfg = validate(config)
   multihost.initialize()  # jax.distributed when launched as one of several processes
-  t_cfg = config.train
   mesh = multihost.make_mesh(config.mesh.to_dict(), devices)
-  sharding.check_divisible(cfg, mesh, t_cfg.batch_size)
+  sharding.check_divisible(cfg, mesh, config.train.batch_size)
+  preempt = _Preemption()
+  try:
+    with _workdir_lock(workdir):
+      return _train(config, cfg, mesh, workdir, preempt)
+  except Preempted as e:
+    print(e, flush=True)
+    return {"preempted": True, "step": preempt.saved}
+  except OSError as e:
+    if e.errno not in _STORAGE_ERRNOS:
+      raise
+    steps = ckpt.saved_steps(workdir)
+    newest = f"the newest checkpoint is step {steps[-1]}" if steps else "no checkpoint was saved"
+    raise TrainingAborted(f"cannot write {e.filename or workdir} ({e.strerror}); training "
+                          f"stopped; {newest}; fix the cause and rerun the same command") from None
+  finally:
+    preempt.restore()
+
+
+def _restore(ckpts: ckpt.Checkpoints, state, train_it, config: ml_collections.ConfigDict,
+             cfg: ModelConfig, workdir: str, preempt: _Preemption
+             ) -> tuple[Any, float, dict[str, Any]]:
+  """The newest usable checkpoint -> (state, tokens seen, LR plan); then, and only then (a
+  refused resume leaves the run's files as they were), the run's config files."""
+  state, restored, meta = ckpt.restore_latest(ckpts.mngr, state, train_it, workdir,
+                                              _layout(config))
+  preempt.saved = restored
+  plan, note = optim.resume_plan(config, (meta or {}).get("lr_plan"), int(state.step))
+  if restored is not None:
+    print(f"resumed from checkpoint step {restored} in {workdir}/checkpoints", flush=True)
+  if note and jax.process_index() == 0:
+    print(note, flush=True)
+  tokens_seen = _resumed_tokens(meta, int(state.step),
+                                float(config.train.batch_size * config.data.seq_len))
+  if jax.process_index() == 0:
+    ckpts.remove_unfinished()
+    workdir_lib.write_json(os.path.join(workdir, "config.json"),
+                           json.loads(config.to_json_best_effort()))
+    workdir_lib.write_json(os.path.join(workdir, "model_config.json"), cfg.__dict__)
+  return state, tokens_seen, plan
+
+
+def _summary(workdir: str, steps: int, state, last_eval: dict[str, float], stats: dict[str, Any],
+             counts: dict[str, int], tokens_seen: float, flops_tok: float) -> dict[str, Any]:
+  """summary.json's contents (written by process 0); final_loss is metrics.jsonl's last loss."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  rows = [r for r in read_jsonl(path) if "loss" in r] if os.path.exists(path) else []
+  summary = {
+      "steps": steps, "final_loss": rows[-1]["loss"] if rows else None, **last_eval,
+      "unigram_entropy": stats.get("unigram_entropy"),
+      "unigram_xent_validation": stats.get("unigram_xent_validation"),
+      "tokens_seen": tokens_seen, "flops": flops_tok * tokens_seen,
+      "params": counts["total"], "non_embedding_params": counts["non_embedding"],
+      "skipped_steps": int(state.skipped),
+  }
+  if jax.process_index() == 0:
+    workdir_lib.write_json(os.path.join(workdir, "summary.json"), summary)
+  return summary
+
+
+def _train(config: ml_collections.ConfigDict, cfg: ModelConfig, mesh, workdir: str,
+           preempt: _Preemption) -> dict[str, Any]:
+  """`run` once the workdir is locked."""
+  t_cfg = config.train
+  preempt.phase = "preparing data"
   info = prepare_data(config, cfg)
   stats = data_builder.corpus_stats(info)
   pcount, pindex = jax.process_count(), jax.process_index()
@@ -167,139 +394,89 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[s
       process_index=pindex, process_count=pcount, worker_count=config.data.worker_count,
       process_shard=_process_shard(config))
 
-  os.makedirs(workdir, exist_ok=True)
-  if pindex == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-    with open(os.path.join(workdir, "model_config.json"), "w") as f:
-      json.dump(cfg.__dict__, f, indent=2)
-
   total = t_cfg.steps
-  tx, sched = make_optimizer(config, total)
+  tx, _ = optim.make_optimizer(config, total)  # the state's structure; the LR plan comes later
   counts = param_counts(cfg)
   flops_tok = flops_lib.train_flops_per_token(cfg, config.data.seq_len)
   peak = flops_lib.device_peak_flops(jax.devices()[0].device_kind)
-  n_dev = mesh.size
-  tok_step = float(t_cfg.batch_size * config.data.seq_len)
   batch_sh = sharding.batch_sharding(mesh)
 
   with jax.set_mesh(mesh):
+    preempt.phase = "initializing the model"
     state = init_state(cfg, tx, mesh, t_cfg.seed)
     state_sh = jax.tree.map(lambda x: x.sharding, state)
-    mngr = ckpt.make_manager(workdir, t_cfg.keep_checkpoints)
-    state, restored = ckpt.restore_latest(mngr, state, train_it, workdir)
-    start = int(state.step)
-    if restored is not None:
-      print(f"resumed from checkpoint step {restored} in {workdir}/checkpoints", flush=True)
-
-    step_fn = jax.jit(make_train_step(cfg, tx, t_cfg.grad_accum, sched),
-                      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
-                      donate_argnums=0)
-    eval_fn = jax.jit(make_eval_step(cfg), in_shardings=(state_sh.params, batch_sh))
-    writer = MetricWriter(workdir)
-    preempt = _Preemption()
-    prof = [int(s) for s in str(t_cfg.profile_steps).split(",") if s.strip()] or None
-    if pindex == 0:
-      print(f"{cfg.arch} d={cfg.d_model} L={cfg.n_layers}: {counts['total']:,} params "
-            f"({counts['non_embedding']:,} non-embedding); mesh {dict(mesh.shape)}; "
-            f"{t_cfg.batch_size}x{config.data.seq_len} tokens/step; steps {start}->{total}",
-            flush=True)
-
-    pending = None  # (step, metrics, fingerprint) of the previous step, fetched lazily
-    interval_t, interval_tok = time.time(), 0.0
-    tokens_seen = start * tok_step
-    bar = tqdm.tqdm(total=total, initial=start, disable=pindex != 0, unit="step",
-                    dynamic_ncols=True, mininterval=5.0)
-    last_eval: dict[str, float] = {}
-
-    def flush(p):
-      nonlocal interval_t, interval_tok, tokens_seen
-      step, m, fp = p
-      m = jax.device_get(m)
-      if not bool(m["finite"]):
-        msg = (f"non-finite loss at step {step} (loss={float(m['loss'])}, "
-               f"grad_norm={float(m['grad_norm'])}); the update was dropped")
-        if t_cfg.on_nonfinite == "abort":
-          raise TrainingAborted(msg + "; no checkpoint was written after it. Lower "
-                                "optim.peak_lr or set train.on_nonfinite=skip")
-        logging.warning("%s (train.on_nonfinite=skip)", msg)
-      tokens_seen += tok_step
-      interval_tok += tok_step
-      if step % t_cfg.log_every == 0 or step == total:
-        now = time.time()
-        tps = interval_tok / max(now - interval_t, 1e-9)
-        interval_t, interval_tok = now, 0.0
-        row = {"loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
-               "tokens_per_s": tps, "tokens_seen": tokens_seen,
-               "flops": flops_tok * tokens_seen, "data_fingerprint": fp}
-        if peak:
-          row["mfu"] = flops_tok * tps / (peak * n_dev)
-        writer.write(step, row)
-        eta = (total - step) * tok_step / max(tps, 1e-9)
-        bar.set_postfix_str(f"loss {row['loss']:.3f} | {tps:,.0f} tok/s | eta {fmt_duration(eta)}",
-                            refresh=False)
-
-    def drain():
-      """Checks (and logs) the step still in flight before eval / checkpoint / exit."""
-      nonlocal pending
-      if pending is not None:
-        flush(pending)
-        pending = None
-
+    preempt.phase = "restoring the newest checkpoint"
+    ckpts = ckpt.Checkpoints(workdir, t_cfg.keep_checkpoints)
     try:
-      for step in range(start + 1, total + 1):
-        if prof and step == prof[0] and pindex == 0:
-          jax.profiler.start_trace(os.path.join(workdir, "profile"))
-        batch = next(train_it)
-        fp = _fingerprint(batch) if step % t_cfg.log_every == 0 or step == total else None
-        state, metrics = step_fn(state, _global_batch(batch, batch_sh))
-        drain()  # the previous step: its metrics are ready by now
-        pending = (step, metrics, fp)
-        bar.update(1)
-        if prof and step == prof[-1] and pindex == 0:
-          jax.block_until_ready(state)
-          jax.profiler.stop_trace()
-        last = step == total
-        if (t_cfg.eval_every and step % t_cfg.eval_every == 0) or last:
-          drain()
-          last_eval = evaluate(eval_fn, state.params, info, config, batch_sh, per_proc_batch)
-          writer.write(step, last_eval)
-          bar.write(f"step {step}: held-out loss {last_eval['eval_loss']:.4f} "
-                    f"(ppl {last_eval['eval_ppl']:.1f}; unigram entropy "
-                    f"{stats.get('unigram_entropy', float('nan')):.3f})")
-        if (t_cfg.checkpoint_every and step % t_cfg.checkpoint_every == 0) or last:
-          drain()  # never checkpoint a state whose last step is unchecked
-          ckpt.save(mngr, step, state, train_it)
-        if preempt.should_stop(step) and not last:
-          drain()
-          ckpt.save(mngr, step, state, train_it, force=True)
-          mngr.wait_until_finished()
-          bar.close()
-          print(f"preempted (SIGTERM): checkpoint saved at step {step}; rerun the same "
-                "command to resume", flush=True)
-          return {"preempted": True, "step": step}
-      drain()
+      state, tokens_seen, plan = _restore(ckpts, state, train_it, config, cfg, workdir, preempt)
+      start = int(state.step)
+      tx, sched = optim.plan_optimizer(config, plan)
+      step_fn = jax.jit(make_train_step(cfg, tx, t_cfg.grad_accum, sched),
+                        in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
+                        donate_argnums=0)
+      eval_fn = jax.jit(make_eval_step(cfg), in_shardings=(state_sh.params, batch_sh))
+      writer = MetricWriter(workdir, config)
+      prof = [int(s) for s in str(t_cfg.profile_steps).split(",") if s.strip()] or None
+      if pindex == 0:
+        print(f"{cfg.arch} d={cfg.d_model} L={cfg.n_layers}: {counts['total']:,} params "
+              f"({counts['non_embedding']:,} non-embedding); mesh {dict(mesh.shape)}; "
+              f"{t_cfg.batch_size}x{config.data.seq_len} tokens/step; steps {start}->{total}",
+              flush=True)
+      # One ETA: the postfix's, from the throughput of the last log interval (tqdm's own
+      # would average in the compile time).
+      bar = cli.progress_bar(total=total, initial=start, disable=pindex != 0, unit="step",
+                             bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+      log = _StepLog(config, writer, bar, tokens_seen, flops_tok, (peak or 0.0) * mesh.size,
+                     plan)
+      last_eval: dict[str, float] = {}
+      preempt.in_loop = True
+      try:
+        for step in range(start + 1, total + 1):
+          if prof and step == prof[0] and pindex == 0:
+            jax.profiler.start_trace(os.path.join(workdir, "profile"))
+          batch = next(train_it)
+          fp = _fingerprint(batch) if step % t_cfg.log_every == 0 or step == total else None
+          state, metrics = step_fn(state, _global_batch(batch, batch_sh))
+          log.push(step, metrics, fp)
+          ckpts.poll()  # a failed background save stops training at once
+          bar.update(1)
+          if prof and step == prof[-1] and pindex == 0:
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+          last = step == total
+          if (t_cfg.eval_every and step % t_cfg.eval_every == 0) or last:
+            log.drain()
+            last_eval = evaluate(eval_fn, state.params, info, config, batch_sh, per_proc_batch)
+            writer.write(step, last_eval)
+            bar.write(f"step {step}: held-out loss {last_eval['eval_loss']:.4f} "
+                      f"(ppl {last_eval['eval_ppl']:.1f}; unigram entropy "
+                      f"{stats.get('unigram_entropy', float('nan')):.3f})")
+          if (t_cfg.checkpoint_every and step % t_cfg.checkpoint_every == 0) or last:
+            log.drain()  # never checkpoint a state whose last step is unchecked
+            ckpts.save(step, state, train_it, log.meta())
+          if preempt.should_stop(step) and not last:
+            log.drain()
+            ckpts.save(step, state, train_it, log.meta(), force=True)
+            ckpts.wait()
+            bar.close()
+            print(f"preempted (SIGTERM): checkpoint saved at step {step}; rerun the same "
+                  "command to resume", flush=True)
+            return {"preempted": True, "step": step}
+        log.drain()
+        ckpts.wait()
+      except ckpt.SaveError as e:
+        raise TrainingAborted(str(e)) from None
+      finally:
+        preempt.in_loop = False
+        bar.close()
+        writer.close()
     finally:
-      bar.close()
-      mngr.wait_until_finished()
-      writer.close()
-      preempt.restore()
+      ckpts.close()
 
-    if not last_eval:  # nothing left to train (e.g. rerun of a finished run): still evaluate
-      last_eval = evaluate(eval_fn, state.params, info, config, batch_sh, per_proc_batch)
-    summary = {
-        "steps": total, "final_loss": None, **last_eval,
-        "unigram_entropy": stats.get("unigram_entropy"),
-        "unigram_xent_validation": stats.get("unigram_xent_validation"),
-        "tokens_seen": tokens_seen, "flops": flops_tok * tokens_seen,
-        "params": counts["total"], "non_embedding_params": counts["non_embedding"],
-        "skipped_steps": int(state.skipped),
-    }
-    path = os.path.join(workdir, "metrics.jsonl")
-    rows = [r for r in read_jsonl(path) if "loss" in r] if os.path.exists(path) else []
-    summary["final_loss"] = rows[-1]["loss"] if rows else None
-    if pindex == 0:
-      with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    return {"state": state, "summary": summary, "cfg": cfg}
-
+  preempt.phase, preempt.saved = "finishing (final evaluation and summary)", total
+  if preempt.requested:  # SIGTERM at the last step: its checkpoint is saved
+    raise Preempted(preempt.message())
+  if not last_eval:  # nothing left to train (e.g. rerun of a finished run): still evaluate
+    last_eval = evaluate(eval_fn, state.params, info, config, batch_sh, per_proc_batch)
+  summary = _summary(workdir, total, state, last_eval, stats, counts, log.tokens_seen, flops_tok)
+  return {"state": state, "summary": summary, "cfg": cfg}
