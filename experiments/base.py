@@ -30,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
       bitlinear_impl="pallas",  # pallas (fused kernels around the matmuls on GPU; XLA elsewhere) | xla
       remat="none",           # none | lean | lean_inputs | full  (memory-saving modes)
       unroll_layers=False,    # True: blocks as straight-line code (faster step, slower compile; not with remat=full)
-      attention_impl="",      # "" = XLA, "cudnn" = cuDNN flash attention (transformer)
+      attention_impl="auto",  # auto (cuDNN on GPUs, splash on TPUs, XLA elsewhere) | xla | cudnn | splash
   )
 
   # Data: a tokenized tfds dataset built from local files (mmfree_jax.data.builder).

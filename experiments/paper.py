@@ -28,5 +28,4 @@ def get_config(arg: str = "mmfree-370M"):
     c.optim.peak_lr, c.optim.schedule = PEAK_LR[size], "mmfree"
   else:
     c.optim.peak_lr, c.optim.schedule, c.optim.min_lr_ratio = 3e-4, "cosine", 0.1
-    c.model.attention_impl = "cudnn"
   return c

@@ -3,14 +3,17 @@
     python -m mmfree_jax.aot --config=experiments/paper.py:mmfree-1.3B --topology=v5p-32
     python -m mmfree_jax.aot --config=experiments/paper.py:mmfree-2.7B --topology=v5e:16x16 --num_slices=2
     python -m mmfree_jax.aot --config=experiments/paper.py:mmfree-1.3B --target=h200 --devices=8
+    python -m mmfree_jax.aot --plan    # every paper point on the slices of PLAN_SLICES
 
 TPU targets compile on this (CPU) host against abstract TPU devices from libtpu
-(`pip install 'jax[tpu]==0.10.2'`); an over-large model fails to compile with
+(`pip install -r requirements-tpu.txt`); an over-large model fails to compile with
 RESOURCE_EXHAUSTED, translated into a DOES NOT FIT line. GPU targets compile the same
 step for N CPU devices and compare the per-device total with the card's memory times
 `--mem_fraction`: a conservative estimate (XLA:CPU fuses less and keeps f32 copies; for
 1.3B at 16 sequences per device it gave 88 GiB where the TPU compiler needs 55 GiB);
 `--target=local` compiles for the attached accelerators (exact on a GPU host).
+The program is the trainer's for that platform: the report names what the platform
+decided (the attention implementation, the int8 matmuls, the Pallas kernels compiled).
 Exit 0 = fits, 1 = does not fit, 2 = bad input.
 """
 
@@ -21,7 +24,7 @@ import math
 import os
 import re
 import sys
-from typing import Any
+from typing import Any, Iterator, NamedTuple, Sequence
 
 from absl import app, flags, logging
 import flax.linen as nn
@@ -35,6 +38,7 @@ from mmfree_jax import cli
 from mmfree_jax import multihost
 from mmfree_jax import sharding
 from mmfree_jax.config import ConfigError, ModelConfig
+from mmfree_jax.layers import attention
 from mmfree_jax.models import init_params, param_counts
 from mmfree_jax.scaling import flops as flops_lib
 
@@ -43,10 +47,11 @@ GIB = 1024**3
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-  """One compiled device of a target: usable memory and dense bf16 peak."""
+  """One compiled device of a target: usable memory, dense bf16 and int8 peaks."""
   name: str
   hbm_gib: float
   peak_flops: float
+  int8_peak: float
   dims: int = 0              # TPU torus rank (2 or 3); 0 for GPUs
   cores_in_name: bool = False  # v4-64 / v5p-32 count TensorCores (2 per chip)
   devices_per_chip: int = 1
@@ -55,22 +60,26 @@ class Chip:
 # Usable HBM per compiled device as libtpu 0.0.42 reports it in RESOURCE_EXHAUSTED.
 # libtpu compiles v4 per TensorCore (2 devices of 15.25 GiB per chip), v5p megacore.
 TPUS = {
-    "v4": Chip("TPU v4", 15.25, 275e12 / 2, 3, True, 2),
-    "v5p": Chip("TPU v5p", 95.74, 459e12, 3, True),
-    "v5e": Chip("TPU v5e", 15.75, 197e12, 2),
-    "v6e": Chip("TPU v6e", 31.25, 918e12, 2),
+    "v4": Chip("TPU v4", 15.25, 275e12 / 2, 275e12 / 2, 3, True, 2),
+    "v5p": Chip("TPU v5p", 95.74, 459e12, 918e12, 3, True),
+    "v5e": Chip("TPU v5e", 15.75, 197e12, 394e12, 2),
+    "v6e": Chip("TPU v6e", 31.25, 918e12, 1836e12, 2),
 }
 _TPU_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "v5": "v5p"}
 
 # Nominal memory per card (GiB); JAX's allocator gets `XLA_PYTHON_CLIENT_MEM_FRACTION` of it.
 GPUS = {
-    "h100": Chip("NVIDIA H100 80GB", 79.6, 989e12),
-    "h200": Chip("NVIDIA H200", 139.8, 989e12),
-    "b200": Chip("NVIDIA B200", 178.0, 2250e12),
-    "a100-40": Chip("NVIDIA A100 40GB", 39.4, 312e12),
-    "a100-80": Chip("NVIDIA A100 80GB", 79.2, 312e12),
-    "l4": Chip("NVIDIA L4", 22.0, 121e12),
+    "h100": Chip("NVIDIA H100 80GB", 79.6, 989e12, 1979e12),
+    "h200": Chip("NVIDIA H200", 139.8, 989e12, 1979e12),
+    "b200": Chip("NVIDIA B200", 178.0, 2250e12, 4500e12),
+    "a100-40": Chip("NVIDIA A100 40GB", 39.4, 312e12, 624e12),
+    "a100-80": Chip("NVIDIA A100 80GB", 79.2, 312e12, 624e12),
+    "l4": Chip("NVIDIA L4", 22.0, 121e12, 242e12),
 }
+
+# The plan's slices (`--plan`): slices rented by the hour, up to 64 chips (a compile for 64
+# chips takes ~10 minutes on a CPU host; the time grows with the chip count).
+PLAN_SLICES = ("v5e-64", "v5p-16", "v5p-32", "v6e-16", "v6e-32", "v6e-64")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +133,7 @@ def tpu_devices(topo: TpuTopology, num_slices: int = 1) -> list[Any]:
   try:
     import libtpu  # noqa: F401, PLC0415  # pytype: disable=import-error
   except ImportError:
-    raise ConfigError("TPU targets need libtpu on this host: pip install 'jax[tpu]==0.10.2' "
+    raise ConfigError("TPU targets need libtpu on this host: pip install -r requirements-tpu.txt "
                       "(or check a GPU target: --target=h200 --devices=8)") from None
   # libtpu on a non-TPU host: no metadata server, no lockfile, no TPU-worker warnings.
   for k, v in (("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"), ("TPU_SKIP_MDS_QUERY", "1"),
@@ -159,44 +168,223 @@ def abstract_train_inputs(config: ml_collections.ConfigDict, cfg: ModelConfig, t
   return state, batch
 
 
+@dataclasses.dataclass(frozen=True)
+class Matmuls:
+  """A compiled step's matmuls on one device, each loop body counted its trip count times."""
+  flops: float = 0.0       # all matmuls
+  int8_flops: float = 0.0  # those with int8 x int8 operands
+  count: int = 0           # matmul instructions in the program (each once)
+  int8_count: int = 0
+
+  def seconds(self, chip: Chip) -> float:
+    """At the chip's bf16 and int8 peaks: the step's compute-bound lower bound."""
+    return (self.flops - self.int8_flops) / chip.peak_flops + self.int8_flops / chip.int8_peak
+
+
+def _close(s: str, i: int) -> int:
+  """The index of the parenthesis closing the one at s[i]."""
+  depth = 0
+  for j in range(i, len(s)):
+    depth += {"(": 1, ")": -1}.get(s[j], 0)
+    if depth == 0:
+      return j
+  return len(s)
+
+
+class _Instr(NamedTuple):
+  name: str
+  type: str
+  op: str
+  args: str   # the text inside the op's parentheses
+  attrs: str  # the text after them
+
+  @property
+  def operands(self) -> list[str]:
+    return re.findall(r"%([\w.\-]+)", self.args)
+
+
+class _Computation(dict):
+  """{instruction name: _Instr} of one HLO computation, in text order, and its root."""
+  root: _Instr | None = None
+
+
+def _hlo_computations(hlo: str) -> dict[str, _Computation]:
+  """HLO text -> {computation name: _Computation}, in text order (ENTRY last)."""
+  comps: dict[str, _Computation] = {}
+  comp = None
+  for line in hlo.splitlines():
+    if line.endswith("{") and not line.startswith(" "):
+      comp = comps.setdefault(line.split()[line.startswith("ENTRY")].lstrip("%"), _Computation())
+    elif comp is not None and (m := re.match(r"\s*(ROOT )?%(\S+) = ", line)):
+      rest = line[m.end():]
+      j = _close(rest, 0) + 1 if rest.startswith("(") else rest.index(" ")
+      typ, rest = rest[:j], rest[j:].lstrip()
+      op, _, rest = rest.partition("(")
+      k = _close("(" + rest, 0)
+      comp[m.group(2)] = instr = _Instr(m.group(2), typ, op, rest[:k - 1], rest[k:])
+      if m.group(1):
+        comp.root = instr
+  return comps
+
+
+def _shape(typ: str) -> tuple[str, list[int]]:
+  """"bf16[2,128]{1,0}" -> ("bf16", [2, 128]); a tuple's first element."""
+  m = re.search(r"([a-z][a-z0-9]*)\[([\d,]*)\]", typ)
+  return (m.group(1), [int(d) for d in m.group(2).split(",") if d]) if m else ("", [])
+
+
+def _scalar(comp: _Computation, name: str) -> int | None:
+  """The integer an instruction holds (a constant, through copies); None if computed."""
+  while (i := comp.get(name)) and i.op in ("copy", "bitcast", "convert"):
+    name = i.operands[0]
+  return int(i.args) if i and i.op == "constant" and i.args.lstrip("-").isdigit() else None
+
+
+def _tuple_index(comp: _Computation, name: str) -> int | None:
+  i = comp.get(name)
+  m = i and i.op == "get-tuple-element" and re.search(r"index=(\d+)", i.attrs)
+  return int(m.group(1)) if m else None
+
+
+def _trip_count(comps: dict[str, _Computation], caller: _Computation, loop: _Instr) -> int:
+  """A while loop's trip count: XLA's `known_trip_count` (CPU, GPU), else (TPU) that of a
+  counted loop, (bound - start) / step from its condition's compare, its initial tuple and
+  its body's increment; 1 where the loop is not one."""
+  if known := re.search(r'"known_trip_count":\{"n":"(\d+)"', loop.attrs):
+    return int(known.group(1))
+  cond = comps[re.search(r"condition=%([\w.\-]+)", loop.attrs).group(1)]
+  body = comps[re.search(r"body=%([\w.\-]+)", loop.attrs).group(1)]
+  cmp, init = cond.root, caller.get(loop.operands[0])
+  less = cmp and cmp.op == "compare" and re.search(r"direction=(LT|LE)", cmp.attrs)
+  if not less or not init or init.op != "tuple" or not body.root or body.root.op != "tuple":
+    return 1
+  index, bound = _tuple_index(cond, cmp.operands[0]), _scalar(cond, cmp.operands[1])
+  if index is None or bound is None:
+    return 1
+  start = _scalar(caller, init.operands[index]) or 0
+  nxt = body.get(body.root.operands[index])
+  steps = [_scalar(body, o) for o in nxt.operands] if nxt and nxt.op == "add" else []
+  step = next((v for v in steps if v), 1)
+  return max(1, -(-(bound + (less.group(1) == "LE") - start) // step))
+
+
+def _conv_macs(lhs: list[int], rhs: list[int], out: list[int], attrs: str) -> int:
+  """Multiply-adds of an HLO convolution (XLA:TPU writes matmuls as convolutions whose
+  spatial dimensions may be padded): batch x output features x input features x, per
+  spatial dimension, the (output, kernel) position pairs that land inside the input."""
+  ll, rl, ol = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", attrs).groups()
+  w = re.search(r"window=\{([^}]*)\}", attrs)
+  window = dict(re.findall(r"(\w+)=([\w-]+)", w.group(1))) if w else {}
+  macs = out[ol.index("b")] * out[ol.index("f")] * rhs[rl.index("i")]
+  for d in sorted(c for c in ll if c.isdigit()):
+    n = int(d)
+    get = lambda key, default: int(window[key].split("x")[n]) if key in window else default
+    pad = int(window["pad"].split("x")[n].split("_")[0]) if "pad" in window else 0
+    size, dil, stride = lhs[ll.index(d)], get("lhs_dilate", 1), get("stride", 1)
+    macs *= sum(0 <= p <= (size - 1) * dil and p % dil == 0
+                for o in range(out[ol.index(d)]) for k in range(rhs[rl.index(d)])
+                for p in [o * stride + k * get("rhs_dilate", 1) - pad])
+  return macs
+
+
+def matmuls(hlo: str) -> Matmuls:
+  """The dot / convolution FLOPs of a compiled program's HLO text, each while-loop body
+  times its trip count (XLA's cost analysis counts it once)."""
+  comps = _hlo_computations(hlo)
+  runs = dict.fromkeys(comps, 0)
+  runs[next(reversed(comps))] = 1  # ENTRY is last: callers come after their callees
+  for name in reversed(comps):
+    for i in comps[name].values():
+      trip = _trip_count(comps, comps[name], i) if i.op == "while" else 1
+      for callee in set(re.findall(r"%([\w.\-]+)", i.attrs)) & set(comps):
+        runs[callee] += runs[name] * trip
+  out = Matmuls()
+  for name, comp in comps.items():
+    for i in comp.values():
+      if i.op not in ("dot", "convolution"):
+        continue
+      (lt, ld), (rt, rd) = (_shape(comp[o].type) for o in i.operands[:2])
+      od = _shape(i.type)[1]
+      if i.op == "dot":
+        dims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", i.attrs).group(1)
+        macs = math.prod(od) * math.prod(ld[int(d)] for d in dims.split(",") if d)
+      else:
+        macs = _conv_macs(ld, rd, od, i.attrs)
+      f = 2.0 * macs * runs[name]
+      int8 = lt in ("s8", "u8") and rt in ("s8", "u8")
+      out = Matmuls(out.flops + f, out.int8_flops + f * int8, out.count + 1, out.int8_count + int8)
+  return out
+
+
+def pallas_kernels(hlo: str) -> list[str]:
+  """The Pallas kernels a compiled program calls (TPU Mosaic or GPU Triton custom calls,
+  named after the kernel)."""
+  calls = re.finditer(r'%(\S+) = .* custom-call\(.*custom_call_target="(?:tpu_custom_call|'
+                      r'__gpu\$xla\.gpu\.triton|mosaic_gpu\w*)"', hlo)
+  return sorted({re.sub(r"(\.\d+)+$", "", m.group(1)) for m in calls})
+
+
 @dataclasses.dataclass
 class Report:
   fits: bool
   hbm_bytes: float
   mesh: dict[str, int]
+  platform: str
+  attention: str = ""  # the transformer's compiled attention (`attention.resolve_impl`)
   memory: dict[str, int] = dataclasses.field(default_factory=dict)  # per device
+  needed: float = 0.0  # bytes per device a RESOURCE_EXHAUSTED compile asked for
   error: str = ""
+  cost: dict[str, float] = dataclasses.field(default_factory=dict)  # XLA's cost analysis
+  matmuls: Matmuls = Matmuls()
+  kernels: list[str] = dataclasses.field(default_factory=list)
 
   @property
   def total(self) -> int:
     m = self.memory
     return m["argument"] + m["output"] - m["alias"] + m["temp"] if m else 0
 
+  @property
+  def used(self) -> float:
+    """Per-device bytes: on TPUs the compiler's peak (it fails with RESOURCE_EXHAUSTED where
+    the peak exceeds HBM; the total double-counts buffers that are never live together),
+    elsewhere the larger of peak and total; after an OOM, at least what XLA asked for."""
+    if not self.memory:
+      return self.needed
+    peak = self.memory["peak"]
+    return peak if self.platform == "tpu" and peak else max(self.total, peak)
 
-def _oom_line(msg: str, hbm_bytes: float) -> str:
-  """RESOURCE_EXHAUSTED text -> one line that says how much was needed and what there is."""
-  need = re.search(r"(?:temporaries|required)\D*\(?([\d.]+)\s*([GMK])", msg)
+
+def _oom(msg: str, hbm_bytes: float) -> tuple[float, str]:
+  """RESOURCE_EXHAUSTED text -> (bytes needed per device or 0, one line that says how much
+  was needed, in all or of temporaries as XLA's message tells, and what there is)."""
+  total = re.search(r"Total hbm usage >= ([\d.]+)([GMK])", msg)
+  need = total or re.search(r"(?:temporaries|required)\D*\(?([\d.]+)\s*([GMK])", msg)
   have = re.search(r"available HBM \(([\d.]+)\s*([GMK])", msg) or re.search(r"of ([\d.]+)([GMK]) hbm", msg)
   unit = {"G": 1, "M": 1 / 1024, "K": 1 / 1024**2}
   if need and have:
     n, h = float(need.group(1)) * unit[need.group(2)], float(have.group(1)) * unit[have.group(2)]
-    return (f"the step needs {n:.2f} GiB of temporaries per device but the chip has {h:.2f} GiB "
-            "of HBM (XLA RESOURCE_EXHAUSTED)")
+    return n * GIB, (f"the step needs {n:.2f} GiB {'in all' if total else 'of temporaries'} per "
+                     f"device but the chip has {h:.2f} GiB of HBM (XLA RESOURCE_EXHAUSTED)")
   first = msg.strip().splitlines()[0] if msg.strip() else "RESOURCE_EXHAUSTED"
-  return f"{first[:300]} (chip HBM {hbm_bytes / GIB:.2f} GiB)"
+  return 0.0, f"{first[:300]} (chip HBM {hbm_bytes / GIB:.2f} GiB)"
 
 
 def check(config: ml_collections.ConfigDict, devices: list[Any], hbm_bytes: float) -> Report:
-  """Compiles the train step over `devices` with the config's mesh; per-device memory."""
+  """Compiles the trainer's step over `devices` with the config's mesh: per-device memory
+  and cost, and what the platform decided."""
   from mmfree_jax.train import loop  # noqa: PLC0415
   from mmfree_jax.train.optim import make_optimizer  # noqa: PLC0415
   from mmfree_jax.train.step import make_train_step  # noqa: PLC0415
-  config = _for_compile(config, devices[0].platform)
+  config = _for_compile(config)
   cfg = loop.validate(config)
+  platform = devices[0].platform
   mesh = multihost.make_mesh(config.mesh.to_dict(), devices)
   sharding.check_divisible(cfg, mesh, config.train.batch_size)
   tx, sched = make_optimizer(config, config.train.steps)
-  report = Report(fits=False, hbm_bytes=hbm_bytes, mesh=dict(mesh.shape))
+  report = Report(fits=False, hbm_bytes=hbm_bytes, mesh=dict(mesh.shape), platform=platform)
+  if cfg.arch == "transformer":  # a kernel asked for off its platform fails here, in one line
+    report.attention = attention.resolve_impl(cfg.attention_impl, platform, config.data.seq_len,
+                                              cfg.dtype)
   state, batch = abstract_train_inputs(config, cfg, tx, mesh)
   state_sh = jax.tree.map(lambda x: x.sharding, state)
   with jax.set_mesh(mesh):
@@ -208,34 +396,47 @@ def check(config: ml_collections.ConfigDict, devices: list[Any], hbm_bytes: floa
     except Exception as e:  # noqa: BLE001 - XLA raises JaxRuntimeError / XlaRuntimeError
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise
-      report.error = _oom_line(str(e), hbm_bytes)
+      report.needed, report.error = _oom(str(e), hbm_bytes)
       return report
   m = compiled.memory_analysis()
   report.memory = {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes,
                    "alias": m.alias_size_in_bytes, "temp": m.temp_size_in_bytes,
                    "code": m.generated_code_size_in_bytes,
                    "peak": int(getattr(m, "peak_memory_in_bytes", 0) or 0)}
-  if devices[0].platform == "cpu":  # XLA:CPU's "peak" counts only the arguments
+  if platform == "cpu":  # XLA:CPU's "peak" counts only the arguments
     report.memory["peak"] = 0
-  report.fits = max(report.total, report.memory["peak"]) <= hbm_bytes
+  report.fits = report.used <= hbm_bytes
+  cost = compiled.cost_analysis()
+  report.cost = {k: float(cost.get(k, 0.0)) for k in ("flops", "bytes accessed")}
+  hlo = compiled.as_text()
+  report.matmuls, report.kernels = matmuls(hlo), pallas_kernels(hlo)
   return report
 
 
-def _for_compile(config: ml_collections.ConfigDict, platform: str) -> ml_collections.ConfigDict:
-  """The corpus is irrelevant to memory; cuDNN attention only compiles for CUDA."""
+def _for_compile(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The corpus is irrelevant to memory: an empty one (the paper configs') compiles."""
   config = ml_collections.ConfigDict(config.to_dict())
   if not str(config.data.corpus).strip():
     config.data.corpus = "shakespeare"
-  if platform != "gpu" and config.model.get("attention_impl") == "cudnn":
-    config.model.attention_impl = ""
   return config
+
+
+def _compiled_line(cfg: ModelConfig, report: Report) -> str:
+  """What the platform decided: the attention, the int8 matmuls, the Pallas kernels."""
+  m = report.matmuls
+  parts = [f"attention {report.attention} (model.attention_impl={cfg.attention_impl})"
+           ] if report.attention else []
+  if report.memory:
+    parts += [f"{m.count} matmuls, {m.int8_count} of them int8 x int8",
+              f"Pallas kernels: {', '.join(report.kernels) or 'none'}"]
+  return f"compiled for {report.platform}: {'; '.join(parts)}" if parts else ""
 
 
 def format_report(config: ml_collections.ConfigDict, target: str, chip: Chip, n_devices: int,
                   report: Report, mfu: float, mem_fraction: float = 1.0) -> str:
   """The human-readable report; the last line starts with FITS or DOES NOT FIT."""
   from mmfree_jax.train import loop  # noqa: PLC0415
-  cfg = loop.model_config(_for_compile(config, "tpu"))
+  cfg = loop.model_config(_for_compile(config))
   n = param_counts(cfg)["total"]
   t = config.train
   g = lambda b: f"{b / GIB:.2f}"
@@ -247,25 +448,55 @@ def format_report(config: ml_collections.ConfigDict, target: str, chip: Chip, n_
       + (f" ({mem_fraction:g} of {chip.hbm_gib:g} GiB)" if mem_fraction != 1.0 else "")
       + f"; mesh {' '.join(f'{k}={v}' for k, v in report.mesh.items())}",
   ]
+  if compiled := _compiled_line(cfg, report):
+    lines.append(compiled)
   if report.memory:
     m = report.memory
     peak = f" | peak {g(m['peak'])}" if m["peak"] else ""
     lines.append(f"per-device memory (GiB): arguments {g(m['argument'])} | outputs {g(m['output'])} "
                  f"| aliased (donated) {g(m['alias'])} | temporaries {g(m['temp'])}{peak} | total "
                  f"{g(report.total)}")
+    c, mm = report.cost, report.matmuls
+    lines.append(f"cost analysis (XLA, per device, each loop body counted once): "
+                 f"{c['flops'] / 1e12:.2f} TFLOP, {c['bytes accessed'] / 1e9:.2f} GB accessed")
+    lines.append(f"estimate (compute-bound, a lower bound): {mm.seconds(chip):.2f} s/step: the "
+                 f"compiled matmuls' {mm.flops / 1e12:.2f} TFLOP per device (loop bodies x trip "
+                 f"counts; {mm.int8_flops / 1e12:.2f} of them int8) at {chip.peak_flops / 1e12:.0f} "
+                 f"TFLOP/s bf16, {chip.int8_peak / 1e12:.0f} TOP/s int8")
     flops_tok = flops_lib.train_flops_per_token(cfg, config.data.seq_len)
     tps = mfu * chip.peak_flops / flops_tok
     step_s = t.batch_size * config.data.seq_len / (tps * n_devices)
     lines.append(f"estimate: {tps:,.0f} tokens/s per device at an assumed {mfu:.0%} MFU "
                  f"({flops_tok / 1e9:.2f} GFLOP/token, {chip.peak_flops / 1e12:.0f} TFLOP/s peak) "
                  f"-> {step_s:.2f} s/step")
-    used = max(report.total, m["peak"])
     verdict = "FITS" if report.fits else "DOES NOT FIT"
-    lines.append(f"{verdict}: {g(used)} of {g(report.hbm_bytes)} GiB per device "
-                 f"({used / report.hbm_bytes:.0%})")
+    lines.append(f"{verdict}: {g(report.used)} of {g(report.hbm_bytes)} GiB per device "
+                 f"({report.used / report.hbm_bytes:.0%})")
   else:
     lines.append(f"DOES NOT FIT: {report.error}")
   return "\n".join(lines)
+
+
+def plan(slices: Sequence[str] = PLAN_SLICES) -> Iterator[str]:
+  """A markdown table, row by row: every `paper` point (experiments/sweeps.py) compiled for
+  each TPU slice at its global batch, fsdp over the slice."""
+  from experiments import sweeps  # noqa: PLC0415
+  yield ("| point | slice | mesh (data x fsdp x tensor) | batch / chip | peak / HBM (GiB) | fits "
+         "| compiled | est. s/step at peak | est. hours for train.steps |")
+  yield "|---|---|---|---|---|---|---|---|---|"
+  for name, config in sweeps.points("paper"):
+    for s in slices:
+      topo = parse_topology(s)
+      r = check(config, tpu_devices(topo), topo.chip.hbm_gib * GIB)
+      mesh = " x ".join(str(r.mesh[a]) for a in sharding.MESH_AXES)
+      per_chip = config.train.batch_size // topo.chips
+      compiled = (f"{r.attention} attention" if r.attention else
+                  f"{r.matmuls.int8_count}/{r.matmuls.count} int8 matmuls" if r.memory else "")
+      step = r.matmuls.seconds(topo.chip) if r.memory else 0
+      est = f"{step:.3g} | {step * config.train.steps / 3600:.3g}" if step else "- | -"
+      used = f"{r.used / GIB:.1f}" if r.memory else f">= {r.used / GIB:.1f}"
+      yield (f"| {name} | {s} | {mesh} | {per_chip} | {used} / {topo.chip.hbm_gib:g} | "
+             f"{'FITS' if r.fits else 'OOM'} | {compiled} | {est} |")
 
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/tiny.py", "Experiment config file.")
@@ -278,6 +509,9 @@ _HBM = flags.DEFINE_float("hbm_gib", 0.0, "Override the usable memory per device
 _MEM_FRACTION = flags.DEFINE_float("mem_fraction", 0.9, "GPU targets: fraction of the card JAX "
                                    "may use (XLA_PYTHON_CLIENT_MEM_FRACTION; JAX's default 0.75).")
 _MFU = flags.DEFINE_float("mfu", 0.4, "Assumed model-FLOPs utilisation for the throughput estimate.")
+_PLAN = flags.DEFINE_bool("plan", False, "Print the plan table instead: every paper point on "
+                          "each of --plan_slices.")
+_PLAN_SLICES = flags.DEFINE_list("plan_slices", list(PLAN_SLICES), "TPU slices of --plan.")
 
 
 def resolve_target(topology: str = "", num_slices: int = 1, target: str = "", devices: int = 0,
@@ -300,8 +534,8 @@ def resolve_target(topology: str = "", num_slices: int = 1, target: str = "", de
     limit = (devs[0].memory_stats() or {}).get("bytes_limit") if devs[0].platform != "cpu" else None
     if not limit and not hbm_gib:
       raise ConfigError("--target=local on a host without accelerator memory stats: pass --hbm_gib")
-    chip = Chip(devs[0].device_kind, (limit or 0) / GIB,
-                flops_lib.device_peak_flops(devs[0].device_kind) or 1e12)
+    peak = flops_lib.device_peak_flops(devs[0].device_kind) or 1e12
+    chip = Chip(devs[0].device_kind, (limit or 0) / GIB, peak, peak)  # int8: no faster assumed
     return "local", chip, devs, hbm_gib * GIB if hbm_gib else float(limit), 1.0  # limit has the fraction
   if target not in GPUS:
     raise ConfigError(f"--target={target!r} is unknown; use one of {sorted(GPUS)} or local")
@@ -329,9 +563,17 @@ def main(argv):
     sys.exit(2)
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  config = cli.load_config(_CONFIG)
   if _TARGET.value != "local":
     jax.config.update("jax_platforms", "cpu")  # TPU / GPU targets compile from this host
+  if _PLAN.value:
+    try:
+      for row in plan(_PLAN_SLICES.value):
+        print(row, flush=True)
+    except ConfigError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+    return
+  config = cli.load_config(_CONFIG)
   try:
     name, chip, devices, hbm, frac = resolve_target(
         _TOPOLOGY.value, _NUM_SLICES.value, _TARGET.value, _DEVICES.value, _HBM.value,

@@ -11,6 +11,7 @@ GATES = ("code", "paper")
 SCAN_IMPLS = ("sequential", "associative", "chunked", "pallas")
 BITLINEAR_IMPLS = ("xla", "pallas")
 REMAT_POLICIES = ("none", "lean", "lean_inputs", "full")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 
 
 def glu_hidden(d: int, ratio: int = 4) -> int:
@@ -56,8 +57,10 @@ class ModelConfig:
       remat policy is applied without CSE barriers, so outside the loop XLA may keep what
       "lean" would recompute (more memory than "lean" in the loop); "full" (the
       memory-saving mode) therefore needs the loop.
-    attention_impl: passed to `jax.nn.dot_product_attention` (None = XLA, "cudnn"), with
-      or without packed documents (cuDNN takes their mask as a bias).
+    attention_impl: training attention (transformer): "xla", "cudnn" (cuDNN flash attention,
+      CUDA GPUs; packed documents' mask as a bias), "splash" (the Pallas TPU splash kernel,
+      packed documents as segment ids) or "auto": the one for the platform the step is
+      compiled for (`attention.resolve_impl`). Decoding always runs XLA's.
     init_std: std of the Normal init (embedding, GLU, head).
   """
 
@@ -78,7 +81,7 @@ class ModelConfig:
   bitlinear_impl: str = "pallas"
   remat: str = "none"
   unroll_layers: bool = False
-  attention_impl: str | None = None
+  attention_impl: str = "auto"
   init_std: float = 0.02
 
   def __post_init__(self):
@@ -88,6 +91,8 @@ class ModelConfig:
            f"model.scan_impl={self.scan_impl!r} is unknown; use one of {SCAN_IMPLS}")
     _check(self.bitlinear_impl in BITLINEAR_IMPLS,
            f"model.bitlinear_impl={self.bitlinear_impl!r} is unknown; use one of {BITLINEAR_IMPLS}")
+    _check(self.attention_impl in ATTENTION_IMPLS,
+           f"model.attention_impl={self.attention_impl!r} is unknown; use one of {ATTENTION_IMPLS}")
     _check(self.remat in REMAT_POLICIES,
            f"model.remat={self.remat!r} is unknown; use one of {REMAT_POLICIES}")
     _check(not (self.unroll_layers and self.remat == "full"),

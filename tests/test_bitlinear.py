@@ -1,13 +1,16 @@
 """Quantizers and BitLinear: exact values, STE gradients, lean == naive."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from mmfree_jax import sharding
+from mmfree_jax.config import preset
 from mmfree_jax.layers import bitlinear as bl
 from mmfree_jax.layers import bitlinear_pallas
+from mmfree_jax.models import LM, init_params
 
 
 def test_activation_quant_ties_away_from_zero_and_zero_rows():
@@ -359,23 +362,47 @@ def test_pallas_bitlinear_on_gpu_matches_xla(group):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_int8_code_matmul_equals_the_compute_dtype_matmul(dtype):
-  """The CUDA branch (int8 x int8 -> int32, rounded to dtype) gives bit for bit what the
-  other platforms' dtype matmul with float32 accumulation gives, at K = 5632 (the 1.3B
-  down projection) with extreme codes; and only the CUDA program multiplies int8."""
+  """The CUDA and TPU branches (int8 x int8 -> int32, rounded to dtype; CUDA with the
+  weights as [N, K]) give bit for bit what the other platforms' dtype matmul with float32
+  accumulation gives, at K = 5632 (the 1.3B down projection) with extreme codes; and only
+  the CUDA and TPU programs multiply int8."""
   keys = jax.random.split(jax.random.key(3), 2)
   q = jax.random.randint(keys[0], (2, 8, 5632), -128, 128).astype(jnp.int8)
   q = q.at[0, 0].set(127)  # a row of +127 against a column of +1: the largest sum
   t = jax.random.randint(keys[1], (5632, 24), -1, 2).astype(jnp.float32).at[:, 0].set(1.0)
-  int8 = bl._int8_matmul(q, t, dtype)
-  assert int8.dtype == dtype and float(int8[0, 0, 0]) == float(jnp.asarray(127 * 5632, dtype))
-  np.testing.assert_array_equal(np.float32(int8), np.float32(bl._mm(q, t, dtype, out=dtype)))
-  np.testing.assert_array_equal(np.float32(bl._code_matmul(q, t, dtype)), np.float32(int8))
+  ref = np.float32(bl._mm(q, t, dtype, out=dtype))
+  for weights_nk in (True, False):
+    int8 = bl._int8_matmul(q, t, dtype, weights_nk)
+    assert int8.dtype == dtype and float(int8[0, 0, 0]) == float(jnp.asarray(127 * 5632, dtype))
+    np.testing.assert_array_equal(np.float32(int8), ref)
+  np.testing.assert_array_equal(np.float32(bl._code_matmul(q, t, dtype)), ref)
   traced = jax.jit(bl._code_matmul, static_argnums=2).trace(q, t, dtype)
   dots = {p: [line for line in traced.lower(lowering_platforms=(p,)).as_text().splitlines()
-              if "dot_general" in line] for p in ("cuda", "cpu")}
-  assert len(dots["cuda"]) == len(dots["cpu"]) == 1
+              if "dot_general" in line] for p in ("cuda", "tpu", "cpu")}
+  assert len(dots["cuda"]) == len(dots["tpu"]) == len(dots["cpu"]) == 1
   assert "tensor<24x5632xi8>) -> tensor<2x8x24xi32>" in dots["cuda"][0]
+  assert "tensor<5632x24xi8>) -> tensor<2x8x24xi32>" in dots["tpu"][0]
   assert "xi8" not in dots["cpu"][0]
+
+
+def test_int8_forward_matmuls_give_the_model_the_same_numbers(monkeypatch):
+  """A bf16 MatMul-free model with every BitLinear forward matmul on int8 codes (the TPU
+  program's, run here on CPU) gives the loss and gradients of the bf16 matmuls bit for bit."""
+  cfg = preset("micro", dtype="bfloat16", bitlinear_impl="xla", scan_impl="sequential",
+               vocab_size=256, n_layers=1)
+  params = jax.jit(lambda k: nn.unbox(init_params(cfg, k)))(jax.random.key(0))
+  toks = jax.random.randint(jax.random.key(1), (2, 64), 0, cfg.vocab_size)
+  loss = lambda p: jnp.mean(LM(cfg).apply({"params": p}, toks)[0].astype(jnp.float32) ** 2)
+  runs = {}
+  for name, matmul in (("bf16", bl._code_matmul), ("int8", bl._int8_matmul)):
+    monkeypatch.setattr(bl, "_code_matmul", matmul)
+    lowered = jax.jit(jax.value_and_grad(loss)).lower(params)
+    runs[name] = lowered.compile()(params)
+    int8_dots = [line for line in lowered.as_text().splitlines()
+                 if "dot_general" in line and "xi8>) -> tensor<" in line]
+    assert bool(int8_dots) == (name == "int8")
+  for a, b in zip(jax.tree.leaves(runs["int8"]), jax.tree.leaves(runs["bf16"])):
+    np.testing.assert_array_equal(np.float32(a), np.float32(b))
 
 
 def test_pallas_kernel_is_used_for_training_shapes_not_decode_steps():

@@ -237,6 +237,13 @@ def test_ours_to_hf_to_ours_keeps_every_config_field_and_the_logits_bitwise(tmp_
   assert info == {"step": 7, "source": str(tmp_path / "hf")}
 
 
+def test_hf_export_with_null_attention_impl_loads_with_the_default():
+  """Exports written before attention_impl="auto" store null: the field's default."""
+  stored = hf.config_to_hf(EXACT)
+  stored[hf.CONFIG_KEY] = {**stored[hf.CONFIG_KEY], "attention_impl": None}
+  assert hf.config_from_hf(stored) == dataclasses.replace(EXACT, attention_impl="auto")
+
+
 def test_16bit_export_warns_when_it_flips_ternary_codes(tmp_path, capsys):
   checkpoint.save_model(tmp_path / "ours", EXACT, _exact_params())
   assert convert.main([str(tmp_path / "ours"), str(tmp_path / "hf"), "--dtype", "bfloat16"]) == 0

@@ -21,7 +21,7 @@ from mmfree_jax.models import init_params, param_counts
 
 
 def _train_setup(arch: str, size: str, batch: int, remat: str, seq_len: int,
-                 attention_impl: str | None, docs: int = 1, **model_kw):
+                 attention_impl: str, docs: int = 1, **model_kw):
   """Compiled train step, a donated state and two random batches (`docs` > 1: each row
   packs that many equal documents, as `segment_ids`)."""
   if docs < 1 or seq_len % docs:
@@ -55,7 +55,7 @@ def _train_setup(arch: str, size: str, batch: int, remat: str, seq_len: int,
 
 
 def train_case(arch: str, size: str, batch: int, remat: str = "lean", seq_len: int = 2048,
-               iters: int = 10, attention_impl: str | None = None, profile: bool = False,
+               iters: int = 10, attention_impl: str = "xla", profile: bool = False,
                out_dir: str = "/tmp/profile", docs: int = 1, **model_kw) -> dict:
   """Full train step (AdamW, clip, bf16 compute, float32 master weights) on random tokens;
   on NVIDIA GPUs also the median SM clock, power and temperature during the timed steps
@@ -70,8 +70,9 @@ def train_case(arch: str, size: str, batch: int, remat: str = "lean", seq_len: i
   tps = batch * seq_len / t
   fl = flops_lib.train_flops_per_token(cfg, seq_len) * tps
   # attention's implementation is part of a Transformer++ row's name: XLA's attention is
-  # ~3x slower than cuDNN's at 370M (BENCHMARKS.md), so a row must say which one it timed
-  attn = {"attention": attention_impl or "xla"} if arch == "transformer" else {}
+  # several times slower than cuDNN's (BENCHMARKS.md, "H200 train step"), so a row must say
+  # which one it timed
+  attn = {"attention": attention_impl} if arch == "transformer" else {}
   packed = {"docs": docs} if docs > 1 else {}
   tag = "".join(f"-{k}={v}" for k, v in {**attn, **packed, **model_kw}.items())
   row = {"case": f"train-{arch}-{size}-b{batch}-{remat}{tag}", "step_ms": t * 1e3,
@@ -93,7 +94,7 @@ def profile_case(arch: str, size: str, batch: int, remat: str = "lean", seq_len:
   says which model code (forward or backward) the time goes to. Writes the optimised HLO
   and `kernels.json` next to the trace.
   """
-  _, one, _, compiled = _train_setup(arch, size, batch, remat, seq_len, None, **model_kw)
+  _, one, _, compiled = _train_setup(arch, size, batch, remat, seq_len, "xla", **model_kw)
   tag = "".join(f"-{k}={v}" for k, v in model_kw.items())
   return {"case": f"profile-{arch}-{size}-b{batch}-{remat}{tag}",
           **trace_kernels(one, compiled, out_dir, top)}

@@ -106,8 +106,11 @@ def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> ModelConfig:
 
 
 def _exact_config(hf: Mapping[str, Any], overrides: Mapping[str, Any]) -> ModelConfig:
-  """The ModelConfig stored under CONFIG_KEY, checked against the HF keys it must agree with."""
-  kw = {**hf[CONFIG_KEY], **overrides}
+  """The ModelConfig stored under CONFIG_KEY, checked against the HF keys it must agree with.
+
+  A null field is unset, as `config.from_dict` reads it (exports from before
+  `attention_impl="auto"` store `"attention_impl": null`)."""
+  kw = {**{k: v for k, v in hf[CONFIG_KEY].items() if v is not None}, **overrides}
   try:
     cfg = ModelConfig(**kw)
   except (ConfigError, TypeError) as e:

@@ -7,9 +7,10 @@ straight-through estimators and serves as the reference.
 
 The matmul runs on the exact integer codes (int8 activations, ternary weights), then applies
 both scales: on CUDA GPUs as an int8 x int8 -> int32 tensor-core GEMM (1.6-1.8x the bf16 rate
-at the 1.3B shapes), elsewhere in the compute dtype with float32 accumulation (exact: the
-sums stay below 2^24). Either way the integer product is rounded once to the compute dtype
-before scaling (with bf16 a relative error <= 2^-9, like any bf16 matmul output).
+at the 1.3B shapes), on TPUs as an int8 MXU matmul (twice the bf16 rate on v5e and v6e),
+elsewhere in the compute dtype with float32 accumulation (exact: the sums stay below 2^24).
+Either way the integer product is rounded once to the compute dtype before scaling (with
+bf16 a relative error <= 2^-9, like any bf16 matmul output).
 impl "pallas" runs the elementwise work around the matmuls as fused Pallas kernels on
 CUDA GPUs (`bitlinear_pallas`): the input norm + int8 codes, and in the backward pass the
 norm backward, the fake-quantized activations for the weight gradient and the norm-weight
@@ -223,15 +224,21 @@ def _weights(ws):
 def _code_matmul(q: jax.Array, t: jax.Array, dtype) -> jax.Array:
   """int8 codes q [..., K] @ ternary codes t [K, N]: the exact integer product rounded once
   to `dtype` (exact in float32; in bf16 the same relative error as rounding the scaled
-  result). On CUDA GPUs an int8 GEMM whose int32 -> dtype rounding XLA fuses into it
-  (weights as [N, K], the layout int8 tensor-core GEMMs read); elsewhere `dtype`
-  operands with float32 accumulation, which give the same integers."""
-  return jax.lax.platform_dependent(q, t, cuda=functools.partial(_int8_matmul, dtype=dtype),
-                                    default=lambda q, t: _mm(q, t, dtype, out=dtype))
+  result). On CUDA GPUs and TPUs an int8 x int8 -> int32 matmul whose int32 -> dtype
+  rounding XLA fuses into it (on CUDA with the weights as [N, K], the layout int8
+  tensor-core GEMMs read); elsewhere `dtype` operands with float32 accumulation, which give
+  the same integers."""
+  return jax.lax.platform_dependent(
+      q, t, cuda=functools.partial(_int8_matmul, dtype=dtype, weights_nk=True),
+      tpu=functools.partial(_int8_matmul, dtype=dtype),
+      default=lambda q, t: _mm(q, t, dtype, out=dtype))
 
 
-def _int8_matmul(q: jax.Array, t: jax.Array, dtype) -> jax.Array:
-  return jax.lax.dot_general(q, t.astype(jnp.int8).T, (((q.ndim - 1,), (1,)), ((), ())),
+def _int8_matmul(q: jax.Array, t: jax.Array, dtype, weights_nk: bool = False) -> jax.Array:
+  """int8 q [..., K] x t [K, N] as int8 -> int32, rounded to `dtype`; `weights_nk` feeds the
+  weights transposed to [N, K]."""
+  w, k_dim = (t.astype(jnp.int8).T, 1) if weights_nk else (t.astype(jnp.int8), 0)
+  return jax.lax.dot_general(q, w, (((q.ndim - 1,), (k_dim,)), ((), ())),
                              preferred_element_type=jnp.int32).astype(dtype)
 
 

@@ -17,7 +17,7 @@ def plan(sw: Sweep, names: Sequence[str], sets: dict[str, Any] | None = None,
   rows = []
   for n in names:
     c = point_config(sw, n, sets=sets)
-    cfg = setup.model_config(c).replace(attention_impl=None)  # counting needs no cuDNN
+    cfg = setup.model_config(c).replace(attention_impl="xla")  # counting compiles no kernel
     counts = param_counts(cfg)
     tokens = float(c.train.steps * c.train.batch_size * c.data.seq_len)
     ctok = (corpus_tokens if corpus_tokens is not None
