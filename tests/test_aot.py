@@ -9,9 +9,9 @@ import jax
 import pytest
 
 from experiments import tiny
-from mmfree_jax import aot
+from mmfree_jax import aot, hlo_stats
 from mmfree_jax.config import ConfigError
-from mmfree_jax.train import loop
+from mmfree_jax.train import setup
 from mmfree_jax.train.optim import make_optimizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +60,7 @@ def test_optimizer_moments_are_sharded_like_params():
   c.mesh.data, c.mesh.fsdp = 2, 4
   mesh = aot.multihost.make_mesh(c.mesh.to_dict(), jax.devices())
   tx, _ = make_optimizer(c, 10)
-  state, _ = aot.abstract_train_inputs(c, loop.model_config(c), tx, mesh)
+  state, _ = aot.abstract_train_inputs(c, setup.model_config(c), tx, mesh)
   k = state.params["layers"]["mlp"]["gate_proj"]["kernel"].sharding
   mu = state.opt_state[1].mu["layers"]["mlp"]["gate_proj"]["kernel"].sharding
   assert k.spec == mu.spec and "fsdp" in str(k.spec)
@@ -177,7 +177,7 @@ ENTRY %main (x.1: f32[4,8], a: s8[16,32], b: s8[32,8], c: bf16[1024,2,128,1], d:
 
 
 def test_matmuls_of_hlo_text_count_loop_trips_int8_and_padded_convolutions():
-  m = aot.matmuls(HLO)
+  m = hlo_stats.matmuls(HLO)
   loop, int8, conv = 4 * 2 * 4 * 8 * 8, 2 * 16 * 32 * 8, 2 * 128 * 2048 * 1024 * 2 * 2
   assert (m.count, m.int8_count) == (3, 1)
   assert (m.flops, m.int8_flops) == (loop + int8 + conv, int8)

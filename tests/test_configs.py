@@ -15,7 +15,7 @@ import pytest
 from experiments import base, sweeps, tiny
 from mmfree_jax import multihost, sharding
 from mmfree_jax.config import ARCHS, ConfigError
-from mmfree_jax.train import loop
+from mmfree_jax.train import setup
 from mmfree_jax.train.optim import make_optimizer
 from mmfree_jax.train.step import init_state, make_train_step
 
@@ -55,7 +55,7 @@ def _configs():
 
 @pytest.mark.parametrize("config", _configs())
 def test_config_trains_a_step_on_cpu(config):
-  cfg = loop.validate(config)
+  cfg = setup.validate(config)
   mesh = multihost.make_mesh(config.mesh.to_dict(), jax.devices())
   sharding.check_divisible(cfg, mesh, config.train.batch_size)
   tx, sched = make_optimizer(config, config.train.steps)
@@ -75,7 +75,7 @@ def test_config_trains_a_step_on_cpu(config):
 def test_cudnn_off_gpu_is_a_config_error_before_compiling():
   c = shrink(tiny.get_config("transformer"))
   c.model.attention_impl = "cudnn"
-  cfg = loop.validate(c)
+  cfg = setup.validate(c)
   tx, _ = make_optimizer(c, 1)
   mesh = multihost.make_mesh({"data": 1}, jax.devices()[:1])
   with jax.set_mesh(mesh), pytest.raises(ConfigError, match="runs only on CUDA GPUs, not on cpu"):

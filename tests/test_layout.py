@@ -23,7 +23,7 @@ LAYERS = (
     ("infer", ("mmfree_jax.infer",)),
     ("evaluation", ("mmfree_jax.evaluation",)),
     ("scaling", ("mmfree_jax.scaling",)),
-    ("tools", ("mmfree_jax.sweep", "mmfree_jax.aot", "mmfree_jax.bench")),
+    ("tools", ("mmfree_jax.sweep", "mmfree_jax.aot", "mmfree_jax.hlo_stats", "mmfree_jax.bench")),
     ("entry points", ("mmfree_jax.convert", "mmfree_jax.generate")),
 )
 ENTRY = len(LAYERS) - 1

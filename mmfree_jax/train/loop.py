@@ -33,7 +33,7 @@ from mmfree_jax.train import checkpoint as ckpt
 from mmfree_jax.train import workdir as workdir_lib
 from mmfree_jax.train.metrics import MetricWriter, fmt_duration, read_jsonl
 from mmfree_jax.train import optim
-from mmfree_jax.train.setup import model_config, prepare_data, validate  # noqa: F401 (model_config: callers' name)
+from mmfree_jax.train.setup import prepare_data, validate
 from mmfree_jax.train.step import init_state, make_eval_step, make_train_step
 
 
