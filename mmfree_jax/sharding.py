@@ -102,12 +102,12 @@ def cuda_kernel(kernel, fallback, *args, replicated_args: tuple[int, ...] = ()):
   """`kernel(*args)` on CUDA GPUs, `fallback(*args)` (same math in XLA) elsewhere.
 
   The platform is picked at lowering (`lax.platform_dependent`). XLA cannot partition a
-  custom kernel, so every argument (except those in `replicated_args`) must have the
-  batch as its leading dimension, and every result a leading dimension that splits with
-  it (the batch, or per-block partial results over the rows): with no mesh in context,
-  or a one-device mesh, the dispatch runs as is; under a (data, fsdp) mesh it runs inside
-  `jax.shard_map` on each device's own rows; with a tensor axis > 1, or a batch the mesh
-  does not divide, `fallback` runs and XLA partitions it.
+  custom kernel, so every argument (except those in `replicated_args`; an argument may be
+  a pytree) must have the batch as its leading dimension, and every result a leading
+  dimension that splits with it (the batch, or per-block partial results over the rows):
+  with no mesh in context, or a one-device mesh, the dispatch runs as is; under a (data,
+  fsdp) mesh it runs inside `jax.shard_map` on each device's own rows; with a tensor axis
+  > 1, or a batch the mesh does not divide, `fallback` runs and XLA partitions it.
   """
   def run(*a):
     return jax.lax.platform_dependent(*a, cuda=kernel, default=fallback)
@@ -118,7 +118,8 @@ def cuda_kernel(kernel, fallback, *args, replicated_args: tuple[int, ...] = ()):
   if set(sizes) - set(MESH_AXES) or sizes.get("tensor", 1) != 1:
     return fallback(*args)
   axes = tuple(a for a in ("data", "fsdp") if sizes.get(a, 1) > 1)
-  batch = next(x for i, x in enumerate(args) if i not in replicated_args).shape[0]
+  rows = next(x for i, x in enumerate(args) if i not in replicated_args)
+  batch = jax.tree.leaves(rows)[0].shape[0]
   if batch % int(np.prod([sizes[a] for a in axes])):
     return fallback(*args)
   in_specs = tuple(P() if i in replicated_args else P(axes) for i in range(len(args)))

@@ -9,6 +9,7 @@ import pytest
 from mmfree_jax import sharding
 from mmfree_jax.config import preset
 from mmfree_jax.layers import bitlinear as bl
+from mmfree_jax.layers import quant
 from mmfree_jax.layers import bitlinear_pallas
 from mmfree_jax.models import LM, init_params
 
@@ -16,31 +17,31 @@ from mmfree_jax.models import LM, init_params
 def test_activation_quant_ties_away_from_zero_and_zero_rows():
   y = jnp.array([[127.0, 63.5, -63.5, 0.5, -0.5, 1.5, 2.5, -2.5],
                  [0.0] * 8])
-  q, s = bl.activation_codes(y)
+  q, s = quant.activation_codes(y)
   np.testing.assert_array_equal(q[0], [127, 64, -64, 1, -1, 2, 3, -3])
   np.testing.assert_allclose(s[:, 0], [1.0, 127.0 / 1e-5], rtol=1e-7)
-  np.testing.assert_array_equal(bl.activation_quant(y)[1], np.zeros(8))
+  np.testing.assert_array_equal(quant.activation_quant(y)[1], np.zeros(8))
   # per-token scale: each row scaled by its own absmax
   y2 = jnp.array([[2.0, -1.0, 0.01], [0.5, 0.25, -0.125]])
   expect = np.array([[127, -64, 1], [127, 64, -32]]) / (127.0 / np.array([[2.0], [0.5]]))
-  np.testing.assert_allclose(bl.activation_quant(y2), expect, rtol=1e-6)
+  np.testing.assert_allclose(quant.activation_quant(y2), expect, rtol=1e-6)
 
 
 def test_weight_quant_ties_to_even_per_tensor_scale():
   w = jnp.array([[1.5, -0.5, 0.5], [2.5, -1.0, 0.0]])  # mean|w| = 1; +-0.5 ties -> 0
-  t, g = bl.weight_codes(w)
+  t, g = quant.weight_codes(w)
   assert float(g) == 1.0
   np.testing.assert_array_equal(t, [[1, 0, 0], [1, -1, 0]])
-  np.testing.assert_array_equal(bl.weight_quant(w), t)
+  np.testing.assert_array_equal(quant.weight_quant(w), t)
   w2 = jnp.array([[0.3, -0.1], [0.05, 0.15]])  # g = 0.15; w/g = 2, -2/3, 1/3, 1
-  np.testing.assert_allclose(bl.weight_quant(w2), np.array([[1, -1], [0, 1]]) * 0.15, rtol=1e-6)
-  t0, g0 = bl.weight_codes(jnp.zeros((3, 3)))
+  np.testing.assert_allclose(quant.weight_quant(w2), np.array([[1, -1], [0, 1]]) * 0.15, rtol=1e-6)
+  t0, g0 = quant.weight_codes(jnp.zeros((3, 3)))
   assert float(g0) == pytest.approx(1e-5) and not np.any(t0)
 
 
 def test_round_half_away():
   x = jnp.array([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 0.49, -0.51])
-  np.testing.assert_array_equal(bl.round_half_away(x), [-3, -2, -1, 1, 2, 3, 0, -1])
+  np.testing.assert_array_equal(quant.round_half_away(x), [-3, -2, -1, 1, 2, 3, 0, -1])
 
 
 def _inputs(k=48, n=40, shape=(3, 5)):
@@ -152,8 +153,8 @@ def test_pallas_prologue_matches_xla(k, n, form, dtype):
   for groups of projections, the GLU pair input and the MLGRU's gated output."""
   xs, norm_w, _ = _group_inputs(k, 8, n, form)
   rows_in, aux = bitlinear_pallas.split_input(xs, form)
-  ref, _ = bl._xla_codes(*rows_in, norm_w, *aux, eps=1e-8, x_dtype=jnp.bfloat16, form=form,
-                         in_eps=1e-6)
+  ref, _ = bl.xla_codes(bl.Rows(tuple(rows_in)), bl.Shared(norm_w, aux=tuple(aux)), eps=1e-8,
+                        x_dtype=jnp.bfloat16, form=form, in_eps=1e-6)
   codes = lambda rows: jax.tree.leaves(bitlinear_pallas.activation_codes(
       xs, norm_w, 1e-8, dtype, form, rows=rows, interpret=True, in_eps=1e-6))
   for a, b in zip(codes(2) + codes(8), codes(1) * 2):  # the tile does not change the result
@@ -183,8 +184,9 @@ def test_pallas_backward_matches_xla(k, rows, n, form):
   xs, norm_w, dys = _group_inputs(k, rows, n, form)
   wg = norm_w * jnp.linspace(0.5, 1.5, n)[:, None]
   rows_in, aux = bitlinear_pallas.split_input(xs, form)
-  ref_rows, ref_parts = bl._xla_backward(*rows_in, *dys, norm_w, wg, *aux, nx=len(rows_in), n=n,
-                                         eps=1e-8, form=form, in_eps=1e-6)
+  ref_rows, ref_parts = bl.xla_backward(bl.Rows(tuple(rows_in), tuple(dys)),
+                                        bl.Shared(norm_w, wg, tuple(aux)), eps=1e-8, form=form,
+                                        in_eps=1e-6)
   # On CPU the kernel's silu and the formed input's rounding match XLA's; elsewhere (GPU)
   # the input can move by a bf16 ulp, which the norm-weight sums carry at that size.
   exact = form == "x" or jax.default_backend() == "cpu"
@@ -375,8 +377,8 @@ def test_int8_code_matmul_equals_the_compute_dtype_matmul(dtype):
     int8 = bl._int8_matmul(q, t, dtype, weights_nk)
     assert int8.dtype == dtype and float(int8[0, 0, 0]) == float(jnp.asarray(127 * 5632, dtype))
     np.testing.assert_array_equal(np.float32(int8), ref)
-  np.testing.assert_array_equal(np.float32(bl._code_matmul(q, t, dtype)), ref)
-  traced = jax.jit(bl._code_matmul, static_argnums=2).trace(q, t, dtype)
+  np.testing.assert_array_equal(np.float32(bl.code_matmul(q, t, dtype)), ref)
+  traced = jax.jit(bl.code_matmul, static_argnums=2).trace(q, t, dtype)
   dots = {p: [line for line in traced.lower(lowering_platforms=(p,)).as_text().splitlines()
               if "dot_general" in line] for p in ("cuda", "tpu", "cpu")}
   assert len(dots["cuda"]) == len(dots["tpu"]) == len(dots["cpu"]) == 1
@@ -394,8 +396,8 @@ def test_int8_forward_matmuls_give_the_model_the_same_numbers(monkeypatch):
   toks = jax.random.randint(jax.random.key(1), (2, 64), 0, cfg.vocab_size)
   loss = lambda p: jnp.mean(LM(cfg).apply({"params": p}, toks)[0].astype(jnp.float32) ** 2)
   runs = {}
-  for name, matmul in (("bf16", bl._code_matmul), ("int8", bl._int8_matmul)):
-    monkeypatch.setattr(bl, "_code_matmul", matmul)
+  for name, matmul in (("bf16", bl.code_matmul), ("int8", bl._int8_matmul)):
+    monkeypatch.setattr(bl, "code_matmul", matmul)
     lowered = jax.jit(jax.value_and_grad(loss)).lower(params)
     runs[name] = lowered.compile()(params)
     int8_dots = [line for line in lowered.as_text().splitlines()

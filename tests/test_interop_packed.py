@@ -13,7 +13,7 @@ from mmfree_jax.config import preset
 from mmfree_jax.infer.packed import forward, packed_logits
 from mmfree_jax.interop import CheckpointError, checkpoint
 from mmfree_jax.interop import packed as pk
-from mmfree_jax.layers.bitlinear import weight_codes, weight_quant
+from mmfree_jax.layers.quant import weight_codes, weight_quant
 from mmfree_jax.models import LM, init_cache, init_params
 
 CFG = preset("micro", "mmfree", vocab_size=300, dtype="float32", d_ff=72)

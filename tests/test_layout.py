@@ -1,6 +1,7 @@
 """The package's shape: the import graph of mmfree_jax/ has no cycle and no import from a
-lower layer into a higher one (the order below, read from the data flow). Read from the
-source (every import, also those inside functions), so nothing is imported here."""
+lower layer into a higher one (the order below, read from the data flow), and no module is
+longer than MAX_LINES. Read from the source (every import, also those inside functions), so
+nothing is imported here."""
 
 import ast
 import os
@@ -9,6 +10,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = "mmfree_jax"
+MAX_LINES = 450
 
 # Bottom to top; a module may import its own layer and those below it. The most specific
 # prefix decides; every CLI `__main__` and the top-level CLIs are entry points (the top).
@@ -125,3 +127,8 @@ def test_the_checks_see_imports_and_cycles():
   assert layer("mmfree_jax.layers.bitlinear") < layer("mmfree_jax.models") < layer(
       "mmfree_jax.train.loop")
 
+
+def test_no_module_is_longer_than_the_limit():
+  long = {os.path.relpath(p, ROOT): n for p in MODULES.values()
+          if (n := sum(1 for _ in open(p))) > MAX_LINES}
+  assert not long, f"over {MAX_LINES} lines: {long}"

@@ -169,8 +169,9 @@ def bitlinear_bwd_case(k: int, n: int = 1, form: str = "x", rows: int = 1, warps
       xs, dys, w, 0.5 * w, 1e-6, form, rows=rows, num_warps=warps, interpret=interpret))
   t = median_time(lambda: run(xs, dys, norm_w), iters)
   rows_in, aux = bitlinear_pallas.split_input(xs, form)
-  rows_out, parts = bl._xla_backward(*rows_in, *dys, norm_w, 0.5 * norm_w, *aux,
-                                     nx=len(rows_in), n=n, eps=1e-8, form=form, in_eps=1e-6)
+  rows_out, parts = bl.xla_backward(bl.Rows(tuple(rows_in), dys),
+                                    bl.Shared(norm_w, 0.5 * norm_w, tuple(aux)),
+                                    eps=1e-8, form=form, in_eps=1e-6)
   got = run(xs, dys, norm_w)
   err = rel_err([*got[0], *got[1], *got[2]], [*rows_out, *parts])
   # each [tokens, k] bf16 array read or written once
@@ -198,8 +199,8 @@ def bitlinear_codes_case(k: int, n: int = 1, form: str = "x", rows: int = 0, war
       xs, w, 1e-6, jnp.int8, form, rows=rows, num_warps=warps, interpret=interpret))
   t = median_time(lambda: run(xs, norm_w), iters)
   rows_in, aux = bitlinear_pallas.split_input(xs, form)
-  want, _ = bl._xla_codes(*rows_in, norm_w, *aux, eps=1e-8, x_dtype=jnp.bfloat16, form=form,
-                          in_eps=1e-6)
+  want, _ = bl.xla_codes(bl.Rows(tuple(rows_in)), bl.Shared(norm_w, aux=tuple(aux)), eps=1e-8,
+                         x_dtype=jnp.bfloat16, form=form, in_eps=1e-6)
   got, _ = run(xs, norm_w)
   err = max(float(jnp.mean(g != w)) for g, w in zip(got, want[:n]))
   nbytes = (2 * bitlinear_pallas.form_of(form).mk_arrays + n) * tokens * k + 4 * n * tokens
@@ -218,7 +219,7 @@ def gemm_case(m: int, k: int, n: int, operands: str = "bf16", epilogue: bool = T
   accumulation and the weight codes stored [N, K] (K minor in both operands, the int8
   tensor-core GEMM's layout). With `epilogue` the product is scaled per row in float32 and
   written as bf16 (BitLinear's CUDA path first rounds the int32 product to bf16:
-  `bitlinear._code_matmul`); without, the raw product is the result. `max_err`: relative
+  `bitlinear.code_matmul`); without, the raw product is the result. `max_err`: relative
   to the exact product.
   """
   keys = jax.random.split(jax.random.key(3), 3)

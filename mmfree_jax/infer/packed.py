@@ -10,8 +10,9 @@ import jax.numpy as jnp
 
 from mmfree_jax.config import ModelConfig
 from mmfree_jax.interop.packed import unpack_codes
-from mmfree_jax.layers.bitlinear import activation_codes, gated_input, glu_input, rms_normalize
+from mmfree_jax.layers.bitlinear import gated_input, glu_input
 from mmfree_jax.layers.mlgru import lower_bounds, mlgru_gates
+from mmfree_jax.layers.quant import activation_codes, rms_normalize
 from mmfree_jax.layers.scan import linear_recurrence
 from mmfree_jax.models import segment_resets
 

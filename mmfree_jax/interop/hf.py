@@ -303,7 +303,7 @@ def ternary_code_changes(cfg: ModelConfig, tensors: Mapping[str, np.ndarray],
                          dtype: str) -> tuple[int, int]:
   """(ternary codes that change, all codes) when the float32 BitLinear weights in HF
   `tensors` are stored as `dtype` (codes as the model computes them, per tensor)."""
-  from mmfree_jax.layers.bitlinear import weight_codes  # noqa: PLC0415 - jax, only here
+  from mmfree_jax.layers.quant import weight_codes  # noqa: PLC0415 - jax, only here
 
   np_dtype, changed, total = _np_dtype(dtype), 0, 0
   for name, _, transposed, _ in _entries(cfg):

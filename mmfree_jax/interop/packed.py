@@ -14,7 +14,7 @@ from safetensors.numpy import load_file, save_file
 
 from mmfree_jax.config import ModelConfig
 from mmfree_jax.interop import CheckpointError, hf
-from mmfree_jax.layers.bitlinear import weight_codes
+from mmfree_jax.layers.quant import weight_codes
 from mmfree_jax.models import param_shapes
 
 # Every BitLinear kernel [.., K, N] is ternarized ONCE from its latent weight (SPEC §1.1):
@@ -35,7 +35,7 @@ def pack_codes(t_KxN: np.ndarray) -> np.ndarray:
   t = np.asarray(t_KxN)
   if not np.all(np.isin(t, (-1, 0, 1))):
     raise ValueError("pack_codes takes ternary codes in {-1, 0, 1}; ternarize with "
-                     "layers.bitlinear.weight_codes first")
+                     "layers.quant.weight_codes first")
   k = t.shape[-2]
   pad = (-k) % 4
   c = (t.astype(np.int16) + 1).astype(np.uint8)

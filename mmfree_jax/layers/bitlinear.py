@@ -1,32 +1,13 @@
 """Ternary BitLinear (SPEC §1.1): input RMSNorm, 8-bit activations, ternary weights, STE.
-
-`bitlinear` is the memory-lean version: a `custom_vjp` that saves only the input `x`
-(plus the parameters it already has) and recomputes the normalized, quantized
-activations in the backward pass. `bitlinear_naive` is plain autodiff through
-straight-through estimators and serves as the reference.
-
-The matmul runs on the exact integer codes (int8 activations, ternary weights), then applies
-both scales: on CUDA GPUs as an int8 x int8 -> int32 tensor-core GEMM (1.6-1.8x the bf16 rate
-at the 1.3B shapes), on TPUs as an int8 MXU matmul (twice the bf16 rate on v5e and v6e),
-elsewhere in the compute dtype with float32 accumulation (exact: the sums stay below 2^24).
-Either way the integer product is rounded once to the compute dtype before scaling (with
-bf16 a relative error <= 2^-9, like any bf16 matmul output).
-impl "pallas" runs the elementwise work around the matmuls as fused Pallas kernels on
-CUDA GPUs (`bitlinear_pallas`): the input norm + int8 codes, and in the backward pass the
-norm backward, the fake-quantized activations for the weight gradient and the norm-weight
-gradient's partial sums. `bitlinear_shared` runs several projections of one input as a
-group (one read of the input, one input gradient); `glu_mlp` runs the GLU's two
-projections as one `custom_vjp`, so the down projection's kernels read the gate/up
-projection's unscaled product and row scale and never materialize gate, up or
-`silu(gate) * up`; `gated_bitlinear` runs the MLGRU's output gate and o_proj as one, so
-its kernels read g and h and never materialize the gated output or its gradient.
-"""
+`bitlinear` is a memory-lean `custom_vjp` (saves only its input; the quantized activations
+are recomputed in the backward pass); `bitlinear_shared`, `glu_mlp` and `gated_bitlinear`
+run groups of projections as one function; `bitlinear_naive` is the autodiff reference."""
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -35,46 +16,25 @@ from jax.ad_checkpoint import checkpoint_name
 
 from mmfree_jax import sharding
 from mmfree_jax.layers import bitlinear_pallas
+from mmfree_jax.layers.quant import (activation_codes, activation_quant, rms_normalize,
+                                     weight_codes, weight_quant)
+
+# The matmul runs on the exact integer codes (int8 activations, ternary weights), then
+# applies both scales: int8 x int8 -> int32 on CUDA GPUs and TPUs (faster than bf16 at the
+# model's shapes: BENCHMARKS.md, "H200 BitLinear kernels"), elsewhere in the compute dtype
+# with float32 accumulation (exact: the sums stay below 2^24). Either way the integer
+# product is rounded once to the compute dtype before scaling (bf16: relative error <= 2^-9).
+#
+# impl "pallas" runs the elementwise work around the matmuls as fused Pallas kernels on
+# CUDA GPUs (`bitlinear_pallas`): the input norm + int8 codes, and in the backward pass the
+# norm backward, the fake-quantized activations for the weight gradient and the norm-weight
+# gradient's partial sums. A group's input comes in one of the kernels' forms
+# (`bitlinear_pallas.FORMS`): an array ("x"); the GLU's gate/up product and row scale
+# ("glu": gate, up and `silu(gate) * up` are never materialized); or the MLGRU's g and h
+# ("gate": o_proj's kernels form the gated output and its gradient in registers).
 
 F32 = jnp.float32
 KERNEL_MIN_ROWS = 256
-
-
-def round_half_away(x: jax.Array) -> jax.Array:
-  """Round to nearest, ties away from zero (what the fused reference kernels do)."""
-  return jnp.sign(x) * jnp.floor(jnp.abs(x) + 0.5)
-
-
-def rms_normalize(x: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
-  """Returns (x * rstd, rstd) in float32; no learnable weight."""
-  x = x.astype(F32)
-  rstd = jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
-  return x * rstd, rstd
-
-
-def activation_codes(y: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Per-token absmax int8 codes: returns (q in [-128, 127] as float32, scale s)."""
-  s = 127.0 / jnp.maximum(jnp.max(jnp.abs(y), axis=-1, keepdims=True), 1e-5)
-  return jnp.clip(round_half_away(y * s), -128.0, 127.0), s
-
-
-def activation_quant(y: jax.Array) -> jax.Array:
-  """Fake-quantized activations `q / s` (float32)."""
-  q, s = activation_codes(y.astype(F32))
-  return q / s
-
-
-def weight_codes(w: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Per-tensor absmean ternary codes: returns (t in {-1, 0, 1} as float32, scale g)."""
-  w = w.astype(F32)
-  g = jnp.maximum(jnp.mean(jnp.abs(w)), 1e-5)
-  return jnp.clip(jnp.round(w * (1.0 / g)), -1.0, 1.0), g
-
-
-def weight_quant(w: jax.Array) -> jax.Array:
-  """Fake-quantized ternary weights `t * g` (float32)."""
-  t, g = weight_codes(w)
-  return t * g
 
 
 def _mm(a: jax.Array, b: jax.Array, dtype, out=F32) -> jax.Array:
@@ -128,59 +88,72 @@ def _input(xs, form: str, dtype, in_eps: float):
   return xs[0]
 
 
-def _rows(fn, nx: int, n: int):
-  """Runs `fn` (written for [M, K] rows) on [..., K] inputs: flattens the leading dims of
-  the first nx + n arguments and restores them on the results in fn's first list (the
-  second holds per-block results, left as they are)."""
-  def run(*args):
-    lead = args[0].shape[:-1]
-    flat = [a.reshape(-1, a.shape[-1]) for a in args[:nx + n]]
-    rows, blocks = fn(*flat, *args[nx + n:])
-    return [r.reshape(*lead, r.shape[-1]) for r in rows], blocks
+class Rows(NamedTuple):
+  """A group's per-row arrays ([..., K] each; the leading dims are the tokens): the input in
+  its form (x; the GLU's p, r; the gate's g, h) and, for the backward, the n cotangents."""
+  xs: tuple
+  dys: tuple = ()
+
+
+class Shared(NamedTuple):
+  """A group's arrays shared by every row: the n input-norm weights [n, K], in the backward
+  their products with each weight scale, and the form's own (the gate's g-norm weight)."""
+  norm_w: jax.Array
+  wg: jax.Array | None = None
+  aux: tuple = ()
+
+
+def _on_rows(fn):
+  """Runs `fn(rows, shared)` (written for [M, K] rows) on [..., K] rows: flattens the
+  leading dims of `rows` and restores them on fn's first list of results (the second
+  holds per-block results, left as they are)."""
+  def run(rows: Rows, shared: Shared):
+    lead = jax.tree.leaves(rows)[0].shape[:-1]
+    out, blocks = fn(jax.tree.map(lambda a: a.reshape(-1, a.shape[-1]), rows), shared)
+    return [o.reshape(*lead, o.shape[-1]) for o in out], blocks
   return run
 
 
-def _xla_codes(*args, eps, x_dtype, form, in_eps=0.0):
-  na = bitlinear_pallas.form_of(form).replicated
-  *xs, norm_w_NxK = args[:len(args) - na]
-  xhat, _ = rms_normalize(_input((*xs, *args[len(args) - na:]), form, x_dtype, in_eps), eps)
-  qs, ss = zip(*(activation_codes(xhat * w) for w in norm_w_NxK.astype(F32)))
+def xla_codes(rows: Rows, shared: Shared, *, eps, x_dtype, form, in_eps=0.0):
+  """(n int8 activation codes, n per-token scales) of a group, in XLA (on [M, K] rows)."""
+  xhat, _ = rms_normalize(_input((*rows.xs, *shared.aux), form, x_dtype, in_eps), eps)
+  qs, ss = zip(*(activation_codes(xhat * w) for w in shared.norm_w.astype(F32)))
   return [*(q.astype(jnp.int8) for q in qs), *ss], []
 
 
-def _pallas_codes(*args, eps, x_dtype, form, in_eps=0.0):
-  na = bitlinear_pallas.form_of(form).replicated
-  *xs, norm_w_NxK = args[:len(args) - na]
-  qs, ss = bitlinear_pallas.activation_codes((*xs, *args[len(args) - na:]), norm_w_NxK, eps,
+def _pallas_codes(rows: Rows, shared: Shared, *, eps, x_dtype, form, in_eps=0.0):
+  qs, ss = bitlinear_pallas.activation_codes((*rows.xs, *shared.aux), shared.norm_w, eps,
                                              jnp.int8, form, x_dtype, in_eps=in_eps)
   return [*qs, *ss], []
 
 
-def _dispatch(kernel, xla, args, nx: int, n: int, impl: str, replicated: int):
+def _dispatch(kernel, xla, rows: Rows, shared: Shared, impl: str):
   """XLA for impl "xla" and for fewer than `KERNEL_MIN_ROWS` tokens (decode steps: XLA
   fuses those few rows into neighbouring ops); otherwise the kernel on CUDA GPUs (per
   device under a data/fsdp mesh) and XLA elsewhere (`sharding.cuda_kernel`)."""
-  kernel, xla = _rows(kernel, nx, n), _rows(xla, nx, n)
-  if impl != "pallas" or math.prod(args[0].shape[:-1]) < KERNEL_MIN_ROWS:
-    return xla(*args)
-  first = len(args) - replicated
-  return sharding.cuda_kernel(kernel, xla, *args, replicated_args=tuple(range(first, len(args))))
+  kernel, xla = _on_rows(kernel), _on_rows(xla)
+  if impl != "pallas" or math.prod(rows.xs[0].shape[:-1]) < KERNEL_MIN_ROWS:
+    return xla(rows, shared)
+  return sharding.cuda_kernel(kernel, xla, rows, shared, replicated_args=(1,))
 
 
 def _codes(xs, norm_w_NxK, eps, dtype, impl, form, aux=(), in_eps=0.0):
   """(int8 activation codes, per-token scales s [..., 1]) for each norm weight of a group
-  whose input comes as `form` from the row arrays xs and replicated arrays aux; `dtype`
+  whose input comes as `form` from the row arrays xs and shared arrays aux; `dtype`
   rounds a formed input."""
   kw = dict(eps=eps, x_dtype=dtype, form=form, in_eps=in_eps)
-  out, _ = _dispatch(functools.partial(_pallas_codes, **kw), functools.partial(_xla_codes, **kw),
-                     (*xs, norm_w_NxK, *aux), len(xs), 0, impl, 1 + len(aux))
+  out, _ = _dispatch(functools.partial(_pallas_codes, **kw), functools.partial(xla_codes, **kw),
+                     Rows(tuple(xs)), Shared(norm_w_NxK, aux=tuple(aux)), impl)
   n = norm_w_NxK.shape[0]
   return out[:n], out[n:]
 
 
-def _xla_backward(*args, nx, n, eps, form, in_eps=0.0):
-  xs, dys, (norm_w_NxK, wg_NxK), aux = (args[:nx], args[nx:nx + n], args[nx + n:nx + n + 2],
-                                        args[nx + n + 2:])
+def xla_backward(rows: Rows, shared: Shared, *, eps, form, in_eps=0.0):
+  """A group's backward in XLA (on [M, K] rows): ([the input's gradients (with "glu" that
+  of gate | up), n fake-quantized activations], [per-block partial sums of the norm-weight
+  gradients (and with "gate" the g-norm weight's)])."""
+  xs, dys = rows
+  norm_w_NxK, wg_NxK, aux = shared
   dtype = dys[0].dtype
   if form == "glu":  # the gradient is taken with respect to gate | up
     x, glu_vjp = jax.vjp(lambda gu: _glu_product(gu, dtype), glu_gate_up(*xs, dtype))
@@ -208,11 +181,10 @@ def _xla_backward(*args, nx, n, eps, form, in_eps=0.0):
   return [*dxs, *yqs], parts
 
 
-def _pallas_backward(*args, nx, n, eps, form, in_eps=0.0):
-  xs, dys, (norm_w_NxK, wg_NxK), aux = (args[:nx], args[nx:nx + n], args[nx + n:nx + n + 2],
-                                        args[nx + n + 2:])
-  dxs, yqs, parts = bitlinear_pallas.backward((*xs, *aux), tuple(dys), norm_w_NxK, wg_NxK, eps,
-                                              form, dys[0].dtype, in_eps=in_eps)
+def _pallas_backward(rows: Rows, shared: Shared, *, eps, form, in_eps=0.0):
+  dxs, yqs, parts = bitlinear_pallas.backward((*rows.xs, *shared.aux), tuple(rows.dys),
+                                              shared.norm_w, shared.wg, eps, form,
+                                              rows.dys[0].dtype, in_eps=in_eps)
   return [*dxs, *yqs], parts
 
 
@@ -221,7 +193,7 @@ def _weights(ws):
   return [t for t, _ in tg], [g for _, g in tg]
 
 
-def _code_matmul(q: jax.Array, t: jax.Array, dtype) -> jax.Array:
+def code_matmul(q: jax.Array, t: jax.Array, dtype) -> jax.Array:
   """int8 codes q [..., K] @ ternary codes t [K, N]: the exact integer product rounded once
   to `dtype` (exact in float32; in bf16 the same relative error as rounding the scaled
   result). On CUDA GPUs and TPUs an int8 x int8 -> int32 matmul whose int32 -> dtype
@@ -245,7 +217,7 @@ def _int8_matmul(q: jax.Array, t: jax.Array, dtype, weights_nk: bool = False) ->
 def _forward(xs, norm_ws, ws, eps, dtype, out_dtype, impl, form, aux=(), in_eps=0.0):
   qs, ss = _codes(xs, jnp.stack(norm_ws), eps, dtype, impl, form, aux, in_eps)
   ts, gs = _weights(ws)
-  return tuple((_code_matmul(q, t, dtype).astype(F32) * (g / s)).astype(out_dtype or dtype)
+  return tuple((code_matmul(q, t, dtype).astype(F32) * (g / s)).astype(out_dtype or dtype)
                for q, s, t, g in zip(qs, ss, ts, gs))
 
 
@@ -259,13 +231,13 @@ def _backward(xs, norm_ws, ws, g_outs, eps, dtype, impl, form, aux=(), in_eps=0.
                              preferred_element_type=dtype) for go, t in zip(g_outs, ts)]
   norm_w_NxK = jnp.stack(norm_ws).astype(F32)
   wg_NxK = norm_w_NxK * jnp.stack(gs)[:, None]
-  nx, n = len(xs), len(ws)
-  kw = dict(nx=nx, n=n, eps=eps, form=form, in_eps=in_eps)
-  rows, parts = _dispatch(functools.partial(_pallas_backward, **kw),
-                          functools.partial(_xla_backward, **kw),
-                          (*xs, *dys, norm_w_NxK, wg_NxK, *aux), nx, n, impl, 2 + len(aux))
-  nd = len(rows) - n
-  dxs, yqs = rows[:nd], rows[nd:]
+  n = len(ws)
+  kw = dict(eps=eps, form=form, in_eps=in_eps)
+  out, parts = _dispatch(functools.partial(_pallas_backward, **kw),
+                         functools.partial(xla_backward, **kw),
+                         Rows(tuple(xs), tuple(dys)), Shared(norm_w_NxK, wg_NxK, tuple(aux)),
+                         impl)
+  dxs, yqs = out[:len(out) - n], out[len(out) - n:]
   dnorms = tuple((g * p.sum(0)).astype(nw.dtype) for g, p, nw in zip(gs, parts, norm_ws))
   daux = tuple(p.sum(0).reshape(a.shape).astype(a.dtype) for p, a in zip(parts[n:], aux))
   flat = lambda a: a.reshape(-1, a.shape[-1])
@@ -297,7 +269,7 @@ _group.defvjp(_group_fwd, _group_bwd)
 def _glu_forward(x, norm_gu, w_gu, norm_d, w_d, eps, dtype, out_dtype, impl):
   (q,), (s,) = _codes((x,), norm_gu[None], eps, dtype, impl, "x")
   t, g = weight_codes(w_gu)
-  p = checkpoint_name(_code_matmul(q, t, dtype), "proj")  # what lean remat keeps
+  p = checkpoint_name(code_matmul(q, t, dtype), "proj")  # what lean remat keeps
   r = checkpoint_name(g / s, "proj")
   out, = _forward((p, r), (norm_d,), (w_d,), eps, dtype, out_dtype, impl, "glu")
   return out, (p, r)
@@ -449,15 +421,13 @@ class BitLinear(nn.Module):
   dtype: jnp.dtype = jnp.bfloat16
   out_dtype: jnp.dtype | None = None
   kernel_init: Callable = nn.initializers.normal(0.02)
-  lean: bool = True
   impl: str = "xla"
 
   @nn.compact
   def __call__(self, x):
     norm_w, w = _declare(self, x.shape[-1], self.features, self.axes, self.kernel_init)
-    fn = bitlinear if self.lean else bitlinear_naive
-    return checkpoint_name(fn(x, norm_w, w, self.eps, self.dtype, self.out_dtype, self.impl),
-                           "proj")
+    return checkpoint_name(bitlinear(x, norm_w, w, self.eps, self.dtype, self.out_dtype,
+                                     self.impl), "proj")
 
 
 class BitLinearWeights(nn.Module):
@@ -477,16 +447,3 @@ class BitLinearWeights(nn.Module):
 def xavier_uniform(gain: float) -> Callable:
   """Xavier/Glorot uniform with a gain (variance_scaling(gain^2, fan_avg, uniform))."""
   return nn.initializers.variance_scaling(gain**2, "fan_avg", "uniform")
-
-
-def ternary_stats(w: jax.Array) -> dict[str, jax.Array]:
-  """Fractions of -1/0/+1 codes and the absmean scale of a latent weight."""
-  t, g = weight_codes(w)
-  return {"neg": jnp.mean(t < 0), "zero": jnp.mean(t == 0), "pos": jnp.mean(t > 0), "scale": g}
-
-
-__all__: Sequence[str] = (
-    "BitLinear", "BitLinearWeights", "bitlinear", "bitlinear_shared", "glu_mlp",
-    "glu_mlp_reference", "glu_input", "glu_gate_up", "gated_bitlinear", "gated_input",
-    "bitlinear_naive", "activation_codes", "activation_quant", "weight_codes", "weight_quant",
-    "round_half_away", "rms_normalize", "xavier_uniform", "ternary_stats")

@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmfree_jax.layers.bitlinear import rms_normalize
+from mmfree_jax.layers.quant import rms_normalize
 
 
 def _scale(module: nn.Module, d: int, axis_name: str) -> jax.Array:
