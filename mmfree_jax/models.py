@@ -25,7 +25,8 @@ from mmfree_jax.layers.norm import RMSNorm
 #
 # `segment_ids` (1, 2, ... per packed document, 0 = padding) reset the recurrence / mask
 # attention at document boundaries; `cache` (from `init_cache`) continues a sequence:
-# prefill with T > 1, decode with T = 1.
+# prefill with T > 1, decode with T = 1. `p` holds latent weights, or for arch="mmfree" the
+# 2-bit packed ones of `interop.packed` (each BitLinear then runs on its stored codes).
 #
 # `python -m mmfree_jax.models` prints the preset table.
 
@@ -102,7 +103,7 @@ class LM(nn.Module):
     b, t = tokens_BxT.shape
     emb = self.param("embed", nn.with_logical_partitioning(
         nn.initializers.normal(cfg.init_std), ("vocab", "embed")), (cfg.vocab_size, cfg.d_model), F32)
-    x = nn.with_logical_constraint(jnp.take(emb, tokens_BxT, axis=0), ACT)
+    x = nn.with_logical_constraint(jnp.take(emb, tokens_BxT, axis=0).astype(F32), ACT)
 
     if cfg.arch == "mmfree":
       if cfg.lower_bound:

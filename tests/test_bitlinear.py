@@ -9,7 +9,7 @@ import pytest
 from mmfree_jax import sharding
 from mmfree_jax.config import preset
 from mmfree_jax.layers import bitlinear as bl
-from mmfree_jax.layers import quant
+from mmfree_jax.layers import gates, quant
 from mmfree_jax.layers import bitlinear_pallas
 from mmfree_jax.models import LM, init_params
 
@@ -266,7 +266,7 @@ def test_gated_bitlinear_equals_bitlinear_of_the_gated_input(dtype):
   gnorm_w = 1 + 0.1 * jax.random.normal(jax.random.key(7), (48,))
   fused = lambda g, h, gw, nw, w: bl.gated_bitlinear(g, h, gw, nw, w, 1e-6, 1e-8, dtype,
                                                      jnp.float32)
-  apart = lambda g, h, gw, nw, w: bl.bitlinear(bl.gated_input(g, h, gw, 1e-6, dtype), nw, w, 1e-8,
+  apart = lambda g, h, gw, nw, w: bl.bitlinear(gates.gated_input(g, h, gw, 1e-6, dtype), nw, w, 1e-8,
                                                dtype, jnp.float32)
   out_f, grads_f = _grads(fused, (g, h, gnorm_w, norm_w, w), c)
   out_a, grads_a = _grads(apart, (g, h, gnorm_w, norm_w, w), c)
@@ -277,7 +277,7 @@ def test_gated_bitlinear_equals_bitlinear_of_the_gated_input(dtype):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
   ghat = g * jax.lax.rsqrt(jnp.mean(g * g, -1, keepdims=True) + 1e-6)
   want = (ghat * gnorm_w * h * jax.nn.sigmoid(h)).astype(dtype)
-  np.testing.assert_allclose(np.float32(bl.gated_input(g, h, gnorm_w, 1e-6, dtype)),
+  np.testing.assert_allclose(np.float32(gates.gated_input(g, h, gnorm_w, 1e-6, dtype)),
                              np.float32(want), rtol=1e-6 if dtype == jnp.float32 else 1e-2)
 
 

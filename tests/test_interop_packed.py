@@ -10,9 +10,9 @@ import pytest
 
 from mmfree_jax import convert
 from mmfree_jax.config import preset
-from mmfree_jax.infer.packed import forward, packed_logits
 from mmfree_jax.interop import CheckpointError, checkpoint
 from mmfree_jax.interop import packed as pk
+from mmfree_jax.layers import quant
 from mmfree_jax.layers.quant import weight_codes, weight_quant
 from mmfree_jax.models import LM, init_cache, init_params
 
@@ -21,23 +21,25 @@ PARAMS = nn.unbox(init_params(CFG, jax.random.key(0)))
 PARAMS["lower_bounds"] = jax.random.normal(jax.random.key(3), PARAMS["lower_bounds"].shape)
 TOKENS = jax.random.randint(jax.random.key(1), (2, 16), 0, 300)
 latent_logits = jax.jit(lambda p, t: LM(CFG).apply({"params": p}, t)[0])
-packed_step = jax.jit(lambda p, t, c: forward(CFG, p, t, cache=c))
+# The same model on packed params: each BitLinear runs on the stored ternary codes.
+packed_logits = jax.jit(lambda cfg, p, t: LM(cfg).apply({"params": p}, t)[0], static_argnums=0)
+packed_step = jax.jit(lambda p, t, c: LM(CFG).apply({"params": p}, t, cache=c))
 
 
 def test_pack_layout_and_round_trip():
   t = np.array([[-1, 0, 1], [1, 1, -1], [0, -1, 0], [1, 0, 0], [-1, -1, 1]])  # K=5 (padded to 8)
-  p = pk.pack_codes(t)
+  p = quant.pack_codes(t)
   assert p.dtype == np.uint8 and p.shape == (2, 3)
   # rows 0..3 of column 0: codes (t+1) = 0, 2, 1, 2 -> 0 | 2<<2 | 1<<4 | 2<<6
   assert p[0, 0] == 0 | 2 << 2 | 1 << 4 | 2 << 6
   assert p[1, 0] == 0 | 1 << 2 | 1 << 4 | 1 << 6  # row 4 then three zero pads (code 1)
-  u = pk.unpack_codes(jnp.asarray(p), 5)
+  u = quant.unpack_codes(jnp.asarray(p), 5)
   assert u.dtype == jnp.int8
   np.testing.assert_array_equal(u, t)
   big = np.random.default_rng(0).integers(-1, 2, (3, 37, 11))
-  np.testing.assert_array_equal(pk.unpack_codes(jnp.asarray(pk.pack_codes(big)), 37), big)
+  np.testing.assert_array_equal(quant.unpack_codes(jnp.asarray(quant.pack_codes(big)), 37), big)
   with pytest.raises(ValueError, match="ternary codes"):
-    pk.pack_codes(np.array([[2, 0, 0, 0]]))
+    quant.pack_codes(np.array([[2, 0, 0, 0]]))
 
 
 def test_packed_codes_and_scales_are_those_of_the_latent_weights():

@@ -10,7 +10,8 @@ import pytest
 from mmfree_jax import sharding
 from mmfree_jax.config import SCAN_IMPLS as IMPLS
 from mmfree_jax.layers import mlgru_pallas, scan_pallas
-from mmfree_jax.layers.mlgru import mlgru_gates, mlgru_recurrence
+from mmfree_jax.layers.gates import mlgru_gates
+from mmfree_jax.layers.mlgru import mlgru_recurrence
 from mmfree_jax.layers.scan import linear_recurrence
 
 

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 from mmfree_jax.bench.measure import hbm_bw, median_time, peak_gib, rel_err
 from mmfree_jax.layers import bitlinear as bl
 from mmfree_jax.layers import bitlinear_pallas
-from mmfree_jax.layers.mlgru import mlgru_gates, mlgru_recurrence
+from mmfree_jax.layers.gates import mlgru_gates
+from mmfree_jax.layers.mlgru import mlgru_recurrence
 from mmfree_jax.layers.scan import linear_recurrence
 
 

@@ -11,8 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmfree_jax.config import ModelConfig
-from mmfree_jax.infer import packed as packed_forward
-from mmfree_jax.interop.packed import is_packed
 from mmfree_jax.infer.sampling import Sampling, SamplingError, sample
 from mmfree_jax.models import LM, init_cache
 
@@ -36,9 +34,8 @@ from mmfree_jax.models import LM, init_cache
 def model_forward(cfg: ModelConfig, params: Any, tokens_BxT: jax.Array,
                   cache: dict | None = None,
                   segment_ids_BxT: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
-  """`(logits_BxTxV, new_cache)` from latent or packed params."""
-  if is_packed(params):
-    return packed_forward.forward(cfg, params, tokens_BxT, segment_ids_BxT, cache)
+  """`(logits_BxTxV, new_cache)` from latent or packed params (`interop.packed`: the model
+  takes each packed kernel as its ternary codes and scale)."""
   return LM(cfg).apply({"params": params}, tokens_BxT, segment_ids_BxT, cache)
 
 

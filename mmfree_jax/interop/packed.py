@@ -14,7 +14,7 @@ from safetensors.numpy import load_file, save_file
 
 from mmfree_jax.config import ModelConfig
 from mmfree_jax.interop import CheckpointError, hf
-from mmfree_jax.layers.quant import weight_codes
+from mmfree_jax.layers.quant import pack_codes, unpack_codes, weight_codes
 from mmfree_jax.models import param_shapes
 
 # Every BitLinear kernel [.., K, N] is ternarized ONCE from its latent weight (SPEC §1.1):
@@ -28,29 +28,6 @@ from mmfree_jax.models import param_shapes
 PACKED_FILE = "packed.safetensors"
 KERNEL_KEYS = ("codes", "scale")
 EMBED_DTYPES = ("float32", "bfloat16")
-
-
-def pack_codes(t_KxN: np.ndarray) -> np.ndarray:
-  """Ternary codes {-1,0,1} [..., K, N] -> uint8 [..., ceil(K/4), N] (K padded with 0s)."""
-  t = np.asarray(t_KxN)
-  if not np.all(np.isin(t, (-1, 0, 1))):
-    raise ValueError("pack_codes takes ternary codes in {-1, 0, 1}; ternarize with "
-                     "layers.quant.weight_codes first")
-  k = t.shape[-2]
-  pad = (-k) % 4
-  c = (t.astype(np.int16) + 1).astype(np.uint8)
-  if pad:
-    c = np.concatenate([c, np.ones(c.shape[:-2] + (pad, c.shape[-1]), np.uint8)], axis=-2)
-  c = c.reshape(c.shape[:-2] + ((k + pad) // 4, 4, c.shape[-1]))
-  return (c[..., 0, :] | c[..., 1, :] << 2 | c[..., 2, :] << 4 | c[..., 3, :] << 6).astype(np.uint8)
-
-
-def unpack_codes(packed: jax.Array, k: int) -> jax.Array:
-  """uint8 [..., K/4, N] -> int8 ternary codes [..., K, N] (works inside jit)."""
-  shifts = jnp.arange(4, dtype=jnp.uint8)[:, None] * 2
-  c = (packed[..., :, None, :] >> shifts) & 3  # [..., K/4, 4, N]
-  c = c.reshape(packed.shape[:-2] + (packed.shape[-2] * 4, packed.shape[-1]))[..., :k, :]
-  return c.astype(jnp.int8) - 1
 
 
 def _is_kernel(path: tuple[str, ...]) -> bool:

@@ -16,8 +16,10 @@ from jax.ad_checkpoint import checkpoint_name
 
 from mmfree_jax import sharding
 from mmfree_jax.layers import bitlinear_pallas
+from mmfree_jax.layers.gates import (gated_input, gated_input_grads, glu_gate_up, glu_input,
+                                     glu_product)
 from mmfree_jax.layers.quant import (activation_codes, activation_quant, rms_normalize,
-                                     weight_codes, weight_quant)
+                                     unpack_codes, weight_codes, weight_quant)
 
 # The matmul runs on the exact integer codes (int8 activations, ternary weights), then
 # applies both scales: int8 x int8 -> int32 on CUDA GPUs and TPUs (faster than bf16 at the
@@ -44,45 +46,10 @@ def _mm(a: jax.Array, b: jax.Array, dtype, out=F32) -> jax.Array:
       preferred_element_type=out)
 
 
-def glu_input(gate: jax.Array, up: jax.Array, dtype) -> jax.Array:
-  """`silu(gate) * up` in float32, rounded to `dtype` (the GLU's down-projection input)."""
-  return (jax.nn.silu(gate.astype(F32)) * up.astype(F32)).astype(dtype)
-
-
-def glu_gate_up(p: jax.Array, r: jax.Array, dtype) -> jax.Array:
-  """gate | up: the gate/up projection's output `p * r` (unscaled integer product
-  p [..., 2I], per-row scale r [..., 1]) rounded to `dtype`."""
-  return (p.astype(F32) * r).astype(dtype)
-
-
-def _glu_product(gu: jax.Array, dtype) -> jax.Array:
-  return glu_input(*jnp.split(gu, 2, axis=-1), dtype)
-
-
-def gated_input(g: jax.Array, h: jax.Array, gnorm_w: jax.Array, eps: float, dtype) -> jax.Array:
-  """The MLGRU's gated output `RMSNorm(g) * gnorm_w * silu(h)` in float32 (as the official
-  fused norm-and-gate kernel computes it), rounded to `dtype` (o_proj's input)."""
-  ghat, _ = rms_normalize(g, eps)
-  return (ghat * gnorm_w.astype(F32) * jax.nn.silu(h.astype(F32))).astype(dtype)
-
-
-def _gate_grads(dz: jax.Array, g: jax.Array, h: jax.Array, gnorm_w: jax.Array, eps: float):
-  """`gated_input`'s backward from its output's gradient dz (float32): (dg, dh, the rows'
-  terms of the g-norm weight's gradient), in float32 and the kernel's arithmetic."""
-  ghat, g_rstd = rms_normalize(g, eps)
-  h = h.astype(F32)
-  sig = jax.nn.sigmoid(h)
-  dgn = dz * (h * sig)
-  dgh = dgn * gnorm_w
-  mean = jnp.mean(dgh * ghat, axis=-1, keepdims=True)
-  dh = dz * (ghat * gnorm_w) * (sig * (1.0 + h * (1.0 - sig)))
-  return g_rstd * (dgh - ghat * mean), dh, dgn * ghat
-
-
 def _input(xs, form: str, dtype, in_eps: float):
   """The input of a group from its form's arrays (`bitlinear_pallas.FORMS`)."""
   if form == "glu":
-    return _glu_product(glu_gate_up(*xs, dtype), dtype)
+    return glu_product(glu_gate_up(*xs, dtype), dtype)
   if form == "gate":
     return gated_input(*xs, in_eps, dtype)
   return xs[0]
@@ -156,7 +123,7 @@ def xla_backward(rows: Rows, shared: Shared, *, eps, form, in_eps=0.0):
   norm_w_NxK, wg_NxK, aux = shared
   dtype = dys[0].dtype
   if form == "glu":  # the gradient is taken with respect to gate | up
-    x, glu_vjp = jax.vjp(lambda gu: _glu_product(gu, dtype), glu_gate_up(*xs, dtype))
+    x, glu_vjp = jax.vjp(lambda gu: glu_product(gu, dtype), glu_gate_up(*xs, dtype))
   else:
     x = _input((*xs, *aux), form, dtype, in_eps)
   xhat, rstd = rms_normalize(x, eps)
@@ -173,7 +140,7 @@ def xla_backward(rows: Rows, shared: Shared, *, eps, form, in_eps=0.0):
   if form == "glu":
     dxs = [glu_vjp(dx.astype(dtype))[0]]
   elif form == "gate":  # the formed input was rounded to dtype, so is its gradient
-    dg, dh, dgw = _gate_grads(dx.astype(dtype).astype(F32), *xs, aux[0], in_eps)
+    dg, dh, dgw = gated_input_grads(dx.astype(dtype).astype(F32), *xs, aux[0], in_eps)
     dxs = [dg.astype(xs[0].dtype), dh.astype(xs[1].dtype)]
     parts.append(blocks(dgw))
   else:
@@ -188,8 +155,19 @@ def _pallas_backward(rows: Rows, shared: Shared, *, eps, form, in_eps=0.0):
   return [*dxs, *yqs], parts
 
 
+class Ternary(NamedTuple):
+  """A kernel already ternarized: codes t in {-1, 0, 1} [K, N] and its scale g (the 2-bit
+  packed checkpoints', `interop.packed`); a BitLinear takes it in place of a latent kernel."""
+  codes: jax.Array
+  scale: jax.Array
+
+
+def _ternary(w) -> tuple[jax.Array, jax.Array]:
+  return tuple(w) if isinstance(w, Ternary) else weight_codes(w)
+
+
 def _weights(ws):
-  tg = [weight_codes(w) for w in ws]
+  tg = [_ternary(w) for w in ws]
   return [t for t, _ in tg], [g for _, g in tg]
 
 
@@ -268,7 +246,7 @@ _group.defvjp(_group_fwd, _group_bwd)
 
 def _glu_forward(x, norm_gu, w_gu, norm_d, w_d, eps, dtype, out_dtype, impl):
   (q,), (s,) = _codes((x,), norm_gu[None], eps, dtype, impl, "x")
-  t, g = weight_codes(w_gu)
+  t, g = _ternary(w_gu)
   p = checkpoint_name(code_matmul(q, t, dtype), "proj")  # what lean remat keeps
   r = checkpoint_name(g / s, "proj")
   out, = _forward((p, r), (norm_d,), (w_d,), eps, dtype, out_dtype, impl, "glu")
@@ -405,9 +383,13 @@ def bitlinear_naive(x, norm_w, w, eps: float = 1e-6, dtype=jnp.bfloat16, out_dty
 
 
 def _declare(module: nn.Module, k: int, features: int, axes, kernel_init):
-  """The input-norm weight [k] and latent kernel [k, features] of one BitLinear."""
+  """The input-norm weight [k] and latent kernel [k, features] of one BitLinear, or where
+  the params hold it packed ("codes", "scale"), its `Ternary` kernel."""
   norm_w = module.param("norm", nn.with_logical_partitioning(nn.initializers.ones, axes[:1]),
                         (k,), F32)
+  if module.has_variable("params", "codes"):
+    codes = unpack_codes(module.get_variable("params", "codes"), k)
+    return norm_w, Ternary(codes, module.get_variable("params", "scale"))
   w = module.param("kernel", nn.with_logical_partitioning(kernel_init, axes), (k, features), F32)
   return norm_w, w
 

@@ -1,5 +1,6 @@
-"""MLGRU token mixer (SPEC §1.2): ternary projections around an elementwise recurrence; its
-gates (`mlgru_gates`) and their recurrence (`mlgru_recurrence`) live here."""
+"""MLGRU token mixer (SPEC §1.2): ternary projections around an elementwise recurrence, and
+that recurrence from the projections with the gates fused in (`mlgru_recurrence`); the
+gates' math is `gates.py`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from mmfree_jax.config import ModelConfig
 from mmfree_jax.layers import mlgru_pallas, scan, scan_pallas
 from mmfree_jax.layers.bitlinear import (BitLinear, BitLinearWeights, bitlinear_shared,
                                          gated_bitlinear, xavier_uniform)
+from mmfree_jax.layers.gates import mlgru_gates
 from mmfree_jax.layers.norm import RMSNormScale
 
 F32 = jnp.float32
@@ -24,13 +26,6 @@ def lower_bounds(gamma_LxD: jax.Array) -> jax.Array:
   """`cumsum(softmax(Gamma, 0), 0) - P[0]`: zero for layer 0, rising with depth."""
   p = jax.nn.softmax(gamma_LxD.astype(F32), axis=0)
   return jnp.cumsum(p, axis=0) - p[0]
-
-
-def mlgru_gates(fp: jax.Array, ip: jax.Array, lb: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-  """The MLGRU's recurrence inputs from its projections: the forget gate
-  `f = lb + (1 - lb) * sigmoid(fp)` (float32) and `x = silu(ip) * (1 - f)` in `dtype`."""
-  f = lb + (1.0 - lb) * jax.nn.sigmoid(fp.astype(F32))
-  return f, (jax.nn.silu(ip.astype(F32)) * (1.0 - f)).astype(dtype)
 
 
 def _masked(v, *resets):
