@@ -1,3 +1,3 @@
-"""Inference: on-device generation (`generate`), sampling (`sampling`) and the forward pass
-on 2-bit packed weights (`packed`). CLI: `python -m mmfree_jax.generate --help`.
+"""Inference: on-device generation (`generate`) and sampling (`sampling`), from latent or
+2-bit packed weights. CLI: `python -m mmfree_jax.generate --help`.
 """
