@@ -38,7 +38,7 @@ def suite(name: str) -> list[dict]:
                for f in (True, False)]
             + [{"kind": "train", "arch": a, "size": "micro", "batch": 2, "seq_len": 32,
                 "remat": r, "iters": 2, "dtype": "float32"}
-               for a in ("mmfree", "transformer") for r in ("lean", "full")]
+               for a in ("mmfree", "transformer") for r in ("lean", "full", "auto")]
             + [{"kind": "decode", "arch": a, "size": "micro", "batch": 2, "prompt": 16, "new": 16,
                 "iters": 1} for a in ("mmfree", "transformer")])
   cases = [{"kind": "bitlinear", "variant": v, "d": d, "impl": i}
@@ -83,6 +83,10 @@ def suite(name: str) -> list[dict]:
     for batch in (8, 16):
       cases.append({"kind": "train", "arch": "transformer", "size": size, "batch": batch,
                     "attention_impl": "cudnn"})
+  # The trainer's default layout (`model.remat="auto"`: the fastest that fits this card) for
+  # every preset at batch 8 and 16.
+  cases += [{"kind": "train", "arch": "mmfree", "size": size, "batch": batch, "remat": "auto"}
+            for size in ("370M", "1.3B", "2.7B") for batch in (8, 16)]
   for arch in ("mmfree", "transformer"):
     for batch, prompt in ((1, 128), (1, 2048), (16, 128)):
       cases.append({"kind": "decode", "arch": arch, "size": "370M", "batch": batch, "prompt": prompt})
