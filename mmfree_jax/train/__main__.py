@@ -9,7 +9,7 @@ Memory: before the first step the compiled step's peak is checked against the de
 memory ("step peak X GiB of Y GiB usable; layout ..."); a step that does not fit is refused
 in one line naming what fits (model.remat, model.unroll_layers, train.grad_accum,
 train.batch_size, XLA_PYTHON_CLIENT_MEM_FRACTION) with compiled peaks, exit 2.
-`--config.model.remat=auto` runs the fastest layout that fits.
+`--config.model.remat=auto` (the paper configs' default) runs the fastest layout that fits.
 On GPUs the trainer preallocates 0.95 of each card (XLA_PYTHON_CLIENT_PREALLOCATE=true,
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95; each only where the environment does not set it).
 """
