@@ -1,4 +1,4 @@
-"""The train step's memory plan (train/memory.py): compiled peaks, the fit check, model.remat=auto."""
+"""The train step's memory plan (train/memory.py): compiled peaks, the fit check, remat=auto."""
 
 import json
 import os

@@ -11,9 +11,10 @@ is checked.
 A layout is (remat policy, unrolled layers or the layer loop, micro-batches per step).
 `model.remat="auto"` compiles candidates in `preferences` order and keeps the first that
 fits, so a step that fits as preferred compiles once (a candidate whose peak, extrapolated
-from two with fewer micro-batches, is over the budget by 10% is not compiled). The order comes from these train
-steps (H100 80GB, sequence 2048, tokens/s; BENCHMARKS.md "Full train step vs the official
-code": the rows beside the official code, and the 2026-12-05 fourth session for `full`):
+from two with fewer micro-batches, is over the budget by 10% is not compiled). The order
+comes from these train steps (H100 80GB, sequence 2048; BENCHMARKS.md "Full train step vs
+the official code": the rows beside the official code, and its 2026-12-05 fourth session
+for `full`):
 
   | model, batch | layout (remat, layers)  | tokens/s | peak GiB |
   |--------------|-------------------------|----------|----------|
@@ -29,12 +30,13 @@ Unrolled layers beat the loop by 18% (1.3B b8) for 6% more memory. At 1.3B, halv
 micro-batch (b16 -> two micro-batches of 8: `train.grad_accum=2`, same training) costs 6%,
 less than the loop or `full` remat (-12% against lean unrolled in that session's same-card
 pair, 61,764 tok/s), while it nearly halves the activations. `full` keeps only each block's
-input (the smallest peak, -60%) and needs the loop. `none` was slower and larger than `lean`
-(370M b16, H200: 113,793 against 146,412 tok/s, 122 against 29.0 GiB) and `lean_inputs` gave
-the same peak and speed as `lean` (BENCHMARKS.md, 2026-12-05): neither is a candidate. So:
-lean remat with unrolled layers at the fewest micro-batches that fit, else full remat in the
-loop at the fewest micro-batches that fit. (At 370M a halved micro-batch costs more than the
-loop, but 370M fits an 80 GB card at b16 as preferred.)
+input (the smallest peak: 14.2 against 35.8 GiB at 370M b16) and needs the loop. `none` was
+slower and larger than `lean` (370M b16, H200: 113,793 against 146,412 tok/s, 122 against
+29.0 GiB) and `lean_inputs` gave the same peak and speed as `lean` (BENCHMARKS.md,
+2026-12-05): neither is a candidate. So: lean remat with unrolled layers at the fewest
+micro-batches that fit, else full remat in the loop at the fewest micro-batches that fit.
+(At 370M, where a halved micro-batch may cost more than the loop, the preferred layout fits
+an 80 GB card at b16.)
 """
 
 from __future__ import annotations
