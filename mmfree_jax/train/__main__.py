@@ -4,6 +4,14 @@ Trains (or resumes) as configured, evaluates on the held-out split, prints a sam
 and where the run's files are. Bad config/data/workdir -> one-line error, exit 2;
 training stopped on purpose (non-finite steps, a failed checkpoint save) -> one line,
 exit 1; SIGTERM at any point -> a line saying what is saved, exit 0.
+
+Memory: before the first step the compiled step's peak is checked against the device's
+memory ("step peak X GiB of Y GiB usable; layout ..."); a step that does not fit is refused
+in one line naming what fits (model.remat, model.unroll_layers, train.grad_accum,
+train.batch_size, XLA_PYTHON_CLIENT_MEM_FRACTION) with compiled peaks, exit 2.
+`--config.model.remat=auto` (the paper configs' default) runs the fastest layout that fits.
+On GPUs the trainer preallocates 0.95 of each card (XLA_PYTHON_CLIENT_PREALLOCATE=true,
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.95; each only where the environment does not set it).
 """
 
 from __future__ import annotations
@@ -58,6 +66,8 @@ def _on_sigterm(what: str):
 
 def main(argv):
   del argv
+  from mmfree_jax.train import memory  # noqa: PLC0415
+  memory.set_allocator_defaults()  # before JAX creates its GPU backend
   cli.quiet_output()
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
