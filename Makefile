@@ -2,7 +2,6 @@
 PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PYBIN := $(VENV)/bin/python
-export XLA_PYTHON_CLIENT_PREALLOCATE := false
 
 .PHONY: setup demo test bench clean
 

@@ -28,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
       scan_impl="pallas",     # one of config.SCAN_IMPLS: pallas (GPU kernels; associative elsewhere)
       scan_chunk=8,
       bitlinear_impl="pallas",  # pallas (fused kernels around the matmuls on GPU; XLA elsewhere) | xla
-      remat="none",           # none | lean | lean_inputs | full  (memory-saving modes)
+      remat="none",           # none | lean | lean_inputs | full (memory-saving modes) | auto (the trainer picks remat, unroll_layers and grad_accum: train/memory.py)
       unroll_layers=False,    # True: blocks as straight-line code (faster step, slower compile; not with remat=full)
       attention_impl="auto",  # auto (cuDNN on GPUs, splash on TPUs, XLA elsewhere) | xla | cudnn | splash
   )

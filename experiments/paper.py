@@ -22,7 +22,7 @@ def get_config(arg: str = "mmfree-370M"):
   c.train.log_every = 50
   c.train.eval_every = 2000
   c.train.checkpoint_every = 1000
-  c.model.remat = "lean"
+  c.model.remat = "auto"  # the fastest layout that fits the card (train/memory.py)
   c.mesh.data, c.mesh.fsdp = 1, -1
   if arch == "mmfree":
     c.optim.peak_lr, c.optim.schedule = PEAK_LR[size], "mmfree"

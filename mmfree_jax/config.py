@@ -94,7 +94,8 @@ class ModelConfig:
     _check(self.attention_impl in ATTENTION_IMPLS,
            f"model.attention_impl={self.attention_impl!r} is unknown; use one of {ATTENTION_IMPLS}")
     _check(self.remat in REMAT_POLICIES,
-           f"model.remat={self.remat!r} is unknown; use one of {REMAT_POLICIES}")
+           f"model.remat={self.remat!r} is unknown; use one of {REMAT_POLICIES} or 'auto' "
+           "(training: the fastest layout that fits, train/memory.py)")
     _check(not (self.unroll_layers and self.remat == "full"),
            "model.remat='full' needs the layer loop: set model.unroll_layers=False")
     _check(self.dtype in ("bfloat16", "float32", "float16"),

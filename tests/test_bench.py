@@ -208,3 +208,13 @@ def test_kernels_are_attributed_by_their_hlo_op_annotation_or_name():
   assert kernels["mystery_kernel"]["lines"] == []
   assert by_module == pytest.approx({"bwd:LM/mlp": 1.5, "fwd:LM/attn": 0.5, "fwd:LM/norm": 0.25,
                                      "?": 0.05})
+
+
+def test_train_case_runs_the_trainers_planned_step():
+  """A train row says which layout ran and the compiled step's peak; "auto" on CPU (no
+  memory limit known) is the first preference."""
+  row = steps.train_case("mmfree", "micro", 8, remat="auto", seq_len=16, iters=1,
+                         dtype="float32")
+  assert row["case"] == "train-mmfree-micro-b8-auto-dtype=float32"
+  assert row["layout"] == "remat=lean, unrolled, grad_accum=1"
+  assert 0 < row["planned_peak_GiB"] < 1 and row["tokens_per_s"] > 0

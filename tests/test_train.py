@@ -445,7 +445,8 @@ def test_resume_plan_restart_note_and_refusals():
 
 def test_metrics_jsonl_and_tensorboard_agree(finished_run):
   """TensorBoard reads every scalar of metrics.jsonl under its namespaced tag, at the same step
-  and wall time; the config as hparams and text; no hash as a float scalar."""
+  and wall time (the memory plan's layout names and flags stay in metrics.jsonl); the config
+  as hparams and text; no hash as a float scalar."""
   from tensorboard.backend.event_processing import event_accumulator  # noqa: PLC0415
   from tensorboard.plugins.hparams import plugin_data_pb2  # noqa: PLC0415
 
@@ -456,7 +457,8 @@ def test_metrics_jsonl_and_tensorboard_agree(finished_run):
   want = {}
   for r in rows:
     for k, v in r.items():
-      if k not in ("step", "wall_time", "data_fingerprint"):
+      number = isinstance(v, (int, float)) and not isinstance(v, bool)
+      if k not in ("step", "wall_time", "data_fingerprint") and number:
         want.setdefault(tag(k), []).append((r["step"], r["wall_time"], v))
   assert {"train/loss", "train/lr", "train/tokens_seen", "eval/loss", "eval/ppl"} <= set(want)
   assert set(acc.Tags()["scalars"]) == set(want)
@@ -465,6 +467,7 @@ def test_metrics_jsonl_and_tensorboard_agree(finished_run):
     assert [(s, w) for s, w, _ in got] == [(s, w) for s, w, _ in expected], t
     np.testing.assert_array_equal([v for *_, v in got], np.float32([v for *_, v in expected]))
   assert all(isinstance(r["data_fingerprint"], int) for r in rows if "loss" in r)
+  assert rows[0]["layout_remat"] == "none" and rows[0]["layout_unroll_layers"] is False
   content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
   hp = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
   assert hp["model.d_model"].number_value == 32 and hp["optim.schedule"].string_value == "mmfree"

@@ -2,7 +2,9 @@
 
 Runs every benchmark case in its own process (clean peak-memory readings), prints one
 table per kind and writes `bench.json` + `bench.md` under --out. `quick` is a CPU smoke
-run of the same code on tiny shapes.
+run of the same code on tiny shapes. Cases run with the trainer's GPU allocator settings
+(`train.memory.allocator_env`: 0.95 of the card preallocated, unless the environment sets
+its own); a train step that does not fit is a one-line error row.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def suite(name: str) -> list[dict]:
                for f in (True, False)]
             + [{"kind": "train", "arch": a, "size": "micro", "batch": 2, "seq_len": 32,
                 "remat": r, "iters": 2, "dtype": "float32"}
-               for a in ("mmfree", "transformer") for r in ("lean", "full")]
+               for a in ("mmfree", "transformer") for r in ("lean", "full", "auto")]
             + [{"kind": "decode", "arch": a, "size": "micro", "batch": 2, "prompt": 16, "new": 16,
                 "iters": 1} for a in ("mmfree", "transformer")])
   cases = [{"kind": "bitlinear", "variant": v, "d": d, "impl": i}
@@ -85,6 +87,10 @@ def suite(name: str) -> list[dict]:
     for batch in (8, 16):
       cases.append({"kind": "train", "arch": "transformer", "size": size, "batch": batch,
                     "attention_impl": "cudnn"})
+  # The trainer's default layout (`model.remat="auto"`: the fastest that fits this card) for
+  # every preset at batch 8 and 16.
+  cases += [{"kind": "train", "arch": "mmfree", "size": size, "batch": batch, "remat": "auto"}
+            for size in ("370M", "1.3B", "2.7B") for batch in (8, 16)]
   for arch in ("mmfree", "transformer"):
     for batch, prompt in ((1, 128), (1, 2048), (16, 128)):
       cases.append({"kind": "decode", "arch": arch, "size": "370M", "batch": batch, "prompt": prompt})
@@ -125,9 +131,14 @@ def table(rows: list[dict]) -> str:
 
 def main(argv):
   del argv
+  from mmfree_jax.train import memory  # noqa: PLC0415 (imports jax, creates no backend)
   if _ONE.value:
+    memory.set_allocator_defaults()
     print("RESULT " + json.dumps(_run_one(json.loads(_ONE.value))), flush=True)
     return
+  case_env = memory.allocator_env(os.environ)
+  # This process only reads the device's name; its memory belongs to the cases.
+  os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
   import jax  # noqa: PLC0415
   header = f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()})"
   print(header, flush=True)
@@ -137,7 +148,8 @@ def main(argv):
       continue
     cmd = [sys.executable, "-m", "mmfree_jax.bench", f"--one={json.dumps(spec)}"]
     try:
-      out = subprocess.run(cmd, capture_output=True, text=True, timeout=_TIMEOUT.value)
+      out = subprocess.run(cmd, capture_output=True, text=True, timeout=_TIMEOUT.value,
+                           env=case_env)
       line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
       row = json.loads(line[-1][7:]) if line else {
           "case": json.dumps(spec), "error": (out.stderr.strip().splitlines() or ["?"])[-1][:200]}

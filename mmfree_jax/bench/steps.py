@@ -4,6 +4,7 @@ and per-token generation."""
 from __future__ import annotations
 
 import itertools
+import math
 import time
 
 import flax.linen as nn
@@ -22,17 +23,24 @@ from mmfree_jax.models import init_params, param_counts
 
 def _train_setup(arch: str, size: str, batch: int, remat: str, seq_len: int,
                  attention_impl: str, docs: int = 1, **model_kw):
-  """Compiled train step, a donated state and two random batches (`docs` > 1: each row
-  packs that many equal documents, as `segment_ids`)."""
+  """The trainer's compiled train step, its memory plan (`train.memory.plan`: refused in one
+  line where it does not fit; remat "auto" picks the layout), a donated state and two random
+  batches (`docs` > 1: each row packs that many equal documents, as `segment_ids`)."""
   if docs < 1 or seq_len % docs:
     raise ValueError(f"docs={docs} must be >= 1 and divide seq_len={seq_len}")
   from experiments import base  # noqa: PLC0415 (ml_collections only needed here)
+  from mmfree_jax.train import memory  # noqa: PLC0415
   from mmfree_jax.train.optim import make_optimizer  # noqa: PLC0415
-  from mmfree_jax.train.step import init_state, make_train_step  # noqa: PLC0415
+  from mmfree_jax.train.step import init_state  # noqa: PLC0415
 
-  cfg = preset(size, arch, remat=remat, attention_impl=attention_impl, **model_kw)
+  auto = remat == memory.AUTO
+  if auto and "unroll_layers" in model_kw:
+    raise ValueError("remat='auto' picks unroll_layers too; drop it from the case")
+  cfg = preset(size, arch, remat="lean" if auto else remat, attention_impl=attention_impl,
+               **model_kw)
   tx, sched = make_optimizer(base.get_config(), 1000)
-  mesh = sharding.make_mesh({"data": -1})
+  # The batch split over as many devices as divide it (one GPU: all of it on that one).
+  mesh = sharding.make_mesh({"data": -1}, jax.devices()[:math.gcd(batch, jax.device_count())])
   with jax.set_mesh(mesh):
     state = init_state(cfg, tx, mesh, 0)
     rng = np.random.default_rng(0)
@@ -43,28 +51,32 @@ def _train_setup(arch: str, size: str, batch: int, remat: str, seq_len: int,
       seg = jnp.repeat(jnp.arange(1, docs + 1, dtype=jnp.int32), seq_len // docs)
       for bt in batches:
         bt["segment_ids"] = jnp.broadcast_to(seg, (batch, seq_len))
+    batches = jax.device_put(batches, sharding.batch_sharding(mesh))
     t0 = time.perf_counter()
-    step = jax.jit(make_train_step(cfg, tx, 1, sched), donate_argnums=0)
-    compiled = step.lower(state, batches[0]).compile()
+    compile_step = memory.step_compiler(cfg, tx, sched, state, mesh, seq_len, docs > 1)
+    plan = memory.plan(compile_step, memory.Layout(cfg.remat, cfg.unroll_layers), batch,
+                       mesh.size, memory.device_budget(), auto=auto)
+    compiled = plan.compiled
   holder, calls = [state], itertools.count()
 
   def one():
     holder[0], m = compiled(holder[0], batches[next(calls) % 2])
     return m["loss"]
-  return cfg, one, time.perf_counter() - t0, compiled
+  return plan.layout.apply(cfg), one, time.perf_counter() - t0, compiled, plan
 
 
 def train_case(arch: str, size: str, batch: int, remat: str = "lean", seq_len: int = 2048,
                iters: int = 10, attention_impl: str = "xla", profile: bool = False,
                out_dir: str = "/tmp/profile", docs: int = 1, **model_kw) -> dict:
-  """Full train step (AdamW, clip, bf16 compute, float32 master weights) on random tokens;
-  on NVIDIA GPUs also the median SM clock, power and temperature during the timed steps
+  """Full train step (AdamW, clip, bf16 compute, float32 master weights) on random tokens, as
+  the trainer compiles it (`layout`: what ran, `remat="auto"` picks it; `planned_peak_GiB`:
+  the compiled step's peak); on NVIDIA GPUs also the median SM clock, power and temperature during the timed steps
   (`GpuSampler`). `profile=True` then traces the same compiled step (`profile_case`'s
   columns, written under `out_dir`): the timing and the profile for one compile. `docs` > 1
   packs that many documents per row (document resets, as training on a corpus does; the
   official numbers are without, so such rows carry no speed-up over them)."""
-  cfg, one, compile_s, compiled = _train_setup(arch, size, batch, remat, seq_len,
-                                               attention_impl, docs, **model_kw)
+  cfg, one, compile_s, compiled, plan = _train_setup(arch, size, batch, remat, seq_len,
+                                                     attention_impl, docs, **model_kw)
   with GpuSampler() as gpu:
     t = median_time(one, iters)
   tps = batch * seq_len / t
@@ -78,7 +90,8 @@ def train_case(arch: str, size: str, batch: int, remat: str = "lean", seq_len: i
   row = {"case": f"train-{arch}-{size}-b{batch}-{remat}{tag}", "step_ms": t * 1e3,
          "tokens_per_s": tps, "peak_GiB": peak_gib(), "compile_s": compile_s,
          "mfu_989": fl / 989e12, "mfu_810": fl / flops_lib.H200_MEASURED_PEAK,
-         "params": param_counts(cfg)["total"], **gpu.summary(),
+         "params": param_counts(cfg)["total"], "layout": str(plan.layout),
+         "planned_peak_GiB": plan.memory.peak / 2**30, **gpu.summary(),
          **({} if packed else vs_official(arch, size, batch, tps))}
   if profile:
     row.update(trace_kernels(one, compiled, out_dir))
@@ -94,7 +107,7 @@ def profile_case(arch: str, size: str, batch: int, remat: str = "lean", seq_len:
   says which model code (forward or backward) the time goes to. Writes the optimised HLO
   and `kernels.json` next to the trace.
   """
-  _, one, _, compiled = _train_setup(arch, size, batch, remat, seq_len, "xla", **model_kw)
+  _, one, _, compiled, _ = _train_setup(arch, size, batch, remat, seq_len, "xla", **model_kw)
   tag = "".join(f"-{k}={v}" for k, v in model_kw.items())
   return {"case": f"profile-{arch}-{size}-b{batch}-{remat}{tag}",
           **trace_kernels(one, compiled, out_dir, top)}

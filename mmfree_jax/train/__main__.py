@@ -2,7 +2,9 @@
 
 Trains (or resumes), evaluates, prints a sample and where the run's files are. Bad input
 -> one line, exit 2; training stopped on purpose (non-finite steps, a failed save) -> one
-line, exit 1; SIGTERM -> a line saying what is saved, exit 0."""
+line, exit 1; SIGTERM -> a line saying what is saved, exit 0. The step's compiled peak is
+checked against the device before the first step (`train/memory.py`: model.remat=auto picks
+a layout that fits; GPUs preallocate 0.95 of the card unless XLA_PYTHON_CLIENT_* say else)."""
 
 from __future__ import annotations
 
@@ -56,6 +58,8 @@ def _on_sigterm(what: str):
 
 def main(argv):
   del argv
+  from mmfree_jax.train import memory  # noqa: PLC0415
+  memory.set_allocator_defaults()  # before JAX creates its GPU backend
   cli.quiet_output()
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO

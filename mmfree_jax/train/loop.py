@@ -30,11 +30,12 @@ from mmfree_jax.data import pipeline
 from mmfree_jax.models import param_counts
 from mmfree_jax import flops as flops_lib
 from mmfree_jax.train import checkpoint as ckpt
+from mmfree_jax.train import memory
 from mmfree_jax.train import workdir as workdir_lib
 from mmfree_jax.train.metrics import MetricWriter, fmt_duration, read_jsonl
 from mmfree_jax.train import optim
 from mmfree_jax.train.setup import prepare_data, validate
-from mmfree_jax.train.step import init_state, make_eval_step, make_train_step
+from mmfree_jax.train.step import init_state, make_eval_step
 
 
 class TrainingAborted(RuntimeError):
@@ -151,6 +152,7 @@ class _StepLog:
     self.skips_in_a_row = 0
     self._writer, self._bar, self._flops_tok, self._peak = writer, bar, flops_tok, peak_flops
     self._pending = None  # (step, metrics, fingerprint) of the newest step, fetched lazily
+    self.once: dict[str, Any] = {}  # goes into the next row written (the step's memory plan)
     self._interval_t, self._interval_tok = time.time(), 0.0
 
   def meta(self) -> dict[str, Any]:
@@ -198,7 +200,8 @@ class _StepLog:
     self._interval_t, self._interval_tok = now, 0.0
     row = {"loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
            "tokens_per_s": tps, "tokens_seen": self.tokens_seen,
-           "flops": self._flops_tok * self.tokens_seen, "data_fingerprint": fp}
+           "flops": self._flops_tok * self.tokens_seen, "data_fingerprint": fp, **self.once}
+    self.once = {}
     if self._peak:
       row["mfu"] = self._flops_tok * tps / self._peak
     self._writer.write(step, row)
@@ -261,10 +264,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict[s
 
 
 def _restore(ckpts: ckpt.Checkpoints, state, train_it, config: ml_collections.ConfigDict,
-             cfg: ModelConfig, workdir: str, preempt: _Preemption
-             ) -> tuple[Any, float, dict[str, Any]]:
-  """The newest usable checkpoint -> (state, tokens seen, LR plan); then, and only then (a
-  refused resume leaves the run's files as they were), the run's config files."""
+             workdir: str, preempt: _Preemption) -> tuple[Any, float, dict[str, Any]]:
+  """The newest usable checkpoint -> (state, tokens seen, LR plan); the run's files are
+  written by `_write_run_files` once the step's memory plan is accepted too."""
   state, restored, meta = ckpt.restore_latest(ckpts.mngr, state, train_it, workdir,
                                               _layout(config))
   preempt.saved = restored
@@ -275,16 +277,43 @@ def _restore(ckpts: ckpt.Checkpoints, state, train_it, config: ml_collections.Co
     print(note, flush=True)
   tokens_seen = _resumed_tokens(meta, int(state.step),
                                 float(config.train.batch_size * config.data.seq_len))
+  return state, tokens_seen, plan
+
+
+def _plan_step(config: ml_collections.ConfigDict, cfg: ModelConfig, tx, sched, state, mesh
+               ) -> memory.Plan:
+  """The compiled train step, its peak checked against the device's memory before the first
+  step (`train/memory.py`); with model.remat="auto", the layout it prefers that fits."""
+  compile_step = memory.step_compiler(cfg, tx, sched, state, mesh, config.data.seq_len)
+  layout = memory.Layout(cfg.remat, cfg.unroll_layers, config.train.grad_accum)
+  return memory.plan(compile_step, layout, config.train.batch_size,
+                     mesh.shape["data"] * mesh.shape["fsdp"], memory.device_budget(),
+                     auto=config.model.remat == memory.AUTO)
+
+
+def _write_run_files(ckpts: ckpt.Checkpoints, config: ml_collections.ConfigDict,
+                     cfg: ModelConfig, workdir: str):
+  """The run's config files, only once the resume and the memory plan are accepted (a
+  refused run leaves the run's files as they were)."""
   if jax.process_index() == 0:
     ckpts.remove_unfinished()
     workdir_lib.write_json(os.path.join(workdir, "config.json"),
                            json.loads(config.to_json_best_effort()))
     workdir_lib.write_json(os.path.join(workdir, "model_config.json"), cfg.__dict__)
-  return state, tokens_seen, plan
+
+
+def _recorded_layout(workdir: str) -> dict[str, Any]:
+  """The memory plan's record in an earlier summary.json, if any (`memory.Plan.record`)."""
+  path = os.path.join(workdir, "summary.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return {k: v for k, v in json.load(f).items() if k in memory.RECORD_KEYS}
 
 
 def _summary(workdir: str, steps: int, state, last_eval: dict[str, float], stats: dict[str, Any],
-             counts: dict[str, int], tokens_seen: float, flops_tok: float) -> dict[str, Any]:
+             counts: dict[str, int], tokens_seen: float, flops_tok: float,
+             layout: dict[str, Any]) -> dict[str, Any]:
   """summary.json's contents (written by process 0); final_loss is metrics.jsonl's last loss."""
   path = os.path.join(workdir, "metrics.jsonl")
   rows = [r for r in read_jsonl(path) if "loss" in r] if os.path.exists(path) else []
@@ -294,7 +323,7 @@ def _summary(workdir: str, steps: int, state, last_eval: dict[str, float], stats
       "unigram_xent_validation": stats.get("unigram_xent_validation"),
       "tokens_seen": tokens_seen, "flops": flops_tok * tokens_seen,
       "params": counts["total"], "non_embedding_params": counts["non_embedding"],
-      "skipped_steps": int(state.skipped),
+      "skipped_steps": int(state.skipped), **layout,
   }
   if jax.process_index() == 0:
     workdir_lib.write_json(os.path.join(workdir, "summary.json"), summary)
@@ -329,12 +358,16 @@ def _train(config: ml_collections.ConfigDict, cfg: ModelConfig, mesh, workdir: s
     preempt.phase = "restoring the newest checkpoint"
     ckpts = ckpt.Checkpoints(workdir, t_cfg.keep_checkpoints)
     try:
-      state, tokens_seen, plan = _restore(ckpts, state, train_it, config, cfg, workdir, preempt)
+      state, tokens_seen, plan = _restore(ckpts, state, train_it, config, workdir, preempt)
       start = int(state.step)
       tx, sched = optim.plan_optimizer(config, plan)
-      step_fn = jax.jit(make_train_step(cfg, tx, t_cfg.grad_accum, sched),
-                        in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
-                        donate_argnums=0)
+      preempt.phase = "compiling the train step"
+      # A finished run (nothing left to train) compiles no step and keeps its recorded plan.
+      step_plan = _plan_step(config, cfg, tx, sched, state, mesh) if start < total else None
+      if step_plan is not None:
+        cfg, step_fn = step_plan.layout.apply(cfg), step_plan.compiled
+      layout = step_plan.record() if step_plan else _recorded_layout(workdir)
+      _write_run_files(ckpts, config, cfg, workdir)
       eval_fn = jax.jit(make_eval_step(cfg), in_shardings=(state_sh.params, batch_sh))
       writer = MetricWriter(workdir, config)
       prof = [int(s) for s in str(t_cfg.profile_steps).split(",") if s.strip()] or None
@@ -343,12 +376,15 @@ def _train(config: ml_collections.ConfigDict, cfg: ModelConfig, mesh, workdir: s
               f"({counts['non_embedding']:,} non-embedding); mesh {dict(mesh.shape)}; "
               f"{t_cfg.batch_size}x{config.data.seq_len} tokens/step; steps {start}->{total}",
               flush=True)
+        if step_plan is not None:
+          print(step_plan.line(), flush=True)
       # One ETA: the postfix's, from the throughput of the last log interval (tqdm's own
       # would average in the compile time).
       bar = cli.progress_bar(total=total, initial=start, disable=pindex != 0, unit="step",
                              bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
       log = _StepLog(config, writer, bar, tokens_seen, flops_tok, (peak or 0.0) * mesh.size,
                      plan)
+      log.once = dict(layout)
       last_eval: dict[str, float] = {}
       preempt.in_loop = True
       try:
@@ -399,5 +435,6 @@ def _train(config: ml_collections.ConfigDict, cfg: ModelConfig, mesh, workdir: s
     raise Preempted(preempt.message())
   if not last_eval:  # nothing left to train (e.g. rerun of a finished run): still evaluate
     last_eval = evaluate(eval_fn, state.params, info, config, batch_sh, per_proc_batch)
-  summary = _summary(workdir, total, state, last_eval, stats, counts, log.tokens_seen, flops_tok)
+  summary = _summary(workdir, total, state, last_eval, stats, counts, log.tokens_seen, flops_tok,
+                     layout)
   return {"state": state, "summary": summary, "cfg": cfg}

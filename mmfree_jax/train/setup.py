@@ -11,12 +11,17 @@ import ml_collections
 from mmfree_jax import multihost
 from mmfree_jax.config import ConfigError, ModelConfig, from_dict
 from mmfree_jax.data import builder as data_builder
-from mmfree_jax.train import optim
+from mmfree_jax.train import memory, optim
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+  """The model's config; with `model.remat="auto"`, the layout `memory.preferences` tries
+  first (the trainer's memory plan picks the one it runs)."""
   d = config.model.to_dict()
   d["attention_impl"] = d.get("attention_impl") or None
+  if d.get("remat") == memory.AUTO:
+    first = memory.preferences(1, 1, 1)[0]
+    d.update(remat=first.remat, unroll_layers=first.unroll_layers)
   return from_dict(d)
 
 
