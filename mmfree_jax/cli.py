@@ -14,7 +14,8 @@ from typing import Any, Callable, Sequence
 # Every CLI module defines `main(argv)` returning its exit code (None = 0) and ends with
 # `cli.run(main)` (flags parsed by `ArgumentParser`) or `cli.run(main, absl_flags=True)`
 # (absl / ml_collections config flags). Bad input (a flag, a config, a file, a checkpoint:
-# ValueError, OSError, a damaged .safetensors file) is one `error: ...` line and exit 2.
+# ValueError, OSError, a damaged .safetensors file) is one `error: ...` line and exit 2;
+# MMFREE_TRACEBACK=1 re-raises instead (a ValueError from a bug keeps its traceback).
 
 BAD_INPUT = 2  # the exit code of every CLI for bad input
 
@@ -45,6 +46,8 @@ def run(main: Callable[..., int | None], absl_flags: bool = False):
 def _one_line_errors(main: Callable[..., int | None], *args: Any) -> int | None:
   from safetensors import SafetensorError  # noqa: PLC0415
 
+  if os.environ.get("MMFREE_TRACEBACK"):
+    return main(*args)
   try:
     return main(*args)
   except (ValueError, OSError) as e:

@@ -39,6 +39,18 @@ def test_damaged_safetensors_is_one_line_naming_the_file(tmp_path, capsys, damag
   assert not os.path.exists(tmp_path / "out")
 
 
+def test_bad_input_is_one_line_unless_a_traceback_is_asked_for(capsys, monkeypatch):
+  def main():
+    raise ValueError("model.d_model=-1 must be positive")
+  with pytest.raises(SystemExit) as e:
+    cli.run(main)
+  assert e.value.code == 2
+  assert capsys.readouterr().err == "error: model.d_model=-1 must be positive\n"
+  monkeypatch.setenv("MMFREE_TRACEBACK", "1")
+  with pytest.raises(ValueError, match="d_model=-1"):
+    cli.run(main)
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
