@@ -27,7 +27,7 @@ official code: layouts and the allocator", and "H100 memory-saving mode" for `fu
 
 Unrolled layers beat the loop by 18% (1.3B b8) for 6% more memory. At 1.3B, halving the
 micro-batch (b16 -> two micro-batches of 8: `train.grad_accum=2`, same training) costs 6%,
-less than the loop or `full` remat (-12% against lean unrolled in that session's same-card
+less than the loop or `full` remat (-12% against lean unrolled in the same-card
 pair, 61,764 tok/s), while it nearly halves the activations. `full` keeps only each block's
 input (the smallest peak: 14.2 against 35.8 GiB at 370M b16) and needs the loop. `none` was
 slower and larger than `lean` (370M b16, H200: 113,793 against 146,412 tok/s, 122 against
