@@ -45,12 +45,17 @@ def _drop_closed_loop_noise(hook=sys.unraisablehook):
   sys.unraisablehook = unraisable
 
 
-def _on_sigterm(what: str):
-  """Outside `loop.run` (which handles SIGTERM itself): say `what` is saved, exit 0."""
+def _on_sigterm(what: str, at_once: bool = False):
+  """Outside `loop.run` (which handles SIGTERM itself): say `what` is saved, exit 0.
+  `at_once` (nothing written yet) exits without unwinding: a SystemExit raised while a C
+  extension initialises becomes "ImportError: initialization failed" and exit 1."""
 
   def handler(signum, frame):
     del signum, frame
     print(f"preempted (SIGTERM) {what}; rerun the same command to resume", flush=True)
+    if at_once:
+      sys.stderr.flush()
+      os._exit(0)
     sys.exit(0)
 
   signal.signal(signal.SIGTERM, handler)
@@ -65,7 +70,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     logging.get_absl_handler().addFilter(_DropOrbaxErrors())
     _drop_closed_loop_noise()
-  _on_sigterm("while starting: nothing new was saved")
+  _on_sigterm("while starting: nothing new was saved", at_once=True)
   # Imported after flag parsing: keeps --help fast.
   from mmfree_jax.data.tokenizer import load_tokenizer  # noqa: PLC0415
   from mmfree_jax.infer.generate import generate  # noqa: PLC0415
