@@ -46,16 +46,17 @@ def run(main: Callable[..., int | None], absl_flags: bool = False):
 def _one_line_errors(main: Callable[..., int | None], *args: Any) -> int | None:
   from safetensors import SafetensorError  # noqa: PLC0415
 
-  if os.environ.get("MMFREE_TRACEBACK"):
-    return main(*args)
   try:
     return main(*args)
-  except (ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-  except SafetensorError as e:
-    path = _safetensors_file(e) or "a .safetensors file"
-    print(f"error: {path} is damaged ({one_line(e)}); re-download or re-export the checkpoint",
-          file=sys.stderr)
+  except (ValueError, OSError, SafetensorError) as e:
+    if os.environ.get("MMFREE_TRACEBACK"):
+      raise
+    if isinstance(e, SafetensorError):
+      path = _safetensors_file(e) or "a .safetensors file"
+      print(f"error: {path} is damaged ({one_line(e)}); re-download or re-export the "
+            "checkpoint", file=sys.stderr)
+    else:
+      print(f"error: {e}", file=sys.stderr)
   sys.exit(BAD_INPUT)
 
 
